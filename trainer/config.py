@@ -1,0 +1,353 @@
+"""The run's configuration: typed dataclasses, loaded from YAML plus `key.sub=value` overrides.
+
+The dataclasses are the source of truth. YAML files mirror them; an unknown key or a value of the
+wrong type is rejected with the key's dotted name. The DeepSpeed JSON is generated from them
+(`deepspeed_config`), never kept by hand beside them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from data.errors import UserError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PACKINGS = ("full_sentences",)
+
+
+@dataclass
+class ModelSection:
+    name: str = "roberta"
+    """Architecture name in the model registry (`roberta`)."""
+    size: str = "debug"
+    """Size in the registry: debug, xsmall, small, base, large."""
+    vocab_pad_multiple: int = 128
+    """The embedding rows are padded to a multiple of this times `parallel.tensor`."""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """Any field of the architecture's config, e.g. {hidden_dropout: 0.0}; checked by the registry."""
+
+
+@dataclass
+class RunSection:
+    name: str = "debug"
+    """The run lives in {dir}/{name}/: config.yaml, metrics.jsonl, tb/, checkpoints/, tokenizer/."""
+    dir: str = "runs"
+
+
+@dataclass
+class DataSection:
+    prefix: str = ""
+    """PREFIX of the preprocessed PREFIX.bin/.idx/.json (tools/preprocess_data.py). Required."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; by default the one recorded by preprocessing in PREFIX.json."""
+    seq_length: int = 512
+    """Tokens per sample including <s> and </s>."""
+    packing: str = "full_sentences"
+    """full_sentences: contiguous text that may cross documents, </s> between documents."""
+    mask_prob: float = 0.15
+    """Fraction of non-special tokens selected for prediction (RoBERTa/BERT: 15%)."""
+    mask_token_prob: float = 0.8
+    """Of the selected tokens: this fraction becomes <mask> ..."""
+    random_token_prob: float = 0.1
+    """... this fraction a random token, and the rest stay unchanged (80/10/10)."""
+    valid_fraction: float = 0.01
+    """Fraction of documents (the last ones) held out for validation; at least one when > 0."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    """Optimizer steps to train, counted from 1."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step = micro_batch_size x accumulation steps x data-parallel size."""
+    seed: int = 1234
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 turns clipping off."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup (fairseq RoBERTa-base: 5e-4 at batch 2048)."""
+    betas: Tuple[float, float] = (0.9, 0.98)
+    """RoBERTa's beta2 = 0.98 is more stable than 0.999 with large batches."""
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    """Applied to weights only, never to biases or LayerNorm parameters."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to `lr`, then linear decay to `min_lr` at `train.steps`."""
+    min_lr: float = 0.0
+
+
+@dataclass
+class ZeroSection:
+    stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    """Tensor-parallel degree (megatron-core); the world size must be a multiple of it."""
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000
+    """Save every N optimizer steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 3
+    """Number of recent checkpoints kept; older ones are deleted. 0 keeps all."""
+    resume: bool = True
+    """Continue from the latest checkpoint in the run directory if one exists."""
+
+
+@dataclass
+class LogSection:
+    every_steps: int = 10
+    """Write metrics.jsonl / TensorBoard every N steps (and on step 1 and the last step)."""
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0
+    """Evaluate the held-out split every N steps (and at the end); 0 turns evaluation off."""
+    samples: int = 256
+    """Held-out samples per evaluation, with fixed masks so the loss is comparable over the run."""
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def validate(self) -> None:
+        """Checks that need no process group; `check_batch` needs the data-parallel size."""
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("data.packing", self.data.packing, PACKINGS)
+        _choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
+        if not self.data.prefix:
+            raise UserError("data.prefix is not set: pass data.prefix=PATH/PREFIX (from tools/preprocess_data.py)")
+        positive = {
+            "data.seq_length": self.data.seq_length, "train.steps": self.train.steps,
+            "train.micro_batch_size": self.train.micro_batch_size,
+            "train.global_batch_size": self.train.global_batch_size, "parallel.tensor": self.parallel.tensor,
+            "model.vocab_pad_multiple": self.model.vocab_pad_multiple, "log.every_steps": self.log.every_steps,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{key}={value} must be positive")
+        if self.data.seq_length < 8:
+            raise UserError(f"data.seq_length={self.data.seq_length} is too short; use at least 8")
+        for key in ("data.mask_prob", "data.mask_token_prob", "data.random_token_prob", "data.valid_fraction"):
+            value = get_key(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{key}={value} must be between 0 and 1")
+        if self.data.mask_token_prob + self.data.random_token_prob > 1.0:
+            raise UserError("data.mask_token_prob + data.random_token_prob must not exceed 1")
+        if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
+            raise UserError(f"optim.lr={self.optim.lr} must be > 0 and optim.min_lr={self.optim.min_lr} in [0, lr]")
+        if not 0 <= self.optim.warmup_steps <= self.train.steps:
+            raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
+        for key in ("checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.samples"):
+            if get_key(self, key) < 0:
+                raise UserError(f"{key}={get_key(self, key)} must not be negative")
+
+    def check_batch(self, data_parallel_size: int) -> int:
+        """Returns the gradient-accumulation steps; the global batch must split evenly."""
+        per_pass = self.train.micro_batch_size * data_parallel_size
+        if self.train.global_batch_size % per_pass:
+            raise UserError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x data-parallel size {data_parallel_size} "
+                f"= {per_pass}; set train.global_batch_size to a multiple of {per_pass}")
+        return self.train.global_batch_size // per_pass
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so that yaml.safe_dump / json can write the config."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- building from plain data
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from nested dicts, rejecting unknown keys and wrong types by dotted name."""
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(f"unknown config key {where}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+                        f"{', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise UserError(f"{key} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# ----------------------------------------------------------------------------- YAML and overrides
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = (), cls: type = PretrainConfig) -> Any:
+    """YAML file (optional) + overrides -> validated dataclass."""
+    data: Dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = from_dict(cls, data)
+    except UserError as err:
+        raise UserError(f"{path}: {err}" if path else str(err)) from None
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+def deepspeed_config(cfg: PretrainConfig, data_parallel_size: int, use_fused_adam: bool) -> Dict[str, Any]:
+    """The DeepSpeed JSON, generated from the typed config (never edited by hand).
+
+    The optimizer is DeepSpeed's AdamW: FusedAdam on GPUs; `torch_adam` on CPU, where FusedAdam would
+    JIT-compile a CPU kernel on the first launch.
+    """
+    accumulation = cfg.check_batch(data_parallel_size)
+    ds: Dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay, "torch_adam": not use_fused_adam,
+            },
+        },
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 2**31 - 1,  # we log ourselves (metrics.jsonl, TensorBoard)
+        "wall_clock_breakdown": False,
+    }
+    return ds

@@ -1,0 +1,120 @@
+"""One explicit parallel context over megatron-core `parallel_state`, and DeepSpeed's mpu adapter.
+
+Global rank and world size come from the launcher (deepspeed, torchrun, or none: one process);
+the local rank picks the device. Tensor-parallel peers share a data-parallel rank: they read the
+same samples and draw the same masks and dropout.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data.errors import UserError
+from trainer.quiet import quiet_megatron_import
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_group()
+
+
+class MegatronMPU:
+    """The `mpu` object DeepSpeed asks for, mapped onto megatron-core's tensor and data groups."""
+
+    def __init__(self):
+        with quiet_megatron_import():
+            from megatron.core import parallel_state
+        self._ps = parallel_state
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(tensor_parallel: int) -> ParallelContext:
+    """Starts torch.distributed (via DeepSpeed) and megatron-core's groups; works for one plain process too."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # `python -m trainer.pretrain`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    accelerator = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if world_size % tensor_parallel:
+        raise UserError(f"parallel.tensor={tensor_parallel} does not divide the world size {world_size}; "
+                        f"launch a multiple of {tensor_parallel} processes or change parallel.tensor")
+    with quiet_megatron_import():
+        from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    return ParallelContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, tp_size=tensor_parallel,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device)
+
+
+def destroy_parallel() -> None:
+    with quiet_megatron_import():
+        from megatron.core import parallel_state
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

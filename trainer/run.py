@@ -1,0 +1,116 @@
+"""The run directory {run.dir}/{run.name}/ and the pieces a run builds once: logging and the model.
+
+    config.yaml     the resolved config (also inside every checkpoint)
+    metrics.jsonl   one JSON object per logged step (global rank 0)
+    tb/             TensorBoard events
+    checkpoints/    DeepSpeed checkpoints, `latest` names the newest
+    tokenizer/      a copy of the tokenizer the run was trained with
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.distributed as dist
+
+from data.errors import UserError
+from data.tokenizer import Tokenizer, load_tokenizer
+from trainer.config import PretrainConfig, save_config
+from trainer.metrics import first_and_last, read_metrics
+from trainer.parallel import ParallelContext
+from trainer.quiet import quiet_libraries, quiet_megatron_import
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    quiet_libraries(is_main)
+
+
+@dataclass
+class RunDirectory:
+    path: Path
+    is_main: bool
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @classmethod
+    def prepare(cls, cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> "RunDirectory":
+        """Global rank 0 creates the directory, saves the config and copies the tokenizer; others wait."""
+        path = Path(cfg.run.dir) / cfg.run.name
+        error = ""
+        if ctx.is_main:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, path / "config.yaml")
+                _copy_tokenizer(tokenizer, path / "tokenizer")
+            except OSError as err:
+                error = f"cannot write run directory {path}: {err.strerror or err}; check run.dir"
+            except UserError as err:
+                error = str(err)
+        error = _broadcast_error(error)
+        if error:
+            raise UserError(error)
+        return cls(path=path, is_main=ctx.is_main)
+
+    def summary(self) -> Dict[str, Any]:
+        if not self.is_main:
+            return {}
+        records = read_metrics(self.path)
+        first, last = first_and_last(records, "loss")
+        _, valid = first_and_last(records, "valid_loss")
+        lines = [f"run directory: {self.path}", f"tensorboard:   tensorboard --logdir {self.path / 'tb'}",
+                 f"checkpoints:   {self.checkpoints}"]
+        if first is not None:
+            lines.append(f"MLM loss:      first {first:.4f} -> last {last:.4f}")
+        if valid is not None:
+            lines.append(f"valid loss:    {valid:.4f}")
+        return {"text": "\n".join(lines), "first_loss": first, "last_loss": last, "valid_loss": valid}
+
+
+def _copy_tokenizer(tokenizer: Tokenizer, dest: Path) -> None:
+    """Copy once; on resume the copy must be the same tokenizer."""
+    if dest.exists():
+        if load_tokenizer(dest).fingerprint() != tokenizer.fingerprint():
+            raise UserError(f"{dest} holds a different tokenizer than {tokenizer.path}; "
+                            f"use a new run.name or the run's own tokenizer")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=dest.parent))
+    try:
+        tokenizer.save_copy(tmp)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _broadcast_error(message: str) -> str:
+    """Rank 0's error, seen by every rank, so that all fail together rather than hang in a collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_model_for(cfg: PretrainConfig, vocab_size: int, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
+    """The registry's model, sized from the tokenizer (padded so TP divides it), with TP layers if TP > 1."""
+    from models.parallel import ParallelLayers
+    from models.registry import build_config, build_model
+
+    with quiet_megatron_import():
+        layers = ParallelLayers.from_parallel_state() if ctx.tp_size > 1 else ParallelLayers(tp_size=1)
+    model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=vocab_size,
+                                seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
+                                vocab_pad_multiple=cfg.model.vocab_pad_multiple, **cfg.model.overrides)
+    model = build_model(model_config, layers).to(ctx.device)
+    return model, {"name": cfg.model.name, **dataclasses.asdict(model_config)}
