@@ -79,6 +79,7 @@ def train(cfg: PretrainConfig) -> dict:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": float(window["tokens"]) / elapsed,
                 "samples_per_sec": window["steps"] * cfg.train.global_batch_size / elapsed,
+                "data_parallel_size": ctx.dp_size,
             }
             metrics.log(step, record)
             logger.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.0f tok/s", step, cfg.train.steps,
