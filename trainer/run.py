@@ -103,14 +103,22 @@ def _broadcast_error(message: str) -> str:
 
 
 def build_model_for(cfg: PretrainConfig, vocab_size: int, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
-    """The registry's model, sized from the tokenizer (padded so TP divides it), with TP layers if TP > 1."""
-    from models.parallel import ParallelLayers
+    """The registry's model, sized from the tokenizer (padded so TP divides it), with TP layers if TP > 1.
+
+    The initial weights do not depend on the TP degree: every rank draws the full TP=1 weights from
+    `train.seed` and keeps its own shard, so a TP=2 run starts exactly where a TP=1 run does.
+    """
+    from models.parallel import ParallelLayers, partition_dims, shard_state_dict
     from models.registry import build_config, build_model
 
-    with quiet_megatron_import():
-        layers = ParallelLayers.from_parallel_state() if ctx.tp_size > 1 else ParallelLayers(tp_size=1)
     model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=vocab_size,
                                 seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
                                 vocab_pad_multiple=cfg.model.vocab_pad_multiple, **cfg.model.overrides)
-    model = build_model(model_config, layers).to(ctx.device)
-    return model, {"name": cfg.model.name, **dataclasses.asdict(model_config)}
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(model_config, ParallelLayers(tp_size=1))
+    if ctx.tp_size > 1:
+        full = model.state_dict()
+        with quiet_megatron_import():
+            model = build_model(model_config, ParallelLayers.from_parallel_state())
+        model.load_state_dict(shard_state_dict(full, partition_dims(model), ctx.tp_rank, ctx.tp_size))
+    return model.to(ctx.device), {"name": cfg.model.name, **dataclasses.asdict(model_config)}

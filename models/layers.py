@@ -1,0 +1,119 @@
+"""Blocks shared by the BERT-family encoders (RoBERTa, ELECTRA): post-LN transformer layer pieces.
+
+Shapes: B batch, T sequence, H hidden, nh heads (nh/tp on one tensor-parallel rank), hs head size.
+Tensor parallelism follows Megatron: query/key/value and the FFN's first linear are
+column-parallel (each rank holds some heads / some FFN features), the attention output and the
+FFN's second linear are row-parallel (their outputs are summed over ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.parallel import ParallelLayers
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation a Hugging Face `hidden_act` name means."""
+    if name == "gelu":
+        return F.gelu  # exact (erf) GELU, as BERT/RoBERTa
+    if name == "gelu_new":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) mask, 1 = real token, 0 = padding -> (B, 1, 1, T) additive bias for the scores.
+
+    Padding keys get finfo(dtype).min rather than -inf: a row whose keys are all padding then
+    softmaxes to a uniform distribution instead of NaN (its outputs are ignored anyway).
+    """
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; heads are split across tensor-parallel ranks."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        attention_dropout: float,
+        layers: ParallelLayers,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.num_local_heads = layers.divide(num_heads, "num_heads")
+        self.head_size = hidden_size // num_heads
+        self.attention_dropout = attention_dropout
+        self.query = layers.column_linear(hidden_size, hidden_size, init_std=init_std)
+        self.key = layers.column_linear(hidden_size, hidden_size, init_std=init_std)
+        self.value = layers.column_linear(hidden_size, hidden_size, init_std=init_std)
+        self.output = layers.row_linear(hidden_size, hidden_size, init_std=init_std)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, hs = self.num_local_heads, self.head_size
+        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
+        )  # (B, nh, T, hs), softmax(q k^T / sqrt(hs) + bias) v
+        context = context.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, H/tp)
+        return self.output(context)  # (B, T, H), summed over TP ranks
+
+
+class FeedForward(nn.Module):
+    """up (H -> I, column-parallel) -> activation -> down (I -> H, row-parallel)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        layers: ParallelLayers,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.activation = activation_fn(activation)
+        self.up = layers.column_linear(hidden_size, intermediate_size, init_std=init_std)
+        self.down = layers.row_linear(intermediate_size, hidden_size, init_std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.activation(self.up(x)))  # (B, T, I/tp) in the middle
+
+
+class TransformerLayer(nn.Module):
+    """Post-LN layer (BERT/RoBERTa): x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x)))."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        activation: str,
+        hidden_dropout: float,
+        attention_dropout: float,
+        layer_norm_eps: float,
+        layers: ParallelLayers,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.attention = SelfAttention(hidden_size, num_heads, attention_dropout, layers, init_std)
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.ffn = FeedForward(hidden_size, intermediate_size, activation, layers, init_std)
+        self.ffn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, bias)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))

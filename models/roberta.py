@@ -1,0 +1,271 @@
+"""RoBERTa for masked-language-model pretraining, and its map to Hugging Face transformers.
+
+Post-LN encoder with learned absolute positions, laid out like Hugging Face's RobertaForMaskedLM so
+the weights map one to one. Shapes: B batch, T sequence, H hidden, N predicted (masked)
+positions, V vocab_size, Vp padded_vocab_size (Vp/tp rows on one tensor-parallel rank).
+
+Tensor parallelism comes only through `ParallelLayers`: at TP>1 the word embedding is
+vocab-parallel and the tied decoder is too (Megatron's parallel_lm_logits: copy the hidden to the
+TP region, multiply by the local embedding shard, never gather the logits for the loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import RobertaConfig
+from models.layers import TransformerLayer, attention_bias
+from models.parallel import ParallelLayers
+
+IGNORE_INDEX = -100  # label of positions that are not predicted
+
+
+def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """HF/fairseq RoBERTa positions: real tokens count from pad_token_id + 1, padding gets pad_token_id."""
+    mask = (input_ids != pad_token_id).long()  # (B, T)
+    return torch.cumsum(mask, dim=1) * mask + pad_token_id
+
+
+class RobertaEmbeddings(nn.Module):
+    """word + token type (always row 0) + position, then LayerNorm and dropout."""
+
+    def __init__(self, config: RobertaConfig, layers: ParallelLayers):
+        super().__init__()
+        std = config.initializer_range
+        self.pad_token_id = config.pad_token_id
+        self.word = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size, std)
+        self.position = layers.embedding(config.max_position_embeddings, config.hidden_size, std)
+        self.token_type = layers.embedding(config.type_vocab_size, config.hidden_size, std)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+        # As HF, the pad token's rows start at zero; so do the vocabulary-padding rows (their
+        # logits are masked, so they get no gradient and stay zero: checkpoints round-trip exactly).
+        start, end = layers.vocab_range(config.padded_vocab_size)
+        with torch.no_grad():
+            if start <= config.pad_token_id < end:
+                self.word.weight[config.pad_token_id - start].zero_()
+            self.word.weight[max(config.vocab_size - start, 0) :].zero_()
+            self.position.weight[config.pad_token_id].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = position_ids(input_ids, self.pad_token_id)  # (B, T)
+        x = self.word(input_ids) + self.token_type.weight[0]  # (B, T, H); token-type id is always 0
+        x = x + self.position(positions)
+        return self.dropout(self.norm(x))
+
+
+class MaskedLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embedding (+ a vocabulary bias)."""
+
+    def __init__(self, config: RobertaConfig, layers: ParallelLayers):
+        super().__init__()
+        self.parallel = layers
+        self.dense = layers.linear(config.hidden_size, config.hidden_size, init_std=config.initializer_range)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = layers.vocab_parallel_bias(config.padded_vocab_size)  # (Vp/tp,)
+
+    def forward(self, hidden: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        """(..., H) and the local word-embedding shard (Vp/tp, H) -> local logits (..., Vp/tp)."""
+        x = self.norm(F.gelu(self.dense(hidden)))  # HF's head uses erf GELU whatever hidden_act is
+        x = self.parallel.copy_to_tp_region(x)  # gradient summed over the vocabulary shards
+        return F.linear(x, word_weight, self.bias)
+
+
+class RobertaForMaskedLM(nn.Module):
+    """RoBERTa encoder + MLM head. `forward` returns the summed loss; `logits` the full logits."""
+
+    def __init__(self, config: RobertaConfig, layers: ParallelLayers):
+        super().__init__()
+        self.config = config
+        self.parallel = layers
+        std = config.initializer_range
+        layers.divide(config.num_heads, "num_heads")
+        layers.divide(config.intermediate_size, "intermediate_size")
+        layers.divide(config.padded_vocab_size, "padded_vocab_size")
+
+        self.embeddings = RobertaEmbeddings(config, layers)
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                config.hidden_size,
+                config.num_heads,
+                config.intermediate_size,
+                config.activation,
+                config.hidden_dropout,
+                config.attention_dropout,
+                config.layer_norm_eps,
+                layers,
+                init_std=std,
+            )
+            for _ in range(config.num_layers)
+        )
+        self.lm_head = MaskedLMHead(config, layers)
+
+        # True on the local vocabulary columns that are padding (global id >= vocab_size).
+        start, end = layers.vocab_range(config.padded_vocab_size)
+        padded = torch.arange(start, end) >= config.vocab_size  # (Vp/tp,)
+        self.register_buffer("padded_vocab", padded, persistent=False)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask (1 = token, 0 = padding) -> final hidden states (B, T, H)."""
+        x = self.embeddings(input_ids)  # (B, T, H)
+        bias = attention_bias(attention_mask, x.dtype)  # (B, 1, 1, T)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+    def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> this rank's logits (..., Vp/tp), padded vocabulary entries at finfo.min."""
+        logits = self.lm_head(hidden, self.embeddings.word.weight)
+        # masked_fill is out of place and saves nothing for backward, so the vocab-parallel loss
+        # may work in place on its result.
+        return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
+        "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
+        "num_predicted": number of predicted positions (long scalar)}.
+
+        The head runs only on the predicted positions (about 15% of them).
+        """
+        hidden = self.encode(input_ids, attention_mask)  # (B, T, H)
+        predicted = labels != IGNORE_INDEX  # (B, T)
+        logits = self._vocab_logits(hidden[predicted])  # (N, Vp/tp)
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""
+        hidden = self.encode(input_ids, attention_mask)
+        logits = self.parallel.gather_from_tp_region(self._vocab_logits(hidden))  # (B, T, Vp)
+        return logits[..., : self.config.vocab_size]
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the whole model (all TP ranks together, padded vocabulary included).
+
+        exclude_embeddings leaves out the word and position tables (the usual count for FLOPs).
+        """
+        skip = {"embeddings.word.weight", "embeddings.position.weight"} if exclude_embeddings else set()
+        total = 0
+        for name, param in self.named_parameters():
+            if name in skip:
+                continue
+            split = getattr(param, "tensor_model_parallel", False)
+            total += param.numel() * (self.parallel.tp_size if split else 1)
+        return total
+
+
+# --------------------------------------------------------------------------------- Hugging Face
+# Our module names -> transformers.RobertaForMaskedLM's (without the ".weight"/".bias" suffix).
+_HF_TOP = {
+    "embeddings.word": "roberta.embeddings.word_embeddings",
+    "embeddings.position": "roberta.embeddings.position_embeddings",
+    "embeddings.token_type": "roberta.embeddings.token_type_embeddings",
+    "embeddings.norm": "roberta.embeddings.LayerNorm",
+    "lm_head.dense": "lm_head.dense",
+    "lm_head.norm": "lm_head.layer_norm",
+    "lm_head": "lm_head",  # lm_head.bias
+}
+_HF_LAYER = {  # under layers.{i}. / roberta.encoder.layer.{i}.
+    "attention.query": "attention.self.query",
+    "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value",
+    "attention.output": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "ffn.up": "intermediate.dense",
+    "ffn.down": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+_HF_LAYER_PREFIX = "roberta.encoder.layer."
+# HF keys that carry no weights of ours: the tied decoder (a copy of the word embedding and of
+# lm_head.bias), index buffers older checkpoints saved, and the pooler RobertaModel may carry.
+_HF_TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")
+_HF_IGNORED_PREFIXES = ("roberta.pooler.",)
+_HF_IGNORED = ("roberta.embeddings.position_ids", "roberta.embeddings.token_type_ids")
+
+
+def hf_config(cfg: RobertaConfig):
+    """The transformers.RobertaConfig describing the same model (vocabulary padding trimmed)."""
+    import transformers
+
+    return transformers.RobertaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.activation,
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=True,
+        architectures=["RobertaForMaskedLM"],
+    )
+
+
+def _to_hf_key(key: str) -> str:
+    module, param = key.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, index, rest = module.split(".", 2)
+        return f"{_HF_LAYER_PREFIX}{index}.{_HF_LAYER[rest]}.{param}"
+    return f"{_HF_TOP[module]}.{param}"
+
+
+def _from_hf_key(key: str) -> str:
+    module, param = key.rsplit(".", 1)
+    if module.startswith(_HF_LAYER_PREFIX):
+        index, rest = module[len(_HF_LAYER_PREFIX) :].split(".", 1)
+        ours = {hf: our for our, hf in _HF_LAYER.items()}[rest]
+        return f"layers.{index}.{ours}.{param}"
+    ours = {hf: our for our, hf in _HF_TOP.items()}[module]
+    return f"{ours}.{param}"
+
+
+def to_hf_state_dict(our_sd: dict[str, torch.Tensor], cfg: RobertaConfig) -> dict[str, torch.Tensor]:
+    """A full (TP-merged) state dict of ours -> transformers.RobertaForMaskedLM's, padding trimmed.
+
+    Includes the tied `lm_head.decoder.weight/bias` (the same tensors as the word embedding and
+    lm_head.bias), so `load_state_dict(strict=True)` accepts it.
+    """
+    hf_sd = {}
+    for key, value in our_sd.items():
+        try:
+            hf_key = _to_hf_key(key)
+        except KeyError:
+            raise KeyError(f"to_hf_state_dict: no Hugging Face name for {key!r}") from None
+        if key in ("embeddings.word.weight", "lm_head.bias"):
+            value = value[: cfg.vocab_size].clone()  # drop the vocabulary padding
+        hf_sd[hf_key] = value
+    hf_sd["lm_head.decoder.weight"] = hf_sd["roberta.embeddings.word_embeddings.weight"]
+    hf_sd["lm_head.decoder.bias"] = hf_sd["lm_head.bias"]
+    return hf_sd
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: RobertaConfig) -> dict[str, torch.Tensor]:
+    """transformers.RobertaForMaskedLM's state dict -> ours (full, vocabulary re-padded with zeros)."""
+    our_sd = {}
+    for key, value in hf_sd.items():
+        if key in _HF_TIED or key in _HF_IGNORED or key.startswith(_HF_IGNORED_PREFIXES):
+            continue
+        try:
+            our_key = _from_hf_key(key)
+        except (KeyError, ValueError):
+            raise KeyError(f"from_hf_state_dict: unexpected Hugging Face key {key!r}") from None
+        if our_key in ("embeddings.word.weight", "lm_head.bias"):
+            if value.shape[0] != cfg.vocab_size:
+                raise ValueError(
+                    f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is "
+                    f"{cfg.vocab_size}"
+                )
+            padding = value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))
+            value = torch.cat([value, padding])
+        our_sd[our_key] = value
+    return our_sd

@@ -1,0 +1,84 @@
+"""Helpers for tests that start real processes: the tools, the trainer under its launchers."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["PYTHONWARNINGS"] = "ignore"
+    e["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores: one thread each
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def run(cmd: Sequence[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start(cmd: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(procs: List[subprocess.Popen], timeout: int = 600) -> List[str]:
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outputs.append(out)
+    for p, out in zip(procs, outputs):
+        if p.returncode != 0:
+            raise AssertionError(f"{p.args} exited {p.returncode}\n{out[-8000:]}")
+    return outputs
+
+
+def python_tool(name: str, *args) -> subprocess.CompletedProcess:
+    return run([sys.executable, ROOT / "tools" / name, *args])
+
+
+def deepspeed_cmd(num_procs: int, overrides: Sequence[str], config: Optional[str] = None) -> List[str]:
+    cmd = [BIN / "deepspeed", "--num_gpus", num_procs, "--master_port", free_port(), "--module", "trainer.pretrain"]
+    if config:
+        cmd += ["--config", config]
+    return cmd + list(overrides)
+
+
+def torchrun_cmd(num_procs: int, overrides: Sequence[str]) -> List[str]:
+    return [BIN / "torchrun", "--nproc_per_node", num_procs, "--master_addr", "127.0.0.1",
+            "--master_port", free_port(), "-m", "trainer.pretrain", *overrides]
+
+
+def metrics(run_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(run_dir: Path) -> Dict[int, dict]:
+    """Step -> the training record (validation records are separate lines).
+
+    A step logged twice (two ranks writing, or a resumed run repeating a step) fails here.
+    """
+    records = [r for r in metrics(run_dir) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"steps logged more than once in {run_dir}: {steps}"
+    return {r["step"]: r for r in records}
