@@ -86,8 +86,11 @@ class PretrainLoader:
 
     def _start(self) -> None:
         sampler = _RankBatches(self.consumed_samples, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size)
+        # A private generator: creating an iterator must not draw from the global torch RNG, which
+        # drives dropout (a resumed run creates its iterator at a different point than an uninterrupted one).
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, num_workers=self.num_workers,
-                                             persistent_workers=self.num_workers > 0)
+                                             persistent_workers=self.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(0))
         self._iterator = iter(loader)
 
     def next_step(self) -> List[Dict[str, torch.Tensor]]:

@@ -66,7 +66,7 @@ def test_zero_stage_trains_and_loss_falls(zero_runs, runs_dir, stage):
     records = train_records(run_dir)
     assert sorted(records) == list(range(1, 17)), "one record per step, written by global rank 0 only"
     losses = [records[s]["loss"] for s in range(1, 17)]
-    assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.4, losses
     assert all(r["data_parallel_size"] == 2 for r in records.values())
     assert [records[s]["consumed_samples"] for s in (1, 16)] == [8, 128]
     assert records[1]["lr"] == pytest.approx(LR)

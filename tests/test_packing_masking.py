@@ -151,3 +151,14 @@ def test_validation_is_fixed(indexed, documents):
     assert all(torch.equal(x, y) for x, y in zip(one, two))
     shards = [torch.cat([b["input_ids"] for b in validation_batches(v, 10, 4, r, 2)]) for r in range(2)]
     assert sum(len(s) for s in shards) == 10
+
+
+def test_loader_leaves_the_global_rng_alone(indexed, documents):
+    """Dropout draws from the global torch RNG; starting a loader (as a resumed run does) must not shift it."""
+    p = packed(indexed, 0, len(documents), 16)
+    loader = PretrainLoader(MaskedSamples(p, recipe(), 16, PAD, seed=1), 8, 2, 0, 1)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    loader.next_step()
+    assert torch.equal(torch.rand(3), expected)

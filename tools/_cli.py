@@ -8,6 +8,8 @@ from data.errors import UserError
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("megatron", "DeepSpeed", "deepspeed"):  # their import-time INFO lines are noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         code = main(argv)
     except UserError as err:
