@@ -324,6 +324,10 @@ def save_config(cfg: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
 
+def trainer_clips_gradients(cfg: PretrainConfig) -> bool:
+    return cfg.zero.stage == 0 and cfg.precision == "fp32"
+
+
 def deepspeed_config(cfg: PretrainConfig, data_parallel_size: int, use_fused_adam: bool) -> Dict[str, Any]:
     """The DeepSpeed JSON, generated from the typed config (never edited by hand).
 
@@ -335,7 +339,9 @@ def deepspeed_config(cfg: PretrainConfig, data_parallel_size: int, use_fused_ada
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.train.grad_clip,
+        # In the one path where DeepSpeed computes the gradient norm and throws it away (ZeRO 0, fp32),
+        # the trainer clips itself (trainer/step.py) so that every run logs its gradient norm.
+        "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.train.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from data.errors import UserError
-from trainer.config import PretrainConfig, load_config
+from trainer.config import PretrainConfig, load_config, trainer_clips_gradients
 from trainer.run import RunDirectory, build_model_for, setup_logging
 
 logger = logging.getLogger("trainer.pretrain")
@@ -44,7 +44,6 @@ def train(cfg: PretrainConfig) -> dict:
     tokenizer = resolve_tokenizer(cfg)
     run = RunDirectory.prepare(cfg, ctx, tokenizer)
     inputs = build_inputs(cfg, ctx, tokenizer)
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model, model_config = build_model_for(cfg, tokenizer.vocab_size, ctx)
     engine = build_engine(cfg, model, ctx)
     checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.is_main)
@@ -56,11 +55,13 @@ def train(cfg: PretrainConfig) -> dict:
                 cfg.model.name, cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6,
                 ctx.world_size, ctx.tp_size, ctx.dp_size, state.step + 1, cfg.train.steps)
 
+    clip = cfg.train.grad_clip if trainer_clips_gradients(cfg) else None
     window = {"loss_sum": 0.0, "predicted": 0.0, "tokens": 0.0, "steps": 0, "start": time.perf_counter()}
     unsynced_tokens = 0.0
     for step in range(state.step + 1, cfg.train.steps + 1):
+        batches = inputs.loader.next_step()
         torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
-        out = train_step(engine, inputs.loader.next_step(), ctx)
+        out = train_step(engine, batches, ctx, clip)
         state.step, state.consumed_samples = step, inputs.loader.consumed_samples
         unsynced_tokens = unsynced_tokens + out["tokens"]  # device tensor: no host sync per step
         state.data = inputs.loader.state_dict()
@@ -71,7 +72,7 @@ def train(cfg: PretrainConfig) -> dict:
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.steps:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
             elapsed = time.perf_counter() - window["start"]
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = out["grad_norm"] if clip is not None else engine.get_global_grad_norm()
             record = {
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
                 "loss": reduce_window(window["loss_sum"], window["predicted"], ctx),

@@ -8,11 +8,14 @@ are known on the host before any forward.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from deepspeed.runtime.utils import clip_grad_norm_
 
 from data.masking import IGNORE_INDEX
 from trainer.parallel import ParallelContext
@@ -29,11 +32,12 @@ def _all_reduce_dp(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     return tensor
 
 
-def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext) -> Dict[str, torch.Tensor]:
+def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
+               clip: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
-    Returns device tensors (no host sync): the local loss sum, and the global counts of predicted
-    and input tokens.
+    Returns device tensors (no host sync): the local loss sum, the global counts of predicted and
+    input tokens, and the gradient norm when `clip` is given (the trainer clips: 0 measures only).
     """
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches),
                            sum(int(b["attention_mask"].sum()) for b in micro_batches)],
@@ -41,13 +45,16 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
     _all_reduce_dp(counts, ctx)
     scale = ctx.dp_size / counts[0].clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for batch in micro_batches:
+    grad_norm = None
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
         out = engine(**batch)
         engine.backward(out["loss_sum"].float() * scale.float(), scale_wrt_gas=False)
+        if clip is not None and i == len(micro_batches) - 1:  # gradients are reduced: clip before the step
+            grad_norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
         engine.step()
         loss_sum += out["loss_sum"].detach().double()
-    return {"loss_sum": loss_sum, "predicted": counts[0], "tokens": counts[1]}
+    return {"loss_sum": loss_sum, "predicted": counts[0], "tokens": counts[1], "grad_norm": grad_norm}
 
 
 @torch.no_grad()
