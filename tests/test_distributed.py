@@ -17,6 +17,7 @@ from launch import (ROOT, deepspeed_cmd, finish, free_port, metrics, python_tool
 
 pytestmark = pytest.mark.distributed
 LR = 2e-3
+NO_DROPOUT = "{hidden_dropout: 0.0, attention_dropout: 0.0}"
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,26 @@ def test_resume_continues_at_the_right_step_and_data(zero_runs, data_prefix, run
         assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-5), step
 
 
-def test_tensor_parallel_equals_single_process(data_prefix, runs_dir):
-    """TP=2 under torchrun and TP=1 in one plain process: same weights and batches, dropout off."""
-    common = dict(train__steps=3, model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0}",
-                  checkpoint__every_steps=0, eval__every_steps=0, optim__warmup_steps=2, optim__min_lr=0.0)
-    run([Path(sys.executable), "-m", "trainer.pretrain",
-         *overrides(data_prefix, runs_dir, "tp1", **common)])
-    run(torchrun_cmd(2, overrides(data_prefix, runs_dir, "tp2", parallel__tensor=2, **common)))
-    tp1, tp2 = train_records(runs_dir / "tp1"), train_records(runs_dir / "tp2")
+NO_DROPOUT_STEPS = dict(train__steps=3, model__overrides=NO_DROPOUT, checkpoint__every_steps=0,
+                        eval__every_steps=0, optim__warmup_steps=2, optim__min_lr=0.0)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(data_prefix, runs_dir) -> Path:
+    """TP=1, DP=1 in one plain `python -m trainer.pretrain` process, dropout off: the reference numbers."""
+    run([sys.executable, "-m", "trainer.pretrain", *overrides(data_prefix, runs_dir, "tp1", **NO_DROPOUT_STEPS)])
+    return runs_dir / "tp1"
+
+
+def test_tensor_parallel_equals_single_process(single_process_run, data_prefix, runs_dir):
+    """TP=2 under torchrun against TP=1 in one plain process: same weights and batches, dropout off.
+
+    TP=2 uses micro-batch 2 (4 accumulation steps) against TP=1's micro-batch 4 (2 steps): the loss is
+    normalised over the predicted tokens of the global batch, so the accumulation does not change it.
+    """
+    run(torchrun_cmd(2, overrides(data_prefix, runs_dir, "tp2", parallel__tensor=2, train__micro_batch_size=2,
+                                  **NO_DROPOUT_STEPS)))
+    tp1, tp2 = train_records(single_process_run), train_records(runs_dir / "tp2")
     assert sorted(tp1) == sorted(tp2) == [1, 2, 3]
     for step in (1, 2, 3):
         assert tp2[step]["loss"] == pytest.approx(tp1[step]["loss"], abs=1e-5), step
@@ -115,13 +128,21 @@ def test_tensor_parallel_equals_single_process(data_prefix, runs_dir):
     assert tp1[3]["loss"] != tp1[1]["loss"]  # the steps did change the weights
 
 
-def test_two_node_launch_with_deepspeed_no_ssh(data_prefix, runs_dir, tmp_path):
+def assert_first_step_matches(single_process_run: Path, run_dir: Path):
+    """Step 1 of a DP=2 run (loss and gradient norm, both before any update) equals TP=1/DP=1's:
+    the loss is normalised over the predicted tokens of the whole global batch, across ranks."""
+    ours, reference = train_records(run_dir)[1], train_records(single_process_run)[1]
+    assert ours["loss"] == pytest.approx(reference["loss"], abs=1e-5)
+    assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], abs=1e-5)
+
+
+def test_two_node_launch_with_deepspeed_no_ssh(single_process_run, data_prefix, runs_dir, tmp_path):
     """One deepspeed launcher per simulated node (hostfile of two hosts, one slot each), as a scheduler would."""
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = free_port()
     args = overrides(data_prefix, runs_dir, "two_nodes_ds", train__steps=4, checkpoint__every_steps=0,
-                     eval__every_steps=0)
+                     eval__every_steps=0, model__overrides=NO_DROPOUT)
     procs = [start([Path(sys.executable).parent / "deepspeed", "--no_ssh", "--hostfile", hostfile,
                     "--node_rank", node, "--master_addr", "127.0.0.1", "--master_port", port,
                     "--module", "trainer.pretrain", *args]) for node in (0, 1)]
@@ -129,12 +150,13 @@ def test_two_node_launch_with_deepspeed_no_ssh(data_prefix, runs_dir, tmp_path):
     records = train_records(runs_dir / "two_nodes_ds")
     assert sorted(records) == [1, 2, 3, 4] and records[1]["data_parallel_size"] == 2
     assert "MLM loss:" in outputs[0] and "MLM loss:" not in outputs[1], "only global rank 0 reports"
+    assert_first_step_matches(single_process_run, runs_dir / "two_nodes_ds")
 
 
-def test_two_node_launch_with_torchrun(data_prefix, runs_dir):
+def test_two_node_launch_with_torchrun(single_process_run, data_prefix, runs_dir):
     port = free_port()
     args = overrides(data_prefix, runs_dir, "two_nodes_tr", train__steps=4, checkpoint__every_steps=0,
-                     eval__every_steps=0)
+                     eval__every_steps=0, model__overrides=NO_DROPOUT)
     procs = [start([Path(sys.executable).parent / "torchrun", "--nnodes", 2, "--node_rank", node,
                     "--nproc_per_node", 1, "--master_addr", "127.0.0.1", "--master_port", port,
                     "-m", "trainer.pretrain", *args]) for node in (0, 1)]
@@ -142,3 +164,4 @@ def test_two_node_launch_with_torchrun(data_prefix, runs_dir):
     records = train_records(runs_dir / "two_nodes_tr")
     assert sorted(records) == [1, 2, 3, 4] and records[1]["data_parallel_size"] == 2
     assert "MLM loss:" in outputs[0] and "MLM loss:" not in outputs[1]
+    assert_first_step_matches(single_process_run, runs_dir / "two_nodes_tr")
