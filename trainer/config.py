@@ -73,6 +73,8 @@ class TrainSection:
     seed: int = 1234
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 turns clipping off."""
+    max_bad_steps: int = 10
+    """A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run (exit 3)."""
 
 
 @dataclass
@@ -107,8 +109,16 @@ class CheckpointSection:
     """Save every N optimizer steps (and at the end); 0 saves only at the end."""
     keep_last: int = 3
     """Number of recent checkpoints kept; older ones are deleted. 0 keeps all."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0: off); global rank 0's clock."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, whatever keep_last says (0: off)."""
     resume: bool = True
-    """Continue from the latest checkpoint in the run directory if one exists."""
+    """Continue from the newest good checkpoint in the run directory if one exists; false starts over."""
+    load: Optional[str] = None
+    """Resume from this checkpoint (a global_stepN directory, or a checkpoints directory) instead."""
+    preemption_timeout_s: float = 600.0
+    """After SIGTERM/SIGUSR1, exit with status 76 if the step and checkpoint take longer than this."""
 
 
 @dataclass
@@ -126,6 +136,15 @@ class EvalSection:
 
 
 @dataclass
+class DebugSection:
+    """Fault injection for the fault-tolerance tests; leave empty in real runs."""
+    nan_loss_steps: List[int] = field(default_factory=list)
+    """Steps whose loss is replaced by NaN (exercises the skip path)."""
+    crash_in_save_step: int = 0
+    """Kill every rank after its checkpoint files are written but before the commit, at this step."""
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     run: RunSection = field(default_factory=RunSection)
@@ -139,6 +158,7 @@ class PretrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    debug: DebugSection = field(default_factory=DebugSection)
 
     def validate(self) -> None:
         """Checks that need no process group; `check_batch` needs the data-parallel size."""
@@ -168,7 +188,8 @@ class PretrainConfig:
             raise UserError(f"optim.lr={self.optim.lr} must be > 0 and optim.min_lr={self.optim.min_lr} in [0, lr]")
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
             raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
-        for key in ("checkpoint.every_steps", "checkpoint.keep_last", "eval.every_steps", "eval.samples"):
+        for key in ("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
+                    "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps"):
             if get_key(self, key) < 0:
                 raise UserError(f"{key}={get_key(self, key)} must not be negative")
 
@@ -350,7 +371,9 @@ def deepspeed_config(cfg: PretrainConfig, data_parallel_size: int, use_fused_ada
             },
         },
         "zero_optimization": {"stage": cfg.zero.stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # check_grad_overflow: ZeRO-1/2 then skip a bf16 step with a non-finite gradient norm, as they
+        # do in fp32 and as the loss scaler does in fp16 (the trainer counts and limits such steps)
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 2**31 - 1,  # we log ourselves (metrics.jsonl, TensorBoard)

@@ -38,10 +38,12 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int, min_ratio: float):
     return multiplier
 
 
-def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext):
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
     import deepspeed
 
     ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
+    if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
+        ds_config["checkpoint"] = {"load_universal": True}
     multiplier = warmup_linear_decay(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -3,19 +3,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
+        """On resume, records after `resume_step` (logged by a run that died after its last checkpoint)
+        are dropped from metrics.jsonl and purged from TensorBoard: the files hold one history."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            path = Path(run_dir) / "metrics.jsonl"
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                tmp = path.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+            self._jsonl = open(path, "a", buffering=1)
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:

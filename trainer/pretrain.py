@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -29,12 +31,15 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return parser.parse_args(argv)
 
 
-def train(cfg: PretrainConfig) -> dict:
+def train(cfg: PretrainConfig) -> Tuple[int, dict]:
+    """Runs (or resumes) pretraining; returns (exit status, summary)."""
     from trainer.checkpoint import CheckpointManager, TrainState
+    from trainer.elastic import prepare_resume
     from trainer.engine import build_engine
     from trainer.inputs import build_inputs, resolve_tokenizer
     from trainer.metrics import MetricsWriter
     from trainer.parallel import init_parallel
+    from trainer.preemption import EXIT_PREEMPTED, PreemptionHandler, StepFlags
     from trainer.step import dropout_seed, evaluate, reduce_window, train_step
     from data.loader import validation_batches
 
@@ -45,48 +50,69 @@ def train(cfg: PretrainConfig) -> dict:
     run = RunDirectory.prepare(cfg, ctx, tokenizer)
     inputs = build_inputs(cfg, ctx, tokenizer)
     model, model_config = build_model_for(cfg, tokenizer.vocab_size, ctx)
-    engine = build_engine(cfg, model, ctx)
-    checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.is_main)
-    state = checkpoints.resume(engine) or TrainState()
+    checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.rank)
+    resume = prepare_resume(checkpoints.find_resume(), cfg, ctx)  # may convert to a universal checkpoint
+    engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
+    state = checkpoints.load(engine, resume.path, resume.universal) if resume else TrainState()
     inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples})
-    metrics = MetricsWriter(run.path, enabled=ctx.is_main)
-    extra = {"config": cfg.to_dict(), "model_config": model_config, "tokenizer_fingerprint": tokenizer.fingerprint()}
+    metrics = MetricsWriter(run.path, enabled=ctx.is_main, resume_step=state.step)
+    extra = {"config": cfg.to_dict(), "model_config": model_config, "tokenizer_fingerprint": tokenizer.fingerprint(),
+             "universal_checkpoint_info": universal_checkpoint_info(model)}
+    meta = {"world_size": ctx.world_size, "dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "zero_stage": cfg.zero.stage,
+            "precision": cfg.precision, "global_batch_size": cfg.train.global_batch_size}
     logger.info("model %s/%s: %.2fM parameters (this rank); world %d = tp %d x dp %d; steps %d..%d",
                 cfg.model.name, cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6,
                 ctx.world_size, ctx.tp_size, ctx.dp_size, state.step + 1, cfg.train.steps)
 
+    preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
+    flags = StepFlags(ctx.device)
     clip = cfg.train.grad_clip if trainer_clips_gradients(cfg) else None
-    window = {"loss_sum": 0.0, "predicted": 0.0, "tokens": 0.0, "steps": 0, "start": time.perf_counter()}
-    unsynced_tokens = 0.0
+    window = _new_window()
+    unsynced_tokens, bad_in_a_row, status = 0.0, 0, 0
     for step in range(state.step + 1, cfg.train.steps + 1):
         batches = inputs.loader.next_step()
         torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
-        out = train_step(engine, batches, ctx, clip)
+        out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps)
+        stop, bad, save_due = flags.exchange(preemption.requested, out["loss_sum"],
+                                             ctx.is_main and checkpoints.time_due())
         state.step, state.consumed_samples = step, inputs.loader.consumed_samples
-        unsynced_tokens = unsynced_tokens + out["tokens"]  # device tensor: no host sync per step
         state.data = inputs.loader.state_dict()
-        for key in ("loss_sum", "predicted", "tokens"):
-            window[key] = window[key] + out[key]
-        window["steps"] += 1
+        unsynced_tokens = unsynced_tokens + out["tokens"]  # device tensor: no host sync per step
+        if bad:
+            state.skipped_steps += 1
+            bad_in_a_row += 1
+            logger.warning("step %d: non-finite loss, update skipped (%d in a row)", step, bad_in_a_row)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingDiverged(f"{bad_in_a_row} consecutive steps with a NaN/Inf loss, the last at step {step}; "
+                                       f"lower optim.lr, check the data, or resume from an earlier checkpoint")
+        else:
+            bad_in_a_row = 0
+            for key in ("loss_sum", "predicted"):
+                window[key] = window[key] + out[key]
+            window["steps"] += 1
+        window["tokens"] = window["tokens"] + out["tokens"]
+        window["all_steps"] += 1
 
-        if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.steps:
+        if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.steps or stop:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
             elapsed = time.perf_counter() - window["start"]
             grad_norm = out["grad_norm"] if clip is not None else engine.get_global_grad_norm()
             record = {
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                "loss": reduce_window(window["loss_sum"], window["predicted"], ctx),
+                "loss": reduce_window(window["loss_sum"], window["predicted"], ctx) if window["steps"] else None,
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": float(window["tokens"]) / elapsed,
-                "samples_per_sec": window["steps"] * cfg.train.global_batch_size / elapsed,
+                "samples_per_sec": window["all_steps"] * cfg.train.global_batch_size / elapsed,
+                "skipped_steps": state.skipped_steps,
                 "data_parallel_size": ctx.dp_size,
             }
             metrics.log(step, record)
-            logger.info("step %d/%d loss %.4f lr %.3g grad_norm %s %.0f tok/s", step, cfg.train.steps,
-                        record["loss"], record["lr"], f"{record['grad_norm']:.3f}" if grad_norm is not None else "-",
+            logger.info("step %d/%d loss %s lr %.3g grad_norm %s %.0f tok/s", step, cfg.train.steps,
+                        f"{record['loss']:.4f}" if record["loss"] is not None else "-", record["lr"],
+                        f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "-",
                         record["tokens_per_sec"])
-            window = {"loss_sum": 0.0, "predicted": 0.0, "tokens": 0.0, "steps": 0, "start": time.perf_counter()}
+            window = _new_window()
 
         if inputs.valid is not None and cfg.eval.every_steps and (
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
@@ -96,21 +122,59 @@ def train(cfg: PretrainConfig) -> dict:
             metrics.log(step, {"valid_loss": valid_loss})
             logger.info("step %d validation loss %.4f", step, valid_loss)
 
-        if checkpoints.should_save(step, cfg.train.steps):
+        if checkpoints.due(step, cfg.train.steps) or save_due or stop:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
-            checkpoints.save(engine, state, extra)
+            if step == cfg.debug.crash_in_save_step:
+                checkpoints.crash_before_commit = True
+            checkpoints.save(engine, state, extra, meta)
+        if stop:
+            logger.warning("%s received: stopped after step %d with a checkpoint; exit status %d "
+                           "(run the same command again to resume)", preemption.signal_name or "signal", step,
+                           EXIT_PREEMPTED)
+            status = EXIT_PREEMPTED
+            break
 
+    preemption.uninstall()
     metrics.close()
-    return run.summary()
+    return status, run.summary()
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite losses: the run stops with EXIT_DIVERGED."""
+
+
+def _new_window() -> dict:
+    return {"loss_sum": 0.0, "predicted": 0.0, "tokens": 0.0, "steps": 0, "all_steps": 0,
+            "start": time.perf_counter()}
+
+
+def universal_checkpoint_info(model: torch.nn.Module) -> dict:
+    """What DeepSpeed's ds_to_universal needs to merge tensor-parallel shards of each parameter."""
+    from models.parallel import partition_dims
+
+    dims = partition_dims(model)
+    names = [name for name, _ in model.named_parameters()]
+    exact = lambda items: [rf"^{re.escape(n)}$" for n in items]
+    return {
+        "universal_checkpoint_version": 0.2,
+        "tp_replicated_parameter_patterns": exact(n for n in names if n not in dims),
+        "parameter_with_row_parallelism_patterns": exact(n for n, d in dims.items() if d == 1),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    from trainer.preemption import EXIT_DIVERGED
+    try:
+        status, summary = train(cfg)
+    except TrainingDiverged as err:
+        logger.error("training stopped: %s", err)
+        print(f"error: training stopped: {err}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     if summary:
         print(summary["text"], flush=True)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

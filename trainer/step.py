@@ -33,7 +33,7 @@ def _all_reduce_dp(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
-               clip: Optional[float] = None) -> Dict[str, torch.Tensor]:
+               clip: Optional[float] = None, inject_nan: bool = False) -> Dict[str, torch.Tensor]:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
     Returns device tensors (no host sync): the local loss sum, the global counts of predicted and
@@ -49,9 +49,16 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
         out = engine(**batch)
+        if inject_nan:
+            out["loss_sum"] = out["loss_sum"] * float("nan")
         engine.backward(out["loss_sum"].float() * scale.float(), scale_wrt_gas=False)
         if clip is not None and i == len(micro_batches) - 1:  # gradients are reduced: clip before the step
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
+            if not math.isfinite(float(grad_norm)):
+                # Skip the update as DeepSpeed's ZeRO/bf16/fp16 paths do: an optimizer leaves
+                # parameters without a gradient untouched (no Adam moments, no weight decay).
+                for p in engine.module.parameters():
+                    p.grad = None
         engine.step()
         loss_sum += out["loss_sum"].detach().double()
     return {"loss_sum": loss_sum, "predicted": counts[0], "tokens": counts[1], "grad_norm": grad_norm}

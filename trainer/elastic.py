@@ -1,0 +1,72 @@
+"""Resuming under another layout: a different data-parallel size, TP degree or ZeRO stage.
+
+The data position needs nothing special: the loader's state is the consumed-sample count, and the
+global sample stream is split over however many ranks there are now. The model and optimizer state
+do: with ZeRO 1-3 the optimizer state is partitioned over the data-parallel ranks that saved it. Such
+a checkpoint is converted once into DeepSpeed's universal format (`ds_to_universal`, using the
+`universal_checkpoint_info` every checkpoint carries: which parameters are TP-split and along which
+dimension) and loaded with `checkpoint.load_universal`. Supported:
+
+    saved \\ now        same layout   other DP size   other TP degree   other ZeRO stage (1-3)
+    ZeRO 0              yes           yes             no                no
+    ZeRO 1, 2, 3        yes           yes (universal) yes (universal)   yes (universal)
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from data.errors import UserError
+from trainer.checkpoint import read_manifest
+from trainer.config import PretrainConfig
+from trainer.parallel import ParallelContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    path: Path
+    """The tag directory to load (the universal copy when `universal`)."""
+    universal: bool
+
+
+def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelContext) -> Optional[ResumePlan]:
+    if tag_dir is None:
+        return None
+    saved = read_manifest(tag_dir)["meta"]
+    now = {"dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "zero_stage": cfg.zero.stage}
+    changed = {k: (saved[k], v) for k, v in now.items() if saved[k] != v}
+    if not changed:
+        return ResumePlan(tag_dir, universal=False)
+    what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+    if saved["zero_stage"] == 0:
+        if set(changed) == {"dp_size"}:
+            return ResumePlan(tag_dir, universal=False)  # full optimizer state in every mp_rank file
+        raise UserError(f"cannot resume {tag_dir} ({what}): a ZeRO-0 checkpoint resumes under another "
+                        f"data-parallel size only; keep parallel.tensor and zero.stage as saved")
+    if cfg.zero.stage == 0:
+        raise UserError(f"cannot resume {tag_dir} ({what}) under zero.stage=0: DeepSpeed loads universal "
+                        f"checkpoints into ZeRO 1-3 only; use zero.stage=1")
+    logger.info("resuming %s with %s: converting to a universal checkpoint", tag_dir.name, what)
+    target = tag_dir.parent / "universal" / tag_dir.name
+    error = ""
+    if ctx.rank == 0 and not (target / "zero").is_dir():
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = f"ds_to_universal failed on {tag_dir}: {proc.stderr.strip().splitlines()[-1:]}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UserError(error)
+    return ResumePlan(target, universal=True)
