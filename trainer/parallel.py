@@ -63,6 +63,16 @@ class MegatronMPU:
     def get_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
 
+    # Megatron-style names that DeepSpeed's universal-checkpoint loader asks for.
+    def get_tensor_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
     def get_data_parallel_rank(self):
         return self._ps.get_data_parallel_rank()
 
