@@ -63,8 +63,13 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sigkill_then_resume_repeats_the_uninterrupted_run_bitwise(data_prefix, tmp_path, stage):
+    """Killed after step 10 (last checkpoint: 8), restarted: steps 9-16 are bit-identical at every stage.
+
+    ZeRO-1/3 were reported to drift by 1 ulp after a resume. The drift we found came from the
+    DataLoader drawing its base seed from the global torch RNG when a resumed run creates its
+    iterator, which shifted the dropout masks; the loader now has its own generator."""
     reference = tmp_path / "reference"
     run(deepspeed_cmd(2, args(data_prefix, tmp_path, "reference", zero__stage=stage)))
     proc = start_group(deepspeed_cmd(2, args(data_prefix, tmp_path, "killed", zero__stage=stage)))
