@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from data.errors import UserError
 
@@ -12,18 +13,20 @@ ACTIVATIONS = ("gelu", "gelu_new", "relu")  # Hugging Face names: erf GELU, tanh
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = 128, tp_size: int = 1) -> int:
-    """The smallest multiple of `multiple * tp_size` that is >= vocab_size.
+    """The smallest multiple of lcm(`multiple`, `tp_size`) that is >= vocab_size.
 
     Padding makes the embedding/decoder matmuls GPU-friendly and lets every TP rank hold an equal
     slice of the vocabulary (VocabParallelEmbedding requires it). The extra rows never receive
-    probability mass: the model masks their logits.
+    probability mass: the model masks their logits. Using the lcm rather than Megatron's
+    `multiple * tp_size` keeps the padded size the same for every power-of-two TP degree up to
+    `multiple`, so a checkpoint resumes under another TP degree with tables of the same shape.
     """
     if vocab_size < 1 or multiple < 1 or tp_size < 1:
         raise UserError(
             f"pad_vocab_size needs positive sizes, got vocab_size={vocab_size}, "
             f"multiple={multiple}, tp_size={tp_size}"
         )
-    step = multiple * tp_size
+    step = math.lcm(multiple, tp_size)
     return math.ceil(vocab_size / step) * step
 
 
@@ -42,6 +45,12 @@ def _check_types(cfg) -> None:
                 setattr(cfg, field.name, float(value))
         elif kind == "str":
             ok = isinstance(value, str)
+        elif kind == "bool":
+            ok = isinstance(value, bool)  # YAML's true/false; 0/1 and "true" are rejected
+        elif kind == "list[str]":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+            if ok:
+                setattr(cfg, field.name, list(value))
         else:  # pragma: no cover - a new field type must be added above
             raise TypeError(f"unhandled config field type {kind} for {field.name}")
         if not ok:
@@ -146,3 +155,394 @@ class RobertaConfig:
     def max_seq_length(self) -> int:
         """Longest input the position table holds (positions start after pad_token_id)."""
         return self.max_position_embeddings - self.pad_token_id - 1
+
+
+POSITION_ATTENTION_TYPES = ("c2p", "p2c")  # content-to-position, position-to-content
+RELATIVE_EMBEDDING_NORMS = ("layer_norm", "none")  # Hugging Face's `norm_rel_ebd` values
+
+
+@dataclass
+class DebertaConfig:
+    """DeBERTa-v2/v3 encoder with a masked-language-model head (He et al., 2020; 2021).
+
+    Defaults are DeBERTaV3's: log-bucketed relative positions shared by all layers and normalised,
+    content projections reused for positions, no absolute positions in the input.
+    """
+
+    vocab_size: int
+    """Size of the tokenizer's vocabulary: the ids that can be predicted. Exported to Hugging Face."""
+
+    hidden_size: int
+    """Width of the residual stream (768 for base)."""
+
+    num_layers: int
+    """Number of transformer layers of the encoder (the EMD reuses the last one; it adds none)."""
+
+    num_heads: int
+    """Attention heads per layer; hidden_size / num_heads is the head size. TP splits the heads."""
+
+    intermediate_size: int
+    """Width of the feed-forward layer (4 * hidden_size in the paper's models)."""
+
+    max_position_embeddings: int
+    """Rows of the absolute position table, positions 0..T-1 (no pad offset, unlike RoBERTa). The
+    table exists only when position_biased_input or enhanced_mask_decoder needs it. 512 in every
+    released DeBERTa; also the fallback of max_relative_positions = -1."""
+
+    padded_vocab_size: int | None = None
+    """Rows of the word embedding / tied decoder (>= vocab_size), padded so TP divides it; see
+    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on the embeddings, on each sub-layer's output and on the relative embeddings."""
+
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+
+    layer_norm_eps: float = 1e-7
+    """LayerNorm epsilon (1e-7 in the released DeBERTa models)."""
+
+    pad_token_id: int = 0
+    """Id of the padding token ([PAD] = 0 in the DeBERTa SentencePiece vocabulary)."""
+
+    initializer_range: float = 0.02
+    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
+
+    type_vocab_size: int = 0
+    """Rows of the token-type table; 0 (DeBERTaV3) means no token-type embedding at all."""
+
+    activation: str = "gelu"
+    """Feed-forward and MLM-head activation, by its Hugging Face name: one of ACTIVATIONS."""
+
+    relative_attention: bool = True
+    """Disentangled attention over relative positions. False leaves plain content-to-content
+    attention (then pos_att_type must be empty)."""
+
+    pos_att_type: list[str] = dataclasses.field(default_factory=lambda: ["p2c", "c2p"])
+    """Relative-position terms added to content-to-content attention, any subset of
+    POSITION_ATTENTION_TYPES: "c2p" (content query, relative-position key) and "p2c"
+    (relative-position query, content key). The scale is 1/sqrt(head_size * (1 + len))."""
+
+    position_buckets: int = 256
+    """Relative distances are mapped to this many log-scaled buckets (exact below
+    position_buckets / 2, logarithmic up to max_relative_positions); -1 uses plain distances
+    clipped to +-max_relative_positions. The relative table has 2 * (buckets or max) rows."""
+
+    max_relative_positions: int = 512
+    """Largest relative distance told apart; -1 means max_position_embeddings (Hugging Face)."""
+
+    norm_rel_ebd: str = "layer_norm"
+    """"layer_norm" normalises the shared relative embeddings once per forward (DeBERTaV3);
+    "none" uses them raw (DeBERTa-v1/v2)."""
+
+    share_att_key: bool = True
+    """Project relative embeddings with the content query/key projections (DeBERTaV3); False adds
+    separate pos_key_proj / pos_query_proj per layer (DeBERTa-v1/v2)."""
+
+    position_biased_input: bool = False
+    """Add absolute position embeddings to the input (BERT style). DeBERTa adds them only in the
+    enhanced mask decoder instead."""
+
+    enhanced_mask_decoder: bool = True
+    """Enhanced Mask Decoder: before the MLM head, run the last encoder layer again emd_layers
+    times with absolute positions in the query (needs position_biased_input false)."""
+
+    emd_layers: int = 2
+    """Passes of the (shared) last encoder layer in the enhanced mask decoder (2 in DeBERTa)."""
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "emd_layers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.type_vocab_size < 0:
+            raise UserError(f"model config: type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(
+                f"model config: padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
+                f"({self.vocab_size}); use models.config.pad_vocab_size"
+            )
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model config: hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); change one of them"
+            )
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise UserError(
+                f"model config: pad_token_id ({self.pad_token_id}) must be a vocabulary id "
+                f"in [0, {self.vocab_size})"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(
+                f"model config: activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
+            )
+        unknown = [t for t in self.pos_att_type if t not in POSITION_ATTENTION_TYPES]
+        if unknown or len(set(self.pos_att_type)) != len(self.pos_att_type):
+            raise UserError(
+                f"model config: pos_att_type {self.pos_att_type} must list distinct entries of "
+                f"{', '.join(POSITION_ATTENTION_TYPES)} (or be [])"
+            )
+        if not self.relative_attention and self.pos_att_type:
+            raise UserError(
+                "model config: relative_attention is false but pos_att_type is "
+                f"{self.pos_att_type}; set pos_att_type to [] or relative_attention to true"
+            )
+        if self.norm_rel_ebd not in RELATIVE_EMBEDDING_NORMS:
+            raise UserError(
+                f"model config: norm_rel_ebd {self.norm_rel_ebd!r} is unknown; use one of "
+                f"{', '.join(RELATIVE_EMBEDDING_NORMS)}"
+            )
+        if self.position_buckets != -1 and self.position_buckets < 2:
+            raise UserError(
+                f"model config: position_buckets must be -1 (clipped distances) or >= 2, got "
+                f"{self.position_buckets}"
+            )
+        if self.max_relative_positions != -1 and self.max_relative_positions < 1:
+            raise UserError(
+                f"model config: max_relative_positions must be -1 (= max_position_embeddings) or "
+                f">= 1, got {self.max_relative_positions}"
+            )
+        if self.position_buckets > 0 and self.max_relative_distance <= self.position_buckets // 2 + 1:
+            raise UserError(
+                f"model config: max_relative_positions ({self.max_relative_distance}) must exceed "
+                f"position_buckets / 2 + 1 ({self.position_buckets // 2 + 1}) for log buckets; "
+                "raise it or lower position_buckets"
+            )
+        if self.enhanced_mask_decoder and self.position_biased_input:
+            raise UserError(
+                "model config: enhanced_mask_decoder adds absolute positions at the end and needs "
+                "position_biased_input false; set one of them to false"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_relative_distance(self) -> int:
+        """max_relative_positions with -1 resolved (to max_position_embeddings, as Hugging Face)."""
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def relative_span(self) -> int:
+        """k of the paper: relative embeddings have 2k rows, for bucketed distances in [-k, k)."""
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative_distance
+
+    @property
+    def absolute_positions(self) -> bool:
+        """Whether the model has an absolute position table (input bias or the EMD's)."""
+        return self.position_biased_input or self.enhanced_mask_decoder
+
+
+EMBEDDING_SHARING = ("none", "es", "gdes")  # DeBERTaV3's names: no sharing, sharing, gradient-disentangled
+
+
+@dataclass
+class ElectraConfig:
+    """One ELECTRA tower, generator or discriminator (Clark et al., 2020): a BERT encoder (post-LN,
+    absolute positions 0..T-1, two token types) over factored embeddings, laid out like Hugging
+    Face's ElectraModel so the weights map one to one."""
+
+    vocab_size: int
+    """Size of the tokenizer's vocabulary: the ids that can be predicted or sampled. Exported."""
+
+    hidden_size: int
+    """Width of the residual stream (256 small, 768 base, 1024 large discriminators)."""
+
+    num_layers: int
+    """Number of transformer layers."""
+
+    num_heads: int
+    """Attention heads per layer; hidden_size / num_heads is the head size. TP splits the heads."""
+
+    intermediate_size: int
+    """Width of the feed-forward layer (4 * hidden_size in the paper's models)."""
+
+    max_position_embeddings: int
+    """Rows of the learned position table: positions 0..T-1 (BERT layout, no pad offset)."""
+
+    embedding_size: int | None = None
+    """Width of the word/position/token-type tables; None means hidden_size. When it differs,
+    `embeddings_project` maps it to hidden_size: a narrow generator then shares the
+    discriminator's tables (128 for ELECTRA-Small, = hidden_size for base and large)."""
+
+    padded_vocab_size: int | None = None
+    """Rows of the word embedding / tied decoder (>= vocab_size), padded so TP divides it; see
+    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted nor sampled."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on the embeddings and on each sub-layer's output before the residual add."""
+
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (1e-12 in BERT/ELECTRA)."""
+
+    pad_token_id: int = 0
+    """Id of the padding token ([PAD] = 0 in BERT's vocabulary); its row starts at zero."""
+
+    initializer_range: float = 0.02
+    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
+
+    type_vocab_size: int = 2
+    """Rows of the token-type table (BERT's two segments); inputs always use type 0."""
+
+    activation: str = "gelu"
+    """Feed-forward and discriminator-head activation, by its Hugging Face name: one of
+    ACTIVATIONS. (The generator head always uses erf GELU, as Hugging Face.)"""
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "embedding_size", "type_vocab_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(
+                f"model config: padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
+                f"({self.vocab_size}); use models.config.pad_vocab_size"
+            )
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model config: hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads}); change one of them"
+            )
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise UserError(
+                f"model config: pad_token_id ({self.pad_token_id}) must be a vocabulary id "
+                f"in [0, {self.vocab_size})"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("layer_norm_eps", "initializer_range"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(
+                f"model config: activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# RTDConfig.backbone -> the config class of its towers (DeBERTaV3 adds "deberta": DebertaConfig).
+RTD_BACKBONE_CONFIGS: dict[str, type] = {"electra": ElectraConfig}
+
+
+@dataclass
+class RTDConfig:
+    """Replaced token detection (ELECTRA; DeBERTaV3): a generator trained by MLM, a discriminator
+    trained to tell its samples from the original tokens, and how their embeddings are shared.
+
+    The sampling seed is not here: it is the run's seed (an attribute of the model the trainer
+    sets), combined with each sample's global index (`sample_index` in the batch).
+    """
+
+    generator: Any
+    """The generator's tower config (an RTD_BACKBONE_CONFIGS[backbone]; a dict is converted)."""
+
+    discriminator: Any
+    """The discriminator's tower config (same class as the generator's)."""
+
+    backbone: str = "electra"
+    """Architecture of both towers: a key of RTD_BACKBONE_CONFIGS."""
+
+    rtd_weight: float = 50.0
+    """lambda in L = L_MLM + lambda * L_RTD, with L_MLM averaged over predicted tokens and L_RTD
+    over all real tokens. 50 is the ELECTRA paper's value, tuned for joint training with one
+    optimizer and shared embeddings, which is what this trainer does. microsoft/DeBERTa's code
+    defaults to 10 but trains generator and discriminator with separate optimizers, where a
+    constant factor on the discriminator's loss mostly cancels in Adam; here lambda also weighs
+    the two losses in the gradient-norm clip and, under `es`, in the shared table's gradient."""
+
+    temperature: float = 1.0
+    """Softmax temperature of the generator's samples (ELECTRA and microsoft/DeBERTa: 1.0).
+    Towards 0 the generator's argmax is taken: fewer, harder replacements."""
+
+    embedding_sharing: str = "es"
+    """How the towers share word (and absolute position) embeddings: "none" (separate tables),
+    "es" (one table that both losses update; the ELECTRA paper's default), "gdes" (DeBERTaV3:
+    E_D = sg(E_G) + E_Delta; MLM updates E_G, RTD only E_Delta)."""
+
+    generator_mask_token_prob: float = 1.0
+    """Share of the selected (predicted) tokens the data pipeline replaces by the mask token in the
+    generator's input; the others stay unchanged (no random tokens: the generator's samples are
+    the replacements). 1.0 as microsoft/DeBERTa's RTD task (mask_prob 1, keep_prob 0): a kept
+    token would let the generator copy, and a random one is noise the discriminator never sees."""
+
+    def __post_init__(self):
+        if self.backbone not in RTD_BACKBONE_CONFIGS:
+            raise UserError(
+                f"model config: backbone {self.backbone!r} is unknown; use one of "
+                f"{', '.join(RTD_BACKBONE_CONFIGS)}"
+            )
+        tower_class = RTD_BACKBONE_CONFIGS[self.backbone]
+        for name in ("generator", "discriminator"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = tower_class(**value)
+                setattr(self, name, value)
+            if not isinstance(value, tower_class):
+                raise UserError(
+                    f"model config: {name} must be a {tower_class.__name__} (or its fields), "
+                    f"got {type(value).__name__}"
+                )
+        for name, kind in (("rtd_weight", float), ("temperature", float),
+                           ("generator_mask_token_prob", float), ("embedding_sharing", str)):
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, name, value)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(
+                    f"model config: {name} must be {kind.__name__}, got {value!r} ({type(value).__name__})"
+                )
+        if self.embedding_sharing not in EMBEDDING_SHARING:
+            raise UserError(
+                f"model config: embedding_sharing {self.embedding_sharing!r} is unknown; use one of "
+                f"{', '.join(EMBEDDING_SHARING)}"
+            )
+        if self.rtd_weight < 0:
+            raise UserError(f"model config: rtd_weight must be >= 0, got {self.rtd_weight}")
+        if self.temperature <= 0:
+            raise UserError(f"model config: temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.generator_mask_token_prob <= 1.0:
+            raise UserError(
+                f"model config: generator_mask_token_prob must be in [0, 1], got "
+                f"{self.generator_mask_token_prob}"
+            )
+        gen, disc = self.generator, self.discriminator
+        # The generator's samples are the discriminator's input ids: one vocabulary.
+        for name in ("vocab_size", "padded_vocab_size", "pad_token_id"):
+            if getattr(gen, name) != getattr(disc, name):
+                raise UserError(
+                    f"model config: generator.{name} ({getattr(gen, name)}) must equal "
+                    f"discriminator.{name} ({getattr(disc, name)})"
+                )
+        if self.embedding_sharing != "none":
+            # Shared tables need one shape (the hidden sizes may differ: ELECTRA projects).
+            width = "embedding_size" if self.backbone == "electra" else "hidden_size"
+            for name in (width, "max_position_embeddings"):
+                if getattr(gen, name) != getattr(disc, name):
+                    raise UserError(
+                        f"model config: embedding_sharing {self.embedding_sharing!r} needs "
+                        f"generator.{name} ({getattr(gen, name)}) = discriminator.{name} "
+                        f"({getattr(disc, name)}); set embedding_sharing: none or equal sizes"
+                    )

@@ -197,3 +197,20 @@ def test_resume_with_fewer_data_parallel_ranks(data_prefix, tmp_path):
     before = [records[s]["loss"] for s in range(5, 25)]
     after = [records[s]["loss"] for s in range(25, 30)]
     assert all(min(before) <= x <= max(before) for x in after), (before, after)
+
+
+def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, tmp_path):
+    """ZeRO-1, TP=1 x DP=2 -> ZeRO-2, TP=2 x DP=1 through a universal checkpoint. With dropout off the
+    steps after the change equal those of a run that never changed layout."""
+    common = dict(model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0}", zero__stage=1)
+    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "straight", train__steps=15, checkpoint__every_steps=0, **common)))
+    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "layout", train__steps=12, checkpoint__every_steps=12, **common)))
+    common["zero__stage"] = 2
+    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "layout", train__steps=15, parallel__tensor=2,
+                                    checkpoint__every_steps=0, **common)))
+    assert "tp_size 1 -> 2" in out.stdout and "zero_stage 1 -> 2" in out.stdout
+    records, reference = train_records(tmp_path / "layout"), train_records(tmp_path / "straight")
+    assert records[13]["consumed_samples"] == 13 * 8 and records[13]["data_parallel_size"] == 1
+    for step in (13, 14, 15):
+        assert records[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-5), step
+        assert records[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=1e-5), step

@@ -215,7 +215,9 @@ def test_config_validation():
     assert pad_vocab_size(99, 128, 1) == 128
     assert pad_vocab_size(128, 128, 1) == 128
     assert pad_vocab_size(129, 128, 2) == 256
-    assert pad_vocab_size(50265, 128, 8) == 51200
+    assert pad_vocab_size(600, 128, 1) == pad_vocab_size(600, 128, 2) == pad_vocab_size(600, 128, 8) == 640
+    assert pad_vocab_size(50265, 128, 8) == 50304  # the same rows at every TP degree up to 128
+    assert pad_vocab_size(100, 8, 3) == 120  # lcm(8, 3) = 24
     with pytest.raises(UserError, match="hidden_size .* num_heads"):
         tiny_config(hidden_size=30)
     with pytest.raises(UserError, match="padded_vocab_size"):
@@ -233,7 +235,7 @@ def test_registry():
     assert base.padded_vocab_size == 50304 and base.max_position_embeddings == 514
     large = build_config("roberta", "large", vocab_size=50265, seq_length=512, tp_size=4, hidden_dropout=0.0)
     assert (large.num_layers, large.hidden_size, large.num_heads) == (24, 1024, 16)
-    assert large.padded_vocab_size == 50688 and large.hidden_dropout == 0.0
+    assert large.padded_vocab_size == 50304 and large.hidden_dropout == 0.0
     assert set(MODEL_SIZES["roberta"]) == {"debug", "xsmall", "small", "base", "large"}
     mirror = Path(__file__).resolve().parents[1] / "configs" / "models" / "roberta.yaml"
     assert yaml.safe_load(mirror.read_text()) == MODEL_SIZES["roberta"]

@@ -28,7 +28,7 @@ class ModelSection:
     size: str = "debug"
     """Size in the registry: debug, xsmall, small, base, large."""
     vocab_pad_multiple: int = 128
-    """The embedding rows are padded to a multiple of this times `parallel.tensor`."""
+    """The embedding rows are padded to a multiple of lcm(this, `parallel.tensor`): the same at any TP <= it."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Any field of the architecture's config, e.g. {hidden_dropout: 0.0}; checked by the registry."""
 
