@@ -214,3 +214,26 @@ def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, tmp_path):
     for step in (13, 14, 15):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-5), step
         assert records[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=1e-5), step
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(data_prefix, tmp_path):
+    """A file-size limit makes checkpoint writes fail with EFBIG, as a full disk would (ENOSPC)."""
+    import resource
+
+    assert single(*args(data_prefix, tmp_path, "full", train__steps=4)).returncode == 0
+    limit = 512 * 1024  # below the ~1.7 MB model-states file, above metrics and logs
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "full",
+                                                                           train__steps=8)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "saving checkpoint" in proc.stderr and "previous checkpoint is still the latest" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, "one line, no traceback"
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "global_step4"
+    assert not (checkpoints / "global_step8").exists()
+    again = single(*args(data_prefix, tmp_path, "full", train__steps=8))
+    assert again.returncode == 0 and "global_step4 at step 4" in again.stdout
