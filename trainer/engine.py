@@ -1,6 +1,7 @@
 """The DeepSpeed engine: optimizer parameter groups, the LR schedule, and `deepspeed.initialize`."""
 from __future__ import annotations
 
+import os
 from typing import Dict, List
 
 import torch
@@ -38,8 +39,20 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int, min_ratio: float):
     return multiplier
 
 
+def _default_cuda_arch() -> None:
+    """DeepSpeed JIT-builds FusedAdam on first use. Without TORCH_CUDA_ARCH_LIST it parses torch's own
+    arch list, and entries such as `9.0a` or `10.0a` (CUDA 12.8+ builds) crash that parser; building
+    for the GPU at hand is also all a training node needs."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+
+
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
     import deepspeed
+
+    if ctx.device.type == "cuda":
+        _default_cuda_arch()
 
     ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
     if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
