@@ -13,9 +13,19 @@ from typing import Any, Callable
 from torch import nn
 
 from data.errors import UserError
-from models import roberta
-from models.config import RobertaConfig, pad_vocab_size
+from models import deberta, electra, roberta
+from models.config import DebertaConfig, RobertaConfig, RTDConfig, pad_vocab_size
 from models.parallel import ParallelLayers
+
+
+def _roberta_positions(seq_length: int, pad_token_id: int) -> int:
+    """HF RoBERTa layout: positions start after pad_token_id, which is itself a row."""
+    return seq_length + pad_token_id + 1
+
+
+def _deberta_positions(seq_length: int, pad_token_id: int) -> int:
+    """Positions 0..T-1; at least 512 rows, as every released DeBERTa (and HF's default)."""
+    return max(seq_length, 512)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,14 @@ class ModelSpec:
     from_hf_state_dict: Callable[[dict, Any], dict]
     """(Hugging Face state dict, config) -> full state dict of ours."""
 
+    max_position_embeddings: Callable[[int, int], int] = _roberta_positions
+    """(seq_length, pad_token_id) -> rows of the absolute position table build_config sets."""
+
+    config_builder: Callable[..., Any] | None = None
+    """For nested configs (RTD: a generator and a discriminator tower): (size fields, overrides,
+    vocab_size=, padded_vocab_size=, seq_length=) -> config, checking the overrides itself.
+    None: config_class is one flat dataclass and build_config fills it."""
+
 
 def _layout(layers: int, hidden: int, heads: int, ffn: int) -> dict[str, int]:
     return {"num_layers": layers, "hidden_size": hidden, "num_heads": heads, "intermediate_size": ffn}
@@ -53,6 +71,39 @@ ROBERTA_SIZES = {
     "large": _layout(24, 1024, 16, 4096),  # RoBERTa-large
 }
 
+# DeBERTaV3 shapes (He et al., 2021); the DeBERTaV3 attention defaults (256 log buckets over 512
+# distances, shared keys, normalised relative table, no absolute input positions, EMD) are
+# DebertaConfig's defaults.
+DEBERTA_SIZES = {
+    "debug": _layout(2, 64, 4, 128),  # unit tests and CPU smoke runs
+    "xsmall": _layout(12, 384, 6, 1536),  # DeBERTa-v3-xsmall
+    "small": _layout(6, 768, 12, 3072),  # DeBERTa-v3-small
+    "base": _layout(12, 768, 12, 3072),  # DeBERTa-v3-base
+    "large": _layout(24, 1024, 16, 4096),  # DeBERTa-v3-large
+}
+
+# ELECTRA (Clark et al., 2020, Table 6): generator and discriminator towers. The generator keeps
+# the depth and the embedding width and scales hidden size, heads and FFN by the paper's
+# "generator size" (1/4 small, 1/3 base, 1/4 large) so it shares the discriminator's tables.
+ELECTRA_SIZES = {
+    "debug": {  # unit tests and CPU smoke runs; E != H on both towers exercises the projection
+        "discriminator": {**_layout(2, 64, 4, 128), "embedding_size": 32},
+        "generator": {**_layout(2, 32, 2, 64), "embedding_size": 32},
+    },
+    "small": {  # ELECTRA-Small: 14M parameters
+        "discriminator": {**_layout(12, 256, 4, 1024), "embedding_size": 128},
+        "generator": {**_layout(12, 64, 1, 256), "embedding_size": 128},
+    },
+    "base": {  # ELECTRA-Base: 110M parameters
+        "discriminator": {**_layout(12, 768, 12, 3072), "embedding_size": 768},
+        "generator": {**_layout(12, 256, 4, 1024), "embedding_size": 768},
+    },
+    "large": {  # ELECTRA-Large: 335M parameters
+        "discriminator": {**_layout(24, 1024, 16, 4096), "embedding_size": 1024},
+        "generator": {**_layout(24, 256, 4, 1024), "embedding_size": 1024},
+    },
+}
+
 MODELS: dict[str, ModelSpec] = {
     "roberta": ModelSpec(
         config_class=RobertaConfig,
@@ -61,6 +112,24 @@ MODELS: dict[str, ModelSpec] = {
         hf_config=roberta.hf_config,
         to_hf_state_dict=roberta.to_hf_state_dict,
         from_hf_state_dict=roberta.from_hf_state_dict,
+    ),
+    "deberta": ModelSpec(
+        config_class=DebertaConfig,
+        builder=deberta.DebertaForMaskedLM,
+        sizes=DEBERTA_SIZES,
+        hf_config=deberta.hf_config,
+        to_hf_state_dict=deberta.to_hf_state_dict,
+        from_hf_state_dict=deberta.from_hf_state_dict,
+        max_position_embeddings=_deberta_positions,
+    ),
+    "electra": ModelSpec(  # the HF functions export one tower (component=, the discriminator by default)
+        config_class=RTDConfig,
+        builder=electra.build_rtd,
+        sizes=ELECTRA_SIZES,
+        hf_config=electra.hf_config,
+        to_hf_state_dict=electra.to_hf_state_dict,
+        from_hf_state_dict=electra.from_hf_state_dict,  # takes {"generator": ..., "discriminator": ...}
+        config_builder=electra.build_rtd_config,
     ),
 }
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {name: spec.sizes for name, spec in MODELS.items()}
@@ -94,6 +163,10 @@ def build_config(
         raise UserError(
             f"model.size {size!r} is unknown for {name}; use one of: {', '.join(spec.sizes)}"
         )
+    if spec.config_builder is not None:  # nested towers: the builder checks its own overrides
+        padded = pad_vocab_size(vocab_size, vocab_pad_multiple, tp_size)
+        return spec.config_builder(spec.sizes[size], overrides, vocab_size=vocab_size,
+                                   padded_vocab_size=padded, seq_length=seq_length)
     settable = [f.name for f in dataclasses.fields(spec.config_class) if f.name not in _DERIVED_FIELDS]
     unknown = sorted(set(overrides) - set(settable))
     if unknown:
@@ -108,7 +181,7 @@ def build_config(
     return spec.config_class(
         vocab_size=vocab_size,
         padded_vocab_size=pad_vocab_size(vocab_size, vocab_pad_multiple, tp_size),
-        max_position_embeddings=seq_length + pad_token_id + 1,
+        max_position_embeddings=spec.max_position_embeddings(seq_length, pad_token_id),
         **fields,
     )
 

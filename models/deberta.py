@@ -1,0 +1,586 @@
+"""DeBERTa-v2/v3 for masked-language-model pretraining, and its map to Hugging Face transformers.
+
+Post-LN encoder with disentangled attention (He et al., 2020): besides content-to-content, a
+query attends to relative positions (c2p: content query x relative-position key) and relative
+positions attend to contents (p2c: relative-position query x content key). Relative distances are
+bucketed (exact near zero, logarithmic further out: DeBERTaV3) into a table of 2k embeddings shared
+by all layers. The Enhanced Mask Decoder (EMD) adds absolute positions only at the end: it runs the
+last encoder layer again (the same weights, emd_layers times) with H_{L-1} (the last layer's
+input) as keys and values and H_{L-1} + absolute position embeddings as the first query; each
+pass's output is the next query, and the MLM head reads the last one. Laid out like Hugging Face's DebertaV2ForMaskedLM so weights map one to one (the EMD
+has no counterpart there).
+
+Shapes: B batch, T sequence, H hidden, nh heads (nh/tp on one tensor-parallel rank), hs head size,
+2k relative embeddings, N predicted positions, V vocab_size, Vp padded_vocab_size.
+
+Decisions:
+- Query, key and value are three separate projections, not one fused QKV matrix: the tensor-parallel
+  split is then a plain column split of each (no interleaving of q/k/v blocks per rank), and the
+  map to Hugging Face's query_proj/key_proj/value_proj is one to one.
+- Attention scores (q.k, the c2p and p2c terms) and the softmax are computed in fp32 whatever the
+  parameter dtype or autocast: in fp16 the unscaled sums overflow, a known DeBERTa failure.
+- Only padded keys are masked (Hugging Face also masks padded query rows; their outputs are ignored).
+  A fully padded row softmaxes to a uniform distribution, not NaN.
+- The gather indices of the relative positions are cached per (length, device).
+- `DebertaModel` is the backbone alone (embeddings + encoder, Hugging Face's DebertaV2Model), for
+  an RTD discriminator; `DebertaForMaskedLM` extends it with the EMD and the MLM head, so both
+  have the same state-dict keys for what they share.
+
+Tensor parallelism comes only through `ParallelLayers`: q/k/v (and the separate position
+projections) are column-parallel, so each rank holds some heads; the attention output is
+row-parallel. The relative table is replicated; projecting it through the column-parallel layers
+sums its gradient over ranks. Word embedding and tied decoder are vocab-parallel as in roberta.py.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import DebertaConfig
+from models.layers import FeedForward, activation_fn
+from models.parallel import ParallelLayers
+
+IGNORE_INDEX = -100  # label of positions that are not predicted
+
+
+# --------------------------------------------------------------------------- relative positions
+def log_bucket_position(relative: torch.Tensor, position_buckets: int, max_distance: int) -> torch.Tensor:
+    """Relative distances -> buckets: exact while |d| <= buckets/2, then logarithmic, reaching
+    +-(buckets - 1) at |d| = max_distance - 1 (and beyond it, clipped later by the gather).
+
+    Computed in float32 as microsoft/DeBERTa and Hugging Face do, so bucket edges agree exactly.
+    """
+    mid = position_buckets // 2
+    magnitude = relative.abs()
+    far = magnitude.clamp(min=mid)  # the near ones keep their exact distance below
+    ratio = torch.log(torch.tensor((max_distance - 1) / mid))  # float32, as the reference
+    log_position = torch.ceil(torch.log(far / mid) / ratio * (mid - 1)) + mid
+    return torch.where(magnitude <= mid, relative, (log_position * relative.sign()).long())
+
+
+def relative_position_buckets(
+    length: int, position_buckets: int, max_distance: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(T, T) long: bucket of the distance i - j from query i to key j (plain i - j if buckets <= 0)."""
+    positions = torch.arange(length, device=device)
+    relative = positions[:, None] - positions[None, :]  # (T, T)
+    if position_buckets > 0 and max_distance > 0:
+        relative = log_bucket_position(relative, position_buckets, max_distance)
+    return relative
+
+
+# --------------------------------------------------------------------------------------- modules
+class DebertaEmbeddings(nn.Module):
+    """word (+ absolute position if position_biased_input) (+ token type row 0), LayerNorm,
+    dropout. The position table is also the EMD's, hence `absolute_positions`; `position_table`
+    builds it even when the input does not use it (for the EMD)."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers, position_table: bool = False):
+        super().__init__()
+        std = config.initializer_range
+        self.position_biased_input = config.position_biased_input
+        self.word = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size, std)
+        self.position = (
+            layers.embedding(config.max_position_embeddings, config.hidden_size, std)
+            if config.position_biased_input or position_table else None
+        )
+        self.token_type = (
+            layers.embedding(config.type_vocab_size, config.hidden_size, std)
+            if config.type_vocab_size > 0 else None
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+        # The pad token's row and the vocabulary-padding rows start at zero (see roberta.py).
+        start, end = layers.vocab_range(config.padded_vocab_size)
+        with torch.no_grad():
+            if start <= config.pad_token_id < end:
+                self.word.weight[config.pad_token_id - start].zero_()
+            self.word.weight[max(config.vocab_size - start, 0) :].zero_()
+
+    def absolute_positions(self, length: int) -> torch.Tensor:
+        """(T, H) embeddings of positions 0..T-1 (DeBERTa counts from 0, with no pad offset)."""
+        if length > self.position.num_embeddings:
+            raise ValueError(
+                f"sequence length {length} exceeds max_position_embeddings ({self.position.num_embeddings})"
+            )
+        return self.position.weight[:length]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)  # (B, T, H)
+        if self.position_biased_input:
+            x = x + self.absolute_positions(input_ids.shape[1])
+        if self.token_type is not None:
+            x = x + self.token_type.weight[0]  # token-type id is always 0
+        # Hugging Face also zeroes padding positions here; no real token can see them (their keys
+        # are masked), so we do not.
+        return self.dropout(self.norm(x))
+
+
+class DisentangledSelfAttention(nn.Module):
+    """softmax((q.k + c2p + p2c) / sqrt(hs * (1 + terms))) v; heads split across TP ranks.
+
+    `hidden` gives keys and values; `query_states` (default `hidden`) gives queries, which the
+    enhanced mask decoder sets apart.
+    """
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers):
+        super().__init__()
+        H, std = config.hidden_size, config.initializer_range
+        self.num_local_heads = layers.divide(config.num_heads, "num_heads")
+        self.head_size = config.head_size
+        self.content_to_position = "c2p" in config.pos_att_type
+        self.position_to_content = "p2c" in config.pos_att_type
+        terms = 1 + self.content_to_position + self.position_to_content
+        self.scale = 1.0 / math.sqrt(self.head_size * terms)
+
+        self.query = layers.column_linear(H, H, init_std=std)
+        self.key = layers.column_linear(H, H, init_std=std)
+        self.value = layers.column_linear(H, H, init_std=std)
+        # DeBERTa-v1/v2 project positions with their own matrices; V3 reuses query/key (share_att_key).
+        self.pos_key = self.pos_query = None
+        if not config.share_att_key:
+            if self.content_to_position:
+                self.pos_key = layers.column_linear(H, H, init_std=std)
+            if self.position_to_content:
+                self.pos_query = layers.column_linear(H, H, init_std=std)
+        self.output = layers.row_linear(H, H, init_std=std)
+        self.relative_dropout = nn.Dropout(config.hidden_dropout)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, nh*hs) -> (B, nh, T, hs)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_local_heads, self.head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        key_padding: torch.Tensor,
+        relative_table: torch.Tensor | None = None,
+        relative_indices: tuple[torch.Tensor, torch.Tensor] | None = None,
+        query_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden, query_states (B, T, H); key_padding (B, 1, 1, T) bool, True = padding key;
+        relative_table (2k, H) and relative_indices from DebertaEncoder.relative_inputs.
+        -> (B, T, H), summed over TP ranks."""
+        query_states = hidden if query_states is None else query_states
+        B, T, _ = hidden.shape
+        q = self._heads(self.query(query_states))  # (B, nh, T, hs)
+        k = self._heads(self.key(hidden))  # (B, nh, T, hs)
+        v = self._heads(self.value(hidden))  # (B, nh, T, hs)
+
+        pos_key = pos_query = None
+        if self.content_to_position or self.position_to_content:
+            table = self.relative_dropout(relative_table)[None]  # (1, 2k, H)
+            if self.content_to_position:
+                project = self.key if self.pos_key is None else self.pos_key
+                pos_key = self._heads(project(table))  # (1, nh, 2k, hs)
+            if self.position_to_content:
+                project = self.query if self.pos_query is None else self.pos_query
+                pos_query = self._heads(project(table))  # (1, nh, 2k, hs)
+
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            q32 = q.float() * self.scale
+            k32 = k.float()
+            scores = q32 @ k32.transpose(-1, -2)  # (B, nh, T, T) content-to-content
+            if pos_key is not None:
+                c2p_index, _ = relative_indices
+                c2p = q32 @ pos_key.float().transpose(-1, -2)  # (B, nh, T, 2k): query i x bucket
+                # score[i, j] += q_i . Pk[bucket(i - j)]
+                scores = scores + torch.gather(c2p, -1, c2p_index.expand(B, q.shape[1], T, T))
+            if pos_query is not None:
+                _, p2c_index = relative_indices
+                p2c = k32 @ (pos_query.float() * self.scale).transpose(-1, -2)  # (B, nh, T, 2k): key j
+                # gathered[j, i] = k_j . Pq[bucket(j - i) negated], transposed to score[i, j]
+                p2c = torch.gather(p2c, -1, p2c_index.expand(B, q.shape[1], T, T))
+                scores = scores + p2c.transpose(-1, -2)
+            scores = scores.masked_fill(key_padding, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)  # (B, nh, T, T) fp32
+        probs = self.attention_dropout(probs).to(v.dtype)
+        context = (probs @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, H/tp)
+        return self.output(context)
+
+
+class DebertaLayer(nn.Module):
+    """Post-LN layer: x = LN(query + drop(attn(query; kv))); x = LN(x + drop(ffn(x)))."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers):
+        super().__init__()
+        H, std = config.hidden_size, config.initializer_range
+        self.attention = DisentangledSelfAttention(config, layers)
+        self.attention_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(H, config.intermediate_size, config.activation, layers, std)
+        self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        key_padding: torch.Tensor,
+        relative_table: torch.Tensor | None,
+        relative_indices: tuple[torch.Tensor, torch.Tensor] | None,
+        query_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        query = hidden if query_states is None else query_states
+        attended = self.attention(hidden, key_padding, relative_table, relative_indices, query)
+        x = self.attention_norm(query + self.dropout(attended))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class DebertaEncoder(nn.Module):
+    """The layers and the relative-position embeddings they all share."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(DebertaLayer(config, layers) for _ in range(config.num_layers))
+        self.relative_embeddings = self.relative_norm = None
+        if config.relative_attention:
+            span = config.relative_span
+            std = config.initializer_range
+            self.relative_embeddings = layers.embedding(2 * span, config.hidden_size, std)
+            if config.norm_rel_ebd == "layer_norm":
+                self.relative_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self._index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def relative_indices(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c2p, p2c) gather indices (T, T) into the 2k relative embeddings, cached per (T, device).
+
+        c2p[i, j] = bucket(i - j) + k and p2c[j, i] = -bucket(j - i) + k, clipped to [0, 2k).
+        """
+        key = (length, torch.device(device))
+        if key not in self._index_cache:
+            span = self.config.relative_span
+            buckets = relative_position_buckets(
+                length, self.config.position_buckets, self.config.max_relative_distance, device
+            )  # (T, T)
+            self._index_cache[key] = (
+                (buckets + span).clamp(0, 2 * span - 1),
+                (span - buckets).clamp(0, 2 * span - 1),
+            )
+        return self._index_cache[key]
+
+    def relative_inputs(self, length: int, device: torch.device):
+        """(relative table (2k, H), normalised if norm_rel_ebd, and the gather indices), or Nones."""
+        if self.relative_embeddings is None:
+            return None, None
+        table = self.relative_embeddings.weight
+        if self.relative_norm is not None:
+            table = self.relative_norm(table)
+        return table, self.relative_indices(length, device)
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) embeddings -> (output of the last layer, its input H_{L-1}), both (B, T, H)."""
+        table, indices = self.relative_inputs(x.shape[1], x.device)
+        last_input = x
+        for layer in self.layers:
+            last_input = x
+            x = layer(x, key_padding, table, indices)
+        return x, last_input
+
+
+class MaskedLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> decoder tied to the word embedding (+ a vocabulary bias)."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers):
+        super().__init__()
+        self.parallel = layers
+        self.activation = activation_fn(config.activation)
+        self.dense = layers.linear(config.hidden_size, config.hidden_size, init_std=config.initializer_range)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = layers.vocab_parallel_bias(config.padded_vocab_size)  # (Vp/tp,)
+
+    def forward(self, hidden: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        """(..., H) and the local word-embedding shard (Vp/tp, H) -> local logits (..., Vp/tp)."""
+        x = self.norm(self.activation(self.dense(hidden)))
+        x = self.parallel.copy_to_tp_region(x)  # gradient summed over the vocabulary shards
+        return F.linear(x, word_weight, self.bias)
+
+
+def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask, 1 = token, 0 = padding -> (B, 1, 1, T) bool, True where a key is padding."""
+    return ~attention_mask.bool()[:, None, None, :]
+
+
+class DebertaModel(nn.Module):
+    """The backbone without a head (Hugging Face's DebertaV2Model): embeddings + encoder. The body of
+    an RTD discriminator; the enhanced mask decoder belongs to the MLM model, not to this."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers, position_table: bool = False):
+        super().__init__()
+        self.config = config
+        self.parallel = layers
+        layers.divide(config.num_heads, "num_heads")
+        layers.divide(config.intermediate_size, "intermediate_size")
+        layers.divide(config.padded_vocab_size, "padded_vocab_size")
+        self.embeddings = DebertaEmbeddings(config, layers, position_table)
+        self.encoder = DebertaEncoder(config, layers)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask (1 = token, 0 = padding) -> encoder output (B, T, H), without EMD."""
+        x = self.embeddings(input_ids)
+        return self.encoder(x, key_padding_mask(attention_mask))[0]
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the whole model (all TP ranks together, padded vocabulary included).
+
+        exclude_embeddings leaves out the word and absolute position tables (the count for FLOPs).
+        """
+        skip = {"embeddings.word.weight", "embeddings.position.weight"} if exclude_embeddings else set()
+        total = 0
+        for name, param in self.named_parameters():
+            if name in skip:
+                continue
+            split = getattr(param, "tensor_model_parallel", False)
+            total += param.numel() * (self.parallel.tp_size if split else 1)
+        return total
+
+
+class DebertaForMaskedLM(DebertaModel):
+    """DeBERTa encoder (+ enhanced mask decoder) + MLM head. Same contract as RobertaForMaskedLM."""
+
+    def __init__(self, config: DebertaConfig, layers: ParallelLayers):
+        super().__init__(config, layers, position_table=config.absolute_positions)
+        self.lm_head = MaskedLMHead(config, layers)
+
+        # True on the local vocabulary columns that are padding (global id >= vocab_size).
+        start, end = layers.vocab_range(config.padded_vocab_size)
+        padded = torch.arange(start, end) >= config.vocab_size  # (Vp/tp,)
+        self.register_buffer("padded_vocab", padded, persistent=False)
+
+    def enhanced_mask_decoder(self, last_input: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+        """H_{L-1} (B, T, H) -> the EMD's output (B, T, H): the last encoder layer applied
+        emd_layers times with keys/values H_{L-1}, first query H_{L-1} + absolute positions, each
+        pass's output the next pass's query (microsoft/DeBERTa's EnhancedMaskDecoder)."""
+        T = last_input.shape[1]
+        layer = self.encoder.layers[-1]
+        table, indices = self.encoder.relative_inputs(T, last_input.device)
+        query = last_input + self.embeddings.absolute_positions(T)  # (B, T, H)
+        for _ in range(self.config.emd_layers):
+            query = layer(last_input, key_padding, table, indices, query_states=query)
+        return query
+
+    def mlm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) states the MLM head reads: the EMD's output, or the encoder's without EMD."""
+        key_padding = key_padding_mask(attention_mask)
+        hidden, last_input = self.encoder(self.embeddings(input_ids), key_padding)
+        if self.config.enhanced_mask_decoder:
+            return self.enhanced_mask_decoder(last_input, key_padding)
+        return hidden
+
+    def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> this rank's logits (..., Vp/tp), padded vocabulary entries at finfo.min."""
+        logits = self.lm_head(hidden, self.embeddings.word.weight)
+        return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
+        "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
+        "num_predicted": number of predicted positions (long scalar)}.
+
+        The head runs only on the predicted positions; the EMD runs on all of them (its queries
+        are independent, but the bookkeeping to run it on N positions is not worth 2 layers).
+        """
+        hidden = self.mlm_hidden(input_ids, attention_mask)  # (B, T, H)
+        predicted = labels != IGNORE_INDEX  # (B, T)
+        logits = self._vocab_logits(hidden[predicted])  # (N, Vp/tp)
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Full MLM logits (B, T, V) (through the EMD if enabled): gathered over TP ranks, trimmed."""
+        hidden = self.mlm_hidden(input_ids, attention_mask)
+        logits = self.parallel.gather_from_tp_region(self._vocab_logits(hidden))  # (B, T, Vp)
+        return logits[..., : self.config.vocab_size]
+
+
+# --------------------------------------------------------------------------------- Hugging Face
+# Exported as DebertaV2ForMaskedLM with `legacy=False`: its head `lm_predictions.lm_head.*` is
+# microsoft/DeBERTa's layout (the released checkpoints load into it) and decodes with the word
+# embedding itself. The legacy `cls.predictions.*` head is accepted on import.
+_HF_TOP = {  # our module names -> DebertaV2Model's (without ".weight"/".bias")
+    "embeddings.word": "embeddings.word_embeddings",
+    "embeddings.position": "embeddings.position_embeddings",
+    "embeddings.token_type": "embeddings.token_type_embeddings",
+    "embeddings.norm": "embeddings.LayerNorm",
+    "encoder.relative_embeddings": "encoder.rel_embeddings",
+    "encoder.relative_norm": "encoder.LayerNorm",
+}
+_HF_LAYER = {  # under encoder.layers.{i}. / encoder.layer.{i}.
+    "attention.query": "attention.self.query_proj",
+    "attention.key": "attention.self.key_proj",
+    "attention.value": "attention.self.value_proj",
+    "attention.pos_key": "attention.self.pos_key_proj",
+    "attention.pos_query": "attention.self.pos_query_proj",
+    "attention.output": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "ffn.up": "intermediate.dense",
+    "ffn.down": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+_HF_HEAD = {  # ours -> DebertaV2ForMaskedLM(legacy=False)'s
+    "lm_head.dense": "lm_predictions.lm_head.dense",
+    "lm_head.norm": "lm_predictions.lm_head.LayerNorm",
+    "lm_head": "lm_predictions.lm_head",  # lm_head.bias
+}
+_HF_LEGACY_HEAD = {  # DebertaV2ForMaskedLM(legacy=True)'s -> ours
+    "cls.predictions.transform.dense": "lm_head.dense",
+    "cls.predictions.transform.LayerNorm": "lm_head.norm",
+    "cls.predictions": "lm_head",
+}
+# Tied copies (the word embedding, the head's bias) and index buffers: nothing of ours.
+_HF_IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+               "embeddings.position_ids")
+_BACKBONE_PREFIX = "deberta."
+_VOCAB_ROWS = ("embeddings.word.weight", "lm_head.bias")
+COMPONENTS = ("mlm", "backbone")  # DebertaV2ForMaskedLM, DebertaV2Model
+
+
+class DroppedOnExportWarning(UserWarning):
+    """Weights of ours that the Hugging Face model has no place for were left out of an export."""
+
+
+def unexported_keys(cfg: DebertaConfig) -> list[str]:
+    """Our state-dict keys that Hugging Face's DebertaV2 has no counterpart for.
+
+    The EMD's absolute position table: Hugging Face builds no position table when
+    position_biased_input is false, and has no enhanced mask decoder to use it.
+    """
+    if cfg.absolute_positions and not cfg.position_biased_input:
+        return ["embeddings.position.weight"]
+    return []
+
+
+def hf_config(cfg: DebertaConfig, component: str = "mlm"):
+    """The transformers.DebertaV2Config describing the same model (vocabulary padding trimmed)."""
+    import transformers
+
+    _check_component(component)
+    return transformers.DebertaV2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.activation,
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        relative_attention=cfg.relative_attention,
+        max_relative_positions=cfg.max_relative_positions,
+        position_buckets=cfg.position_buckets,
+        pos_att_type=list(cfg.pos_att_type),
+        norm_rel_ebd=cfg.norm_rel_ebd if cfg.relative_attention else "none",  # HF builds it anyway
+        share_att_key=cfg.share_att_key,
+        position_biased_input=cfg.position_biased_input,
+        pad_token_id=cfg.pad_token_id,
+        legacy=False,
+        architectures=["DebertaV2ForMaskedLM" if component == "mlm" else "DebertaV2Model"],
+    )
+
+
+def _check_component(component: str) -> None:
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}")
+
+
+def _to_hf_key(key: str) -> str:
+    module, param = key.rsplit(".", 1)
+    if module.startswith("encoder.layers."):
+        _, _, index, rest = module.split(".", 3)
+        return f"{_BACKBONE_PREFIX}encoder.layer.{index}.{_HF_LAYER[rest]}.{param}"
+    if module in _HF_HEAD:
+        return f"{_HF_HEAD[module]}.{param}"
+    return f"{_BACKBONE_PREFIX}{_HF_TOP[module]}.{param}"
+
+
+def _from_hf_key(key: str) -> str:
+    """A DebertaV2ForMaskedLM key, or a DebertaV2Model one (no "deberta." prefix), -> ours."""
+    module, param = key.rsplit(".", 1)
+    head = {hf: ours for ours, hf in _HF_HEAD.items()} | _HF_LEGACY_HEAD
+    if module in head:
+        return f"{head[module]}.{param}"
+    module = module.removeprefix(_BACKBONE_PREFIX)
+    if module.startswith("encoder.layer."):
+        _, _, index, rest = module.split(".", 3)
+        ours = {hf: our for our, hf in _HF_LAYER.items()}[rest]
+        return f"encoder.layers.{index}.{ours}.{param}"
+    ours = {hf: our for our, hf in _HF_TOP.items()}[module]
+    return f"{ours}.{param}"
+
+
+def to_hf_state_dict(
+    our_sd: dict[str, torch.Tensor], cfg: DebertaConfig, component: str = "mlm"
+) -> dict[str, torch.Tensor]:
+    """A full (TP-merged) state dict of ours -> DebertaV2ForMaskedLM's ("mlm", legacy=False head)
+    or DebertaV2Model's ("backbone": no head, no "deberta." prefix), vocabulary padding trimmed.
+
+    Keys with no Hugging Face counterpart (`unexported_keys`: the EMD's position table) are left
+    out with a DroppedOnExportWarning: the exported model predicts from the encoder output without
+    the enhanced mask decoder, so its MLM logits differ from ours.
+    """
+    _check_component(component)
+    dropped = [key for key in our_sd if key in unexported_keys(cfg)]
+    if dropped:
+        warnings.warn(
+            f"Hugging Face DebertaV2 has no enhanced mask decoder: dropped {', '.join(dropped)}; "
+            "the exported model's MLM logits skip the EMD passes",
+            DroppedOnExportWarning,
+            stacklevel=2,
+        )
+    hf_sd = {}
+    for key, value in our_sd.items():
+        if key in dropped or (component == "backbone" and key.startswith("lm_head.")):
+            continue
+        try:
+            hf_key = _to_hf_key(key)
+        except KeyError:
+            raise KeyError(f"to_hf_state_dict: no Hugging Face name for {key!r}") from None
+        if key in _VOCAB_ROWS:
+            value = value[: cfg.vocab_size].clone()  # drop the vocabulary padding
+        if component == "backbone":
+            hf_key = hf_key.removeprefix(_BACKBONE_PREFIX)
+        hf_sd[hf_key] = value
+    return hf_sd
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: DebertaConfig) -> dict[str, torch.Tensor]:
+    """DebertaV2ForMaskedLM's (either head layout) or DebertaV2Model's state dict -> ours (full,
+    vocabulary re-padded with zeros).
+
+    What Hugging Face does not hold is absent from the result: the head for a DebertaV2Model, the
+    EMD's position table unless the checkpoint carries one (microsoft's releases do). Load such a
+    result with strict=False over a freshly initialised model.
+    """
+    our_sd = {}
+    for key, value in hf_sd.items():
+        bare = key.removeprefix(_BACKBONE_PREFIX)
+        if key in _HF_IGNORED or bare in _HF_IGNORED:
+            continue
+        try:
+            our_key = _from_hf_key(key)
+        except (KeyError, ValueError):
+            raise KeyError(f"from_hf_state_dict: unexpected Hugging Face key {key!r}") from None
+        if our_key == "embeddings.position.weight" and not cfg.absolute_positions:
+            continue  # Hugging Face also ignores a position table its config does not use
+        if our_key in _VOCAB_ROWS:
+            if value.shape[0] != cfg.vocab_size:
+                raise ValueError(
+                    f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is "
+                    f"{cfg.vocab_size}"
+                )
+            padding = value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))
+            value = torch.cat([value, padding])
+        our_sd[our_key] = value
+    return our_sd
