@@ -51,7 +51,9 @@ class MaskedSamples(torch.utils.data.Dataset):
         mask = np.zeros(self.seq_length, dtype=np.int64)
         mask[:length] = 1
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(target),
-                "attention_mask": torch.from_numpy(mask)}
+                "attention_mask": torch.from_numpy(mask),
+                # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
+                "sample_index": torch.tensor(global_index, dtype=torch.int64)}
 
 
 class _RankBatches(torch.utils.data.Sampler):
@@ -111,9 +113,12 @@ class PretrainLoader:
 
 def validation_batches(samples: MaskedSamples, count: int, micro_batch: int, dp_rank: int, dp_size: int
                        ) -> Iterator[Dict[str, torch.Tensor]]:
-    """This rank's share of the first `count` held-out samples, in fixed order with fixed masks."""
-    count = min(count, len(samples))
-    mine = list(range(dp_rank, count, dp_size))
+    """This rank's share of the first `count` held-out samples, in fixed order with fixed masks.
+
+    Every rank gets at least one sample (wrapping around a tiny split), so that every rank joins
+    the evaluation's all-reduce."""
+    count = max(min(count, len(samples)), dp_size)
+    mine = [i % len(samples) for i in range(dp_rank, count, dp_size)]
     for start in range(0, len(mine), micro_batch):
         items = [samples[i] for i in mine[start:start + micro_batch]]
         yield {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import re
 import sys
@@ -40,7 +41,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     from trainer.metrics import MetricsWriter
     from trainer.parallel import init_parallel
     from trainer.preemption import EXIT_PREEMPTED, PreemptionHandler, StepFlags
-    from trainer.step import dropout_seed, evaluate, reduce_window, train_step
+    from trainer.step import dropout_seed, evaluate, train_step
     from data.loader import validation_batches
 
     ctx = init_parallel(cfg.parallel.tensor)
@@ -49,7 +50,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     tokenizer = resolve_tokenizer(cfg)
     run = RunDirectory.prepare(cfg, ctx, tokenizer)
     inputs = build_inputs(cfg, ctx, tokenizer)
-    model, model_config = build_model_for(cfg, tokenizer.vocab_size, ctx)
+    model, model_config = build_model_for(cfg, tokenizer, ctx)
     checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.rank)
     resume = prepare_resume(checkpoints.find_resume(), cfg, ctx)  # may convert to a universal checkpoint
     engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
@@ -64,16 +65,17 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                 cfg.model.name, cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6,
                 ctx.world_size, ctx.tp_size, ctx.dp_size, state.step + 1, cfg.train.steps)
 
+    accepted = set(inspect.signature(model.forward).parameters)  # e.g. sample_index: RTD models only
     preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
     flags = StepFlags(ctx.device)
     clip = cfg.train.grad_clip if trainer_clips_gradients(cfg) else None
     window = _new_window()
     unsynced_tokens, bad_in_a_row, status = 0.0, 0, 0
     for step in range(state.step + 1, cfg.train.steps + 1):
-        batches = inputs.loader.next_step()
+        batches = [{k: v for k, v in b.items() if k in accepted} for b in inputs.loader.next_step()]
         torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
         out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps)
-        stop, bad, save_due = flags.exchange(preemption.requested, out["loss_sum"],
+        stop, bad, save_due = flags.exchange(preemption.requested, out["acc"].total(),
                                              ctx.is_main and checkpoints.time_due())
         state.step, state.consumed_samples = step, inputs.loader.consumed_samples
         state.data = inputs.loader.state_dict()
@@ -87,8 +89,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                                        f"lower optim.lr, check the data, or resume from an earlier checkpoint")
         else:
             bad_in_a_row = 0
-            for key in ("loss_sum", "predicted"):
-                window[key] = window[key] + out[key]
+            window["acc"].merge(out["acc"])
             window["steps"] += 1
         window["tokens"] = window["tokens"] + out["tokens"]
         window["all_steps"] += 1
@@ -97,9 +98,10 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
             elapsed = time.perf_counter() - window["start"]
             grad_norm = out["grad_norm"] if clip is not None else engine.get_global_grad_norm()
+            losses = window["acc"].reduce(ctx) if window["steps"] else {"loss": None}
             record = {
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                "loss": reduce_window(window["loss_sum"], window["predicted"], ctx) if window["steps"] else None,
+                **losses,
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": float(window["tokens"]) / elapsed,
@@ -118,9 +120,9 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             batches = validation_batches(inputs.valid, cfg.eval.samples, cfg.train.micro_batch_size,
                                          ctx.dp_rank, ctx.dp_size)
-            valid_loss = evaluate(engine, batches, ctx)
-            metrics.log(step, {"valid_loss": valid_loss})
-            logger.info("step %d validation loss %.4f", step, valid_loss)
+            valid = evaluate(engine, [{k: v for k, v in b.items() if k in accepted} for b in batches], ctx)
+            metrics.log(step, valid)
+            logger.info("step %d validation loss %.4f", step, valid["valid_loss"])
 
         if checkpoints.due(step, cfg.train.steps) or save_due or stop:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
@@ -144,8 +146,8 @@ class TrainingDiverged(Exception):
 
 
 def _new_window() -> dict:
-    return {"loss_sum": 0.0, "predicted": 0.0, "tokens": 0.0, "steps": 0, "all_steps": 0,
-            "start": time.perf_counter()}
+    from trainer.step import Accumulator
+    return {"acc": Accumulator(), "tokens": 0.0, "steps": 0, "all_steps": 0, "start": time.perf_counter()}
 
 
 def universal_checkpoint_info(model: torch.nn.Module) -> dict:

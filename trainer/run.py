@@ -72,7 +72,13 @@ class RunDirectory:
         lines = [f"run directory: {self.path}", f"tensorboard:   tensorboard --logdir {self.path / 'tb'}",
                  f"checkpoints:   {self.checkpoints}"]
         if first is not None:
-            lines.append(f"MLM loss:      first {first:.4f} -> last {last:.4f}")
+            rtd = any("loss_rtd" in r for r in records)
+            label = "loss (MLM + RTD):" if rtd else "MLM loss:     "
+            lines.append(f"{label} first {first:.4f} -> last {last:.4f}")
+            if rtd:
+                _, mlm = first_and_last(records, "loss_mlm")
+                _, rtd_loss = first_and_last(records, "loss_rtd")
+                lines.append(f"last generator MLM loss {mlm:.4f}, RTD loss {rtd_loss:.4f}")
         if valid is not None:
             lines.append(f"valid loss:    {valid:.4f}")
         return {"text": "\n".join(lines), "first_loss": first, "last_loss": last, "valid_loss": valid}
@@ -102,7 +108,7 @@ def _broadcast_error(message: str) -> str:
     return box[0]
 
 
-def build_model_for(cfg: PretrainConfig, vocab_size: int, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
+def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
     """The registry's model, sized from the tokenizer (padded so TP divides it), with TP layers if TP > 1.
 
     The initial weights do not depend on the TP degree: every rank draws the full TP=1 weights from
@@ -111,9 +117,10 @@ def build_model_for(cfg: PretrainConfig, vocab_size: int, ctx: ParallelContext) 
     from models.parallel import ParallelLayers, partition_dims, shard_state_dict
     from models.registry import build_config, build_model
 
-    model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=vocab_size,
+    overrides = {"pad_token_id": tokenizer.pad_id, **cfg.model.overrides}  # the tokenizer's, unless overridden
+    model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=tokenizer.vocab_size,
                                 seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
-                                vocab_pad_multiple=cfg.model.vocab_pad_multiple, **cfg.model.overrides)
+                                vocab_pad_multiple=cfg.model.vocab_pad_multiple, **overrides)
     torch.manual_seed(cfg.train.seed)
     model = build_model(model_config, ParallelLayers(tp_size=1))
     if ctx.tp_size > 1:
@@ -121,4 +128,6 @@ def build_model_for(cfg: PretrainConfig, vocab_size: int, ctx: ParallelContext) 
         with quiet_megatron_import():
             model = build_model(model_config, ParallelLayers.from_parallel_state())
         model.load_state_dict(shard_state_dict(full, partition_dims(model), ctx.tp_rank, ctx.tp_size))
+    if hasattr(model, "sampling_seed"):  # RTD: replacements keyed by (seed, global sample index)
+        model.sampling_seed = cfg.train.seed
     return model.to(ctx.device), {"name": cfg.model.name, **dataclasses.asdict(model_config)}
