@@ -442,8 +442,8 @@ class ElectraConfig:
         return self.hidden_size // self.num_heads
 
 
-# RTDConfig.backbone -> the config class of its towers (DeBERTaV3 adds "deberta": DebertaConfig).
-RTD_BACKBONE_CONFIGS: dict[str, type] = {"electra": ElectraConfig}
+# RTDConfig.backbone -> the config class of its towers ("deberta": DeBERTaV3).
+RTD_BACKBONE_CONFIGS: dict[str, type] = {"electra": ElectraConfig, "deberta": DebertaConfig}
 
 
 @dataclass
@@ -529,6 +529,12 @@ class RTDConfig:
                 f"{self.generator_mask_token_prob}"
             )
         gen, disc = self.generator, self.discriminator
+        if self.backbone == "deberta" and disc.enhanced_mask_decoder:
+            # The discriminator is the bare backbone + the RTD head; the EMD decodes the MLM.
+            raise UserError(
+                "model config: the deberta discriminator has no MLM head, so no enhanced mask "
+                "decoder; set discriminator: {enhanced_mask_decoder: false} (the generator keeps its own)"
+            )
         # The generator's samples are the discriminator's input ids: one vocabulary.
         for name in ("vocab_size", "padded_vocab_size", "pad_token_id"):
             if getattr(gen, name) != getattr(disc, name):

@@ -379,19 +379,25 @@ class DebertaForMaskedLM(DebertaModel):
         logits = self.lm_head(hidden, self.embeddings.word.weight)
         return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
 
+    def predicted_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predicted: torch.Tensor
+    ) -> torch.Tensor:
+        """Local logits (N, Vp/tp) at the predicted positions (B, T) bool, in row-major order,
+        through the EMD if enabled; padded vocabulary at finfo.min. The RTD generator interface.
+
+        The head runs only on the predicted positions; the EMD runs on all of them (its queries
+        are independent, but the bookkeeping to run it on N positions is not worth 2 layers).
+        """
+        return self._vocab_logits(self.mlm_hidden(input_ids, attention_mask)[predicted])
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
-        "num_predicted": number of predicted positions (long scalar)}.
-
-        The head runs only on the predicted positions; the EMD runs on all of them (its queries
-        are independent, but the bookkeeping to run it on N positions is not worth 2 layers).
-        """
-        hidden = self.mlm_hidden(input_ids, attention_mask)  # (B, T, H)
+        "num_predicted": number of predicted positions (long scalar)}."""
         predicted = labels != IGNORE_INDEX  # (B, T)
-        logits = self._vocab_logits(hidden[predicted])  # (N, Vp/tp)
+        logits = self.predicted_logits(input_ids, attention_mask, predicted)  # (N, Vp/tp)
         losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
         return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
 

@@ -45,6 +45,11 @@ Weight decay: E_Delta is a 2-D table named `gdes_delta`, so the usual rule (no d
 exactly the decay E_D = E_G + E_Delta would get as a table of its own (as under `none`), and
 microsoft/DeBERTa decays it too. A recipe that wants E_D free to drift can exclude `gdes_delta`.
 
+DeBERTaV3 (backbone "deberta", registry name deberta_v3): the generator is `DebertaForMaskedLM`
+(EMD on), the discriminator `deberta_v3_discriminator` (`DebertaModel` + `DebertaV3DiscriminatorHead`,
+no EMD), GDES by default. With position_biased_input false (V3) the discriminator has no absolute
+position table, so only the word table is shared: the generator's position table is the EMD's own.
+
 Any tower pair plugs in: the generator exposes `embeddings` (with `word`, optionally `position`),
 `config.vocab_size/padded_vocab_size`, `parallel` and `predicted_logits(input_ids,
 attention_mask, predicted)`; the discriminator exposes `embeddings` and `rtd_logits(input_ids,
@@ -62,7 +67,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.errors import UserError
-from models.config import RTD_BACKBONE_CONFIGS, ElectraConfig, RTDConfig
+from models import deberta
+from models.config import RTD_BACKBONE_CONFIGS, DebertaConfig, ElectraConfig, RTDConfig
+from models.deberta import DebertaForMaskedLM, DebertaModel
 from models.layers import TransformerLayer, activation_fn, attention_bias
 from models.parallel import ParallelLayers
 
@@ -265,6 +272,12 @@ class RTDDiscriminator(nn.Module):
         return self.head(self.backbone.encode(input_ids, attention_mask))
 
     forward = rtd_logits
+
+
+def deberta_v3_discriminator(config: DebertaConfig, layers: ParallelLayers) -> RTDDiscriminator:
+    """DeBERTaV3's discriminator: the DeBERTa backbone (no MLM head, no EMD: RTDConfig rejects
+    enhanced_mask_decoder on it) + microsoft/DeBERTa's RTD head over the last layer's states."""
+    return RTDDiscriminator(DebertaModel(config, layers), DebertaV3DiscriminatorHead(config, layers))
 
 
 # ---------------------------------------------------------------------------- embedding sharing
@@ -554,8 +567,19 @@ def total_loss(output: dict, counts: dict[str, torch.Tensor | float]) -> torch.T
     return total
 
 
-# RTDConfig.backbone -> (generator, discriminator) builders; DeBERTaV3 adds "deberta".
-RTD_TOWERS = {"electra": (ElectraGenerator, ElectraDiscriminator)}
+# RTDConfig.backbone -> (generator, discriminator) builders.
+RTD_TOWERS = {
+    "electra": (ElectraGenerator, ElectraDiscriminator),
+    "deberta": (DebertaForMaskedLM, deberta_v3_discriminator),  # DeBERTaV3
+}
+
+# Per backbone, what differs from the dataclasses' defaults (a size's fields and overrides win):
+# DeBERTaV3 trains with GDES, and its discriminator is the bare backbone (the EMD is part of the
+# generator's MLM decoder; microsoft/DeBERTa's RTD head reads the last encoder layer).
+RTD_DEFAULTS = {
+    "electra": {},
+    "deberta": {"embedding_sharing": "gdes", "discriminator": {"enhanced_mask_decoder": False}},
+}
 
 
 _RTD_FIELDS = ("rtd_weight", "temperature", "embedding_sharing", "generator_mask_token_prob")
@@ -571,16 +595,18 @@ def build_rtd_config(
 
     size_fields: {"generator": {...}, "discriminator": {...}} tower fields. overrides: RTD fields
     (rtd_weight, ...), "generator"/"discriminator" dicts of tower fields, or a tower field (say
-    hidden_dropout) set on both towers. Positions 0..T-1 with at least 512 rows, as every released
-    ELECTRA (HF's default), so exported models take the usual lengths.
+    hidden_dropout) set on both towers; what they leave unset comes from RTD_DEFAULTS[backbone],
+    then the dataclasses. Positions 0..T-1 with at least 512 rows, as every released ELECTRA and
+    DeBERTa (HF's default), so exported models take the usual lengths.
     """
     tower_class = RTD_BACKBONE_CONFIGS[backbone]
     tower_fields = [f.name for f in dataclasses.fields(tower_class) if f.name not in _DERIVED]
     valid = [*_RTD_FIELDS, *_TOWERS, *tower_fields]
     if seq_length < 1:
         raise UserError(f"data.seq_length must be >= 1, got {seq_length}")
-    towers = {name: dict(size_fields[name]) for name in _TOWERS}
-    rtd = {}
+    defaults = RTD_DEFAULTS[backbone]
+    towers = {name: {**defaults.get(name, {}), **size_fields[name]} for name in _TOWERS}
+    rtd = {key: value for key, value in defaults.items() if key in _RTD_FIELDS}
     for key, value in overrides.items():
         if key in _RTD_FIELDS:
             rtd[key] = value
@@ -772,3 +798,92 @@ def from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cfg: RTDConfi
     gen_sd = tower_from_hf_state_dict(hf_sds["generator"], cfg.generator, "generator")
     disc_sd = tower_from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator, "discriminator")
     return join_state_dicts(gen_sd, disc_sd, _electra_shared_tables(cfg), cfg.embedding_sharing)
+
+
+# ------------------------------------------------------------------- DeBERTaV3 and Hugging Face
+# The towers export through deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's
+# position table is dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the
+# discriminator as DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head,
+# so it goes apart, keyed as in microsoft/DeBERTa's ReplacedTokenDetectionModel
+# (`mask_predictions` = LMMaskPredictionHead; "classifer" is their spelling).
+DEBERTA_V3_COMPONENTS = {"generator": "mlm", "discriminator": "backbone"}  # -> deberta.py's
+_DEBERTA_V3_HEAD = {"norm": "mask_predictions.LayerNorm", "dense": "mask_predictions.dense",
+                    "classifier": "mask_predictions.classifer"}
+_DEBERTA_V3_BACKBONE = "backbone."  # RTDDiscriminator's prefix of the backbone's keys
+
+
+def _deberta_v3_component(component: str) -> str:
+    if component not in DEBERTA_V3_COMPONENTS:
+        raise ValueError(f"component must be generator or discriminator, got {component!r}")
+    return DEBERTA_V3_COMPONENTS[component]
+
+
+def deberta_v3_shared_tables(cfg: RTDConfig) -> tuple[str, ...]:
+    """What `share_embeddings` shares, from the config: the word table; the position table only
+    when the discriminator has one too (position_biased_input), never under DeBERTaV3's defaults."""
+    if cfg.embedding_sharing == "none":
+        return ()
+    both_positions = cfg.generator.absolute_positions and cfg.discriminator.position_biased_input
+    return ("word", "position") if both_positions else ("word",)
+
+
+def deberta_v3_hf_config(cfg: RTDConfig, component: str = "discriminator"):
+    """The transformers.DebertaV2Config of one tower (DebertaV2Model for the discriminator)."""
+    return deberta.hf_config(getattr(cfg, component), _deberta_v3_component(component))
+
+
+def deberta_v3_split_state_dict(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig):
+    """A full RTD state dict -> (generator's, discriminator backbone's, RTD head's) state dicts,
+    stand-alone: the backbone's word table is E_D (E_G + E_Delta under gdes)."""
+    gen, disc = split_state_dict(rtd_sd, deberta_v3_shared_tables(cfg), cfg.embedding_sharing,
+                                 _DEBERTA_V3_BACKBONE + "embeddings")
+    prefix = _DEBERTA_V3_BACKBONE
+    backbone = {k[len(prefix) :]: v for k, v in disc.items() if k.startswith(prefix)}
+    head = {k[len("head.") :]: v for k, v in disc.items() if k.startswith("head.")}
+    return gen, backbone, head
+
+
+def deberta_v3_to_hf_state_dict(
+    rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig, component: str = "discriminator"
+) -> dict[str, torch.Tensor]:
+    """A full RTD state dict -> DebertaV2Model's (discriminator, E_D merged) or
+    DebertaV2ForMaskedLM's (generator), vocabulary padding trimmed."""
+    kind = _deberta_v3_component(component)
+    gen, backbone, _ = deberta_v3_split_state_dict(rtd_sd, cfg)
+    return deberta.to_hf_state_dict(gen if component == "generator" else backbone,
+                                     getattr(cfg, component), kind)
+
+
+def deberta_v3_rtd_head_state_dict(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig) -> dict:
+    """The discriminator's RTD head alone (6 tensors), keyed as microsoft/DeBERTa's:
+    mask_predictions.{LayerNorm, dense, classifer}.{weight, bias}."""
+    _, _, head = deberta_v3_split_state_dict(rtd_sd, cfg)
+    out = {}
+    for key, value in head.items():
+        module, param = key.rsplit(".", 1)
+        out[f"{_DEBERTA_V3_HEAD[module]}.{param}"] = value
+    return out
+
+
+def deberta_v3_from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cfg: RTDConfig) -> dict:
+    """{"generator": DebertaV2ForMaskedLM's, "discriminator": DebertaV2Model's, optionally
+    "rtd_head": `deberta_v3_rtd_head_state_dict`'s} -> an RTD state dict (E_Delta = E_D - E_G
+    under gdes). What the inputs lack is absent: the RTD head without "rtd_head", the generator's
+    EMD position table unless its checkpoint carries one (our exports drop it). Load such a result
+    with strict=False over a freshly built model."""
+    missing = {"generator", "discriminator"} - set(hf_sds)
+    if missing:
+        raise KeyError(f"from_hf_state_dict needs both towers' state dicts; missing {sorted(missing)}")
+    gen = deberta.from_hf_state_dict(hf_sds["generator"], cfg.generator)
+    backbone = deberta.from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator)
+    if any(key.startswith("lm_head.") for key in backbone):
+        raise ValueError("the discriminator must be a DebertaV2Model's state dict (no MLM head)")
+    disc = {_DEBERTA_V3_BACKBONE + k: v for k, v in backbone.items()}
+    ours = {hf: our for our, hf in _DEBERTA_V3_HEAD.items()}
+    for key, value in hf_sds.get("rtd_head", {}).items():
+        module, param = key.rsplit(".", 1)
+        if module not in ours:
+            raise KeyError(f"from_hf_state_dict: unexpected RTD head key {key!r}")
+        disc[f"head.{ours[module]}.{param}"] = value
+    return join_state_dicts(gen, disc, deberta_v3_shared_tables(cfg), cfg.embedding_sharing,
+                            _DEBERTA_V3_BACKBONE + "embeddings")

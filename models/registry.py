@@ -7,6 +7,7 @@ Adding an architecture (deberta, electra) is one more `ModelSpec` in `MODELS`; c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -104,6 +105,22 @@ ELECTRA_SIZES = {
     },
 }
 
+# DeBERTaV3 (He et al., 2021, arXiv 2111.09543; microsoft/DeBERTa's rtd configs): the
+# discriminator has the DeBERTa-v3 shape, the generator the same width at half the depth, so they
+# share the word table. Attention defaults (256 log buckets over 512 distances, shared keys,
+# normalised relative table, c2p + p2c, no absolute input positions) are DebertaConfig's; the
+# generator keeps its EMD, the discriminator has none (electra.RTD_DEFAULTS, also GDES).
+DEBERTA_V3_SIZES = {
+    "debug": {  # unit tests and CPU smoke runs
+        "discriminator": _layout(2, 64, 4, 128),
+        "generator": _layout(1, 64, 4, 128),
+    },
+    "xsmall": {"discriminator": _layout(12, 384, 6, 1536), "generator": _layout(6, 384, 6, 1536)},
+    "small": {"discriminator": _layout(6, 768, 12, 3072), "generator": _layout(3, 768, 12, 3072)},
+    "base": {"discriminator": _layout(12, 768, 12, 3072), "generator": _layout(6, 768, 12, 3072)},
+    "large": {"discriminator": _layout(24, 1024, 16, 4096), "generator": _layout(12, 1024, 16, 4096)},
+}
+
 MODELS: dict[str, ModelSpec] = {
     "roberta": ModelSpec(
         config_class=RobertaConfig,
@@ -130,6 +147,17 @@ MODELS: dict[str, ModelSpec] = {
         to_hf_state_dict=electra.to_hf_state_dict,
         from_hf_state_dict=electra.from_hf_state_dict,  # takes {"generator": ..., "discriminator": ...}
         config_builder=electra.build_rtd_config,
+    ),
+    # RTDConfig as electra: build_model's first RTDConfig match is electra's, and build_rtd picks
+    # the towers by config.backbone ("deberta" here), so one builder serves both.
+    "deberta_v3": ModelSpec(  # HF: one tower by component=; the RTD head via deberta_v3_rtd_head_state_dict
+        config_class=RTDConfig,
+        builder=electra.build_rtd,
+        sizes=DEBERTA_V3_SIZES,
+        hf_config=electra.deberta_v3_hf_config,
+        to_hf_state_dict=electra.deberta_v3_to_hf_state_dict,
+        from_hf_state_dict=electra.deberta_v3_from_hf_state_dict,  # generator, discriminator, rtd_head
+        config_builder=functools.partial(electra.build_rtd_config, backbone="deberta"),
     ),
 }
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {name: spec.sizes for name, spec in MODELS.items()}

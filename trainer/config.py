@@ -95,6 +95,9 @@ class OptimSection:
 class ZeroSection:
     stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
+    param_persistence_threshold: int = 100000
+    """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold); 0 partitions everything (the tests use it at tiny sizes)."""
 
 
 @dataclass
@@ -370,7 +373,9 @@ def deepspeed_config(cfg: PretrainConfig, data_parallel_size: int, use_fused_ada
                 "weight_decay": cfg.optim.weight_decay, "torch_adam": not use_fused_adam,
             },
         },
-        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_optimization": {"stage": cfg.zero.stage, **({"stage3_param_persistence_threshold":
+                                                            cfg.zero.param_persistence_threshold}
+                                                           if cfg.zero.stage == 3 else {})},
         # check_grad_overflow: ZeRO-1/2 then skip a bf16 step with a non-finite gradient norm, as they
         # do in fp32 and as the loss scaler does in fp16 (the trainer counts and limits such steps)
         "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
