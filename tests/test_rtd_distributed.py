@@ -1,4 +1,4 @@
-"""Replaced token detection (ELECTRA towers, GDES) under ZeRO-3 and tensor parallelism, real processes.
+"""Replaced token detection (ELECTRA and DeBERTaV3 towers, GDES) under ZeRO-3 and TP, real processes.
 
 With dropout off, the numbers may not depend on the layout: ZeRO-3 must gather the generator's
 embedding table that the discriminator reads through GDES, and the Gumbel sampling of replacements
@@ -26,13 +26,16 @@ def data_prefix(tmp_path_factory) -> str:
     return str(root / "bin" / "corpus")
 
 
-def args(prefix, runs, name, **extra):
+RECIPES = ["configs/pretrain/electra_debug.yaml", "configs/pretrain/deberta_v3_debug.yaml"]
+
+
+def args(prefix, runs, name, recipe, **extra):
     values = {"data.prefix": prefix, "data.valid_fraction": 0.0, "run.dir": runs, "run.name": name,
               "train.steps": 3, "train.seed": 5, "log.every_steps": 1, "checkpoint.every_steps": 0,
               "eval.every_steps": 0, "optim.warmup_steps": 1, "optim.lr": 2e-3,
               "model.overrides": "{embedding_sharing: gdes, hidden_dropout: 0.0, attention_dropout: 0.0}"}
     values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return ["--config", "configs/pretrain/electra_debug.yaml"] + [f"{k}={v}" for k, v in values.items()]
+    return ["--config", recipe] + [f"{k}={v}" for k, v in values.items()]
 
 
 def assert_same_steps(a, b):
@@ -43,15 +46,18 @@ def assert_same_steps(a, b):
         assert a[step]["replaced_ratio"] == b[step]["replaced_ratio"]  # the same sampled replacements
 
 
-def test_rtd_gdes_zero3_equals_zero0(data_prefix, tmp_path):
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z0", zero__stage=0)))
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3", zero__stage=3)))
-    z0, z3 = train_records(tmp_path / "z0"), train_records(tmp_path / "z3")
-    assert_same_steps(z0, z3)
-    assert {"generator_accuracy", "rtd_accuracy", "replaced_ratio", "loss_mlm", "loss_rtd"} <= set(z0[1])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_rtd_gdes_zero3_equals_zero1(data_prefix, tmp_path, recipe):
+    """ZeRO-3 with every parameter partitioned (persistence threshold 0), against ZeRO-1."""
+    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z1", recipe, zero__stage=1)))
+    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3", recipe, zero__stage=3, zero__param_persistence_threshold=0)))
+    z1, z3 = train_records(tmp_path / "z1"), train_records(tmp_path / "z3")
+    assert_same_steps(z1, z3)
+    assert {"generator_accuracy", "rtd_accuracy", "replaced_ratio", "loss_mlm", "loss_rtd"} <= set(z1[1])
 
 
-def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path):
-    run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1")])
-    run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", parallel__tensor=2, train__micro_batch_size=2)))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path, recipe):
+    run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1", recipe)])
+    run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2)))
     assert_same_steps(train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2"))
