@@ -1,0 +1,108 @@
+"""Average pairwise cosine similarity of the generator's and the discriminator's word embeddings.
+
+The DeBERTaV3 paper's diagnostic for embedding sharing (its Table 1 / Figure): under ES one table
+serves both tasks; under NES the discriminator's table is its own; under GDES the discriminator's
+effective table is E_G + E_Delta. MLM pulls similar tokens together, RTD pushes them apart, and the
+average cosine similarity shows which way a table went.
+
+    python tools/embedding_stats.py --checkpoint runs/NAME/checkpoints [--tag global_stepN] [--sample 4096]
+
+Reads DeepSpeed's model-states files (ZeRO 0-2; for ZeRO-3 run DeepSpeed's zero_to_fp32.py first), merges
+tensor-parallel shards of the vocabulary tables, ignores vocabulary padding and special tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from data.errors import UserError
+
+GENERATOR = "generator.embeddings.word.weight"
+DELTA_SUFFIX = "embeddings.word.gdes_delta.weight"
+OWN_SUFFIX = "embeddings.word.weight"
+
+
+def load_module_state(checkpoints: Path, tag: Optional[str]) -> tuple[Dict[str, torch.Tensor], dict]:
+    if not checkpoints.is_dir():
+        raise UserError(f"--checkpoint {checkpoints} is not a directory")
+    if tag is None:
+        latest = checkpoints / "latest"
+        if not latest.is_file():
+            raise UserError(f"{checkpoints} has no `latest` file; pass --tag global_stepN")
+        tag = latest.read_text().strip()
+    tag_dir = checkpoints / tag
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise UserError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
+    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    module = shards[0]["module"]
+    if module is None or not module:
+        raise UserError(f"{tag_dir} has no module weights (ZeRO-3?): run zero_to_fp32.py first")
+    model_config = shards[0].get("model_config", {})
+    if len(shards) > 1:  # TP: vocabulary tables are split along dim 0
+        module = dict(module)
+        for key in list(module):
+            if key.endswith(("word.weight", "gdes_delta.weight")):
+                module[key] = torch.cat([s["module"][key] for s in shards], dim=0)
+    return module, model_config
+
+
+def average_cosine(table: torch.Tensor, sample: int, seed: int = 0) -> float:
+    """Mean cosine similarity over distinct pairs of (a sample of) rows."""
+    table = table.float()
+    if table.shape[0] > sample:
+        rows = torch.randperm(table.shape[0], generator=torch.Generator().manual_seed(seed))[:sample]
+        table = table[rows]
+    unit = torch.nn.functional.normalize(table, dim=-1)
+    n = unit.shape[0]
+    total = unit.sum(0).pow(2).sum() - n  # sum over i != j of cos(i, j)
+    return float(total / (n * (n - 1)))
+
+
+def embedding_stats(module: Dict[str, torch.Tensor], model_config: dict, sample: int = 4096) -> Dict[str, object]:
+    if GENERATOR not in module:
+        raise UserError("the checkpoint has no generator word embeddings: it is not an RTD model "
+                        "(model.name electra or deberta_v3)")
+    tower = model_config.get("generator") or model_config  # RTD configs nest the towers' configs
+    vocab = tower.get("vocab_size") or module[GENERATOR].shape[0]  # padding rows excluded
+    skip = 5  # special tokens sit at the start of both the BPE and the SentencePiece vocabularies
+    generator = module[GENERATOR][skip:vocab]
+    delta = next((v for k, v in module.items() if k.endswith(DELTA_SUFFIX)), None)
+    own = next((v for k, v in module.items() if k.startswith("discriminator") and k.endswith(OWN_SUFFIX)), None)
+    if delta is not None:
+        sharing, discriminator = "gdes", generator + delta[skip:vocab]
+    elif own is not None:
+        sharing, discriminator = "none", own[skip:vocab]
+    else:
+        sharing, discriminator = "es", generator
+    return {"embedding_sharing": sharing, "rows": int(generator.shape[0]),
+            "generator_avg_cosine": average_cosine(generator, sample),
+            "discriminator_avg_cosine": average_cosine(discriminator, sample)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a run's checkpoints directory")
+    parser.add_argument("--tag", help="global_stepN (default: the latest)")
+    parser.add_argument("--sample", type=int, default=4096, help="rows sampled for the pairwise average")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    module, model_config = load_module_state(args.checkpoint, args.tag)
+    stats = embedding_stats(module, model_config, args.sample)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(f"embedding sharing: {stats['embedding_sharing']} ({stats['rows']} word rows)")
+        print(f"generator     average cosine similarity: {stats['generator_avg_cosine']:.4f}")
+        print(f"discriminator average cosine similarity: {stats['discriminator_avg_cosine']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    from tools._cli import run_cli
+    run_cli(main)
