@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # or `make install TORCH=torch` inside an environment that already has CUDA torch.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast clean-demo
+.PHONY: install demo demo-roberta test test-fast clean-demo
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(BIN)/.installed
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh
 
+demo-roberta: install
+	PATH="$(abspath $(BIN)):$$PATH" DEMO_MODEL=roberta bash tools/demo.sh
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -29,4 +32,4 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not distributed"
 
 clean-demo:
-	rm -rf demo runs/roberta_demo
+	rm -rf demo runs/roberta_demo runs/deberta_v3_demo

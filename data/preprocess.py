@@ -1,9 +1,23 @@
 """Raw text to an indexed dataset: read documents, tokenize them in worker processes, write `.bin/.idx`.
 
 Inputs are files, directories or globs of `.jsonl` (one JSON object per line, text under a key) or
-`.txt` (one document per line), optionally gzipped. The main process reads raw lines in chunks;
-workers decode, parse and tokenize a chunk each; results come back in input order (`Pool.imap`),
-so the output bytes do not depend on the number of workers.
+`.txt`, optionally gzipped. A `.txt` holds one document per line, or with `txt_docs="blank-line"`
+documents of several lines separated by blank (whitespace-only) lines.
+
+Bad input, and what happens to it (counted by reason in the summary and the sidecar):
+- invalid UTF-8 (and lone surrogates escaped in JSON) is replaced by U+FFFD; `strict` rejects it;
+- NUL characters are stripped; `strict` rejects them;
+- empty (whitespace-only) documents, and documents that tokenize to nothing, are skipped;
+- a malformed JSON line, or one without the text key (or with a non-string value), is an error
+  naming file:line; `skip_bad_lines` skips and counts it instead.
+
+Parallelism. Each plain file is cut at document boundaries into byte ranges (about `chunk_bytes`),
+so that `workers` processes share even a single large file; a gzipped file cannot be cut, so the
+main process decompresses it and hands blocks to the workers. A worker reads its range, tokenizes
+it and writes its own shard (`data.indexed.ShardWriter`, no megatron-core import) into a temporary
+directory; the main process merges the shards in input order with megatron-core's
+`IndexedDatasetBuilder.add_index`. The output bytes do not depend on the number of workers or on
+the range size, and nothing is left at the output prefix (or beside it) when a run fails.
 """
 import glob
 import gzip
@@ -12,9 +26,12 @@ import json
 import logging
 import multiprocessing
 import os
+import re
+import shutil
+import tempfile
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,16 +41,37 @@ import numpy as np
 from tqdm import tqdm
 
 from data.errors import UserError
-from data.indexed import IndexedWriter
+from data.indexed import IndexedWriter, ShardWriter, bin_path, idx_path, token_dtype
 from data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz")
-CHUNK_DOCS = 512  # lines per task: large enough to amortise IPC, small enough to balance 2-16 workers
+TXT_DOCS = ("line", "blank-line")
+BATCH_CHARS = 1 << 20  # text per encode_batch call: enough documents for the tokenizer's threads
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 20, 64 << 20
+MAX_EXAMPLES = 5  # skipped lines named in the log
+WHITESPACE = " \t\n\r\x0b\x0c"  # ASCII: what makes a line blank, the same in bytes and in text
+_WHITESPACE_BYTES = WHITESPACE.encode()
+_BLANK_LINE = re.compile(rb"(?m)^[ \t\r\x0b\x0c]*\n")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# -- finding and reading inputs --------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadOptions:
+    """How documents are read from input files (shared by preprocessing and tokenizer training)."""
+
+    json_key: str = "text"
+    txt_docs: str = "line"  # "line": one document per line; "blank-line": blank lines separate documents
+    strict: bool = False  # reject invalid UTF-8 and NUL characters instead of repairing them
+    skip_bad_lines: bool = False  # skip and count malformed JSON lines and missing keys instead of failing
+
+    def __post_init__(self):
+        if self.txt_docs not in TXT_DOCS:
+            raise UserError(f"--txt-docs {self.txt_docs!r} is not one of {', '.join(TXT_DOCS)}")
+
+
+# -- finding inputs -----------------------------------------------------------------------------
 
 def _is_input(path: Path) -> bool:
     return path.name.endswith(INPUT_SUFFIXES)
@@ -72,122 +110,277 @@ def _kind(path: Path) -> str:
     return "jsonl" if path.name.endswith((".jsonl", ".jsonl.gz")) else "txt"
 
 
-def _raw_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a file split on b"\\n" only (a lone \\r inside a text line is not a break)."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+def _blank_line_docs(kind: str, options: ReadOptions) -> bool:
+    return kind == "txt" and options.txt_docs == "blank-line"
+
+
+# -- cutting files at document boundaries ---------------------------------------------------------
+
+def _split_points(path: Path, size: int, blank_line_docs: bool, chunk_bytes: int) -> list[int]:
+    """Offsets that cut a plain file into ranges of about chunk_bytes, each starting a document."""
+    points = [0]
+    with open(path, "rb") as f:
+        while points[-1] + chunk_bytes < size:
+            f.seek(points[-1] + chunk_bytes - 1)
+            f.readline()  # to the end of the line holding that byte
+            point = f.tell()
+            if blank_line_docs:  # on to the end of the next blank line
+                for line in iter(f.readline, b""):
+                    point += len(line)
+                    if not line.strip(_WHITESPACE_BYTES):
+                        break
+            if point >= size:
+                break
+            points.append(point)
+    return points
+
+
+def _stream_blocks(path: Path, blank_line_docs: bool, block_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """A file read in order (gzip or plain) as blocks of whole documents: (block, bytes of the file
+    read so far). Each byte is scanned for a boundary once, so a huge document costs linear time."""
     try:
-        with opener(path, "rb") as f:
-            yield from f
+        with open(path, "rb") as raw:
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+            pending, scan_from = bytearray(), 0  # pending[scan_from:] holds no boundary yet; scan_from starts a line
+            while data := f.read(block_bytes):
+                pending += data
+                if blank_line_docs:
+                    ends = [m.end() for m in _BLANK_LINE.finditer(pending, scan_from)]
+                    cut = ends[-1] if ends else 0
+                    last_start = pending.rfind(b"\n", scan_from) + 1
+                    scan_from = max(last_start, scan_from)
+                else:
+                    cut = pending.rfind(b"\n", scan_from) + 1
+                    scan_from = len(pending)
+                if cut:
+                    yield bytes(pending[:cut]), raw.tell()
+                    del pending[:cut]
+                    scan_from = max(0, scan_from - cut)
+            if pending:
+                yield bytes(pending), raw.tell()
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise UserError(f"{path}: not a readable gzip file ({err}); recompress or remove it") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def parse_line(raw: bytes, kind: str, json_key: str, path: str, line_no: int) -> tuple[Optional[str], str]:
-    """One input line to (document text, "") or (None, reason it is skipped). Bad input raises UserError."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}:{line_no}: not valid UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
-    line = line.rstrip("\r\n")
-    if line_no == 1:
-        line = line.removeprefix("\ufeff")
-    if kind == "txt":
-        text = line
-    else:
-        if not line.strip():
-            return None, "blank line"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{line_no}: malformed JSON (column {err.colno}: {err.msg}); "
-                            f"fix or remove the line") from None
-        if not isinstance(obj, dict) or json_key not in obj:
-            raise UserError(f"{path}:{line_no}: no key {json_key!r} in the JSON object; "
-                            f"pass --json-key to name the text field")
-        text = obj[json_key]
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{line_no}: {json_key!r} is {type(text).__name__}, not a string; "
-                            f"fix the line or pass another --json-key")
-    if not text.strip():
-        return None, "empty text"
-    return text, ""
+# -- documents of a block -----------------------------------------------------------------------
 
+class _LineError(Exception):
+    """Bad input at `line`, counted from the block's first line; the reader adds the file and offset."""
 
-def iter_texts(paths: Iterable[Path], json_key: str = "text") -> Iterator[str]:
-    """The documents of input files, in order, empty ones left out (used by tokenizer training)."""
-    for path in paths:
-        kind = _kind(path)
-        for line_no, raw in enumerate(_raw_lines(path), start=1):
-            text, _ = parse_line(raw, kind, json_key, str(path), line_no)
-            if text is not None:
-                yield text
+    def __init__(self, line: int, message: str):
+        super().__init__(line, message)
+        self.line, self.message = line, message
 
 
 @dataclass
-class _Chunk:
+class _Counts:
+    skipped: Counter = field(default_factory=Counter)  # reason -> documents left out
+    repaired: Counter = field(default_factory=Counter)  # reason -> documents kept after a repair
+    examples: list = field(default_factory=list)  # (line in block, reason) of the first skipped bad lines
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append((line, reason))
+
+
+def _lines(block: bytes, at_file_start: bool, strict: bool) -> Iterator[tuple[int, str, tuple]]:
+    """(line number from 1, text without the line break, the repairs made to it)."""
+    has_nul = b"\x00" in block
+    lines = block.split(b"\n")  # split before decoding: one non-BMP character would widen a whole decoded block
+    if not lines[-1]:
+        lines.pop()  # the block ends with a line break
+    for number, raw in enumerate(lines, start=1):
+        repairs = ()
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if strict:
+                raise _LineError(number, f"not valid UTF-8 (byte {err.start + 1} of the line); re-encode "
+                                         f"the file as UTF-8, or drop --strict to replace bad bytes") from None
+            line, repairs = raw.decode("utf-8", "replace"), ("invalid utf-8 replaced",)
+        if has_nul and "\x00" in line:
+            line, repairs = _strip_nul(line, number, strict), repairs + ("nul stripped",)
+        if at_file_start and number == 1:
+            line = line.removeprefix("\ufeff")
+        yield number, line.removesuffix("\r"), repairs
+
+
+def _strip_nul(text: str, number: int, strict: bool) -> str:
+    if strict:
+        raise _LineError(number, "NUL character in the text; remove it, or drop --strict to strip NULs")
+    return text.replace("\x00", "")
+
+
+def _documents(block: bytes, kind: str, options: ReadOptions, at_file_start: bool,
+               counts: _Counts) -> Iterator[str]:
+    """The documents of a block of whole lines that starts a document, bad input handled per `options`."""
+    lines = _lines(block, at_file_start, options.strict)
+    if kind == "jsonl":
+        raw_docs = _json_texts(lines, options, counts)
+    elif options.txt_docs == "blank-line":
+        raw_docs = _paragraphs(lines)
+    else:
+        raw_docs = lines
+    for _, text, repairs in raw_docs:
+        if not text.strip():
+            counts.skipped["empty"] += 1
+            continue
+        if repairs:
+            counts.repaired.update(set(repairs))
+        yield text
+
+
+def _paragraphs(lines: Iterable[tuple[int, str, bool]]) -> Iterator[tuple[int, str, bool]]:
+    """Lines to documents separated by blank lines: (first line number, text, repairs of its lines)."""
+    first, parts, repairs = 0, [], ()
+    for number, line, line_repairs in lines:
+        if line.strip(WHITESPACE):
+            if not parts:
+                first = number
+            parts.append(line)
+            repairs += line_repairs
+        elif parts:
+            yield first, "\n".join(parts), repairs
+            parts, repairs = [], ()
+    if parts:
+        yield first, "\n".join(parts), repairs
+
+
+def _json_texts(lines: Iterable[tuple[int, str, bool]], options: ReadOptions,
+                counts: _Counts) -> Iterator[tuple[int, str, bool]]:
+    key = options.json_key
+    for number, line, repairs in lines:
+        if not line.strip(WHITESPACE):
+            counts.skipped["empty"] += 1
+            continue
+        try:
+            obj = _json_object(line)
+        except json.JSONDecodeError as err:
+            problem = ("malformed json", f"malformed JSON (column {err.colno}: {err.msg}); fix or remove the line")
+        else:
+            if not isinstance(obj, dict) or key not in obj:
+                problem = ("missing key", f"no key {key!r} in the JSON object; pass --json-key to name the text field")
+            elif not isinstance(obj[key], str):
+                problem = ("not a string", f"{key!r} is {type(obj[key]).__name__}, not a string; fix the line "
+                                           f"or pass another --json-key")
+            else:
+                text = obj[key]
+                if "\\u" in line:  # escapes may spell what raw bytes could not
+                    if "\x00" in text:
+                        text, repairs = _strip_nul(text, number, options.strict), repairs + ("nul stripped",)
+                    if _SURROGATE.search(text):  # "\ud800" alone: not encodable as UTF-8
+                        if options.strict:
+                            raise _LineError(number, "lone surrogate escape in the JSON text (not valid UTF-8); "
+                                                     "fix the line, or drop --strict to replace it")
+                        text, repairs = _SURROGATE.sub("\ufffd", text), repairs + ("invalid utf-8 replaced",)
+                yield number, text, repairs
+                continue
+        if not options.skip_bad_lines:
+            raise _LineError(number, f"{problem[1]}, or pass --skip-bad-lines")
+        counts.skip(problem[0], number)
+
+
+_JSON_DECODER = json.JSONDecoder()
+
+
+def _json_object(line: str):
+    """json.loads(line), a little faster for the common line that is exactly one JSON value."""
+    try:
+        obj, end = _JSON_DECODER.raw_decode(line)
+        if end == len(line):
+            return obj
+    except json.JSONDecodeError:
+        pass
+    return json.loads(line)  # surrounding whitespace, extra data, and the error message
+
+
+def iter_texts(paths: Iterable[Path], options: ReadOptions = ReadOptions()) -> Iterator[str]:
+    """The documents of input files, in order, read as preprocessing reads them (tokenizer training)."""
+    for path in paths:
+        kind, lines_before, at_start = _kind(path), 0, True
+        for block, _ in _stream_blocks(path, _blank_line_docs(kind, options), MIN_CHUNK_BYTES):
+            try:
+                yield from _documents(block, kind, options, at_start, _Counts())
+            except _LineError as err:
+                raise UserError(f"{path}:{lines_before + err.line}: {err.message}") from None
+            lines_before += block.count(b"\n")
+            at_start = False
+
+
+# -- tokenizing (in workers) -----------------------------------------------------------------------
+
+@dataclass
+class _Task:
     path: str
     kind: str
-    first_line: int
-    lines: list[bytes]
+    at_file_start: bool
+    start: int  # byte range of a plain file, which the worker reads itself
+    end: int
+    data: Optional[bytes]  # or the block itself (gzip files, decompressed by the main process)
+    disk_bytes: int  # bytes of the file on disk this task stands for (progress)
+    shard: str  # prefix of the shard the worker writes
 
-
-def _chunks(paths: Iterable[Path], chunk_docs: int) -> Iterator[_Chunk]:
-    for path in paths:
-        kind, lines, first = _kind(path), [], 1
-        for line_no, raw in enumerate(_raw_lines(path), start=1):
-            lines.append(raw)
-            if len(lines) == chunk_docs:
-                yield _Chunk(str(path), kind, first, lines)
-                lines, first = [], line_no + 1
-        if lines:
-            yield _Chunk(str(path), kind, first, lines)
-
-
-# -- tokenizing (in workers) -------------------------------------------------------------------
 
 @dataclass
-class _Tokenized:
-    ids: np.ndarray  # all documents' ids concatenated, int32
-    lengths: list[int]  # tokens per document
-    skipped: Counter
+class _TaskResult:
+    documents: int
+    tokens: int
+    newlines: int
     read_bytes: int
+    counts: _Counts
 
 
 _worker_tokenizer: Optional[Tokenizer] = None
-_worker_json_key = "text"
+_worker_options = ReadOptions()
 
 
-def _init_worker(tokenizer_path: str, json_key: str, threads: Optional[int]) -> None:
-    """Load the tokenizer in this process. threads: the Rust thread pool's size (None: all cores)."""
-    global _worker_tokenizer, _worker_json_key
-    # Must precede the first encode: the pool is sized once. One process per core already keeps
-    # the cores busy, and more threads per process would only oversubscribe them.
-    if threads == 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    elif threads is not None:
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
+def _init_worker(tokenizer_path: str, options: ReadOptions, threads: Optional[int]) -> None:
+    """Load the tokenizer in this process. threads: encode_batch's threads (None: all cores)."""
+    global _worker_tokenizer, _worker_options
     _worker_tokenizer = load_tokenizer(tokenizer_path)
-    _worker_json_key = json_key
+    if threads is not None:  # one process per core already keeps the cores busy
+        _worker_tokenizer.limit_threads(threads)
+    _worker_options = options
 
 
-def _tokenize_chunk(chunk: _Chunk) -> _Tokenized:
-    texts, skipped = [], Counter()
-    for offset, raw in enumerate(chunk.lines):
-        text, reason = parse_line(raw, chunk.kind, _worker_json_key, chunk.path, chunk.first_line + offset)
-        if text is None:
-            skipped[reason] += 1
-        else:
-            texts.append(text)
-    encoded = _worker_tokenizer.encode_batch(texts) if texts else []
-    kept = [ids for ids in encoded if ids]
-    skipped["no tokens"] += len(encoded) - len(kept)
-    ids = np.array(list(itertools.chain.from_iterable(kept)), dtype=np.int32)
-    return _Tokenized(ids, [len(doc) for doc in kept], +skipped, sum(map(len, chunk.lines)))
+def _run_task(task: _Task) -> _TaskResult:
+    if task.data is not None:
+        block = task.data
+    else:
+        try:
+            with open(task.path, "rb") as f:
+                f.seek(task.start)
+                block = f.read(task.end - task.start)
+        except OSError as err:
+            raise UserError(f"{task.path}: cannot read ({err.strerror or err})") from None
+    tok, counts = _worker_tokenizer, _Counts()
+    documents = _documents(block, task.kind, _worker_options, task.at_file_start, counts)
+    with ShardWriter(task.shard, token_dtype(tok.vocab_size)) as shard:
+        for batch in _batches(documents, BATCH_CHARS):
+            ids, lengths = tok.encode_batch_flat(batch)
+            kept = lengths[lengths > 0]
+            if len(kept) < len(lengths):
+                counts.skipped["no tokens"] += len(lengths) - len(kept)
+            shard.add(ids, kept)
+    return _TaskResult(shard.documents, shard.tokens, block.count(b"\n"), len(block), counts)
 
 
-# -- the pipeline ------------------------------------------------------------------------------
+def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
 
 @dataclass
 class PreprocessSummary:
@@ -195,10 +388,12 @@ class PreprocessSummary:
     files: int
     documents: int
     tokens: int
-    skipped: dict = field(default_factory=dict)  # reason -> documents
+    skipped: dict = field(default_factory=dict)  # reason -> documents left out
+    repaired: dict = field(default_factory=dict)  # reason -> documents kept after a repair
     read_bytes: int = 0
     dtype: str = ""
     seconds: float = 0.0
+    workers: int = 1
 
 
 def available_cpus() -> int:
@@ -214,62 +409,104 @@ def _tool_version() -> str:
         return "unknown"
 
 
+def _tasks(paths: Sequence[Path], options: ReadOptions, chunk_bytes: int, shard_dir: Path) -> Iterator[_Task]:
+    """The input as tasks, in order: byte ranges of plain files, decompressed blocks of gzip files."""
+    shards = (str(shard_dir / f"{n:08d}") for n in itertools.count())
+    for path in paths:
+        kind = _kind(path)
+        blank = _blank_line_docs(kind, options)
+        if path.name.endswith(".gz"):
+            done = 0
+            for block, disk_pos in _stream_blocks(path, blank, chunk_bytes):
+                yield _Task(str(path), kind, done == 0, 0, 0, block, disk_pos - done, next(shards))
+                done = disk_pos
+        else:
+            size = path.stat().st_size
+            points = _split_points(path, size, blank, chunk_bytes) if size else []
+            for start, end in zip(points, [*points[1:], size]):
+                yield _Task(str(path), kind, start == 0, start, end, None, end - start, next(shards))
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     tokenizer: str | Path,
     output_prefix: str | Path,
     workers: int = 1,
     json_key: str = "text",
-    chunk_docs: int = CHUNK_DOCS,
+    txt_docs: str = "line",
+    strict: bool = False,
+    skip_bad_lines: bool = False,
+    chunk_bytes: Optional[int] = None,
 ) -> PreprocessSummary:
-    """Tokenize every document of `inputs` into `output_prefix`.bin/.idx/.json.
+    """Tokenize every document of `inputs` into `output_prefix`.bin/.idx/.json (see the module docstring).
 
     workers=1 tokenizes in this process (the tokenizer's own threads run each batch on all cores);
-    workers>1 starts that many processes, sharing the cores' threads between them.
+    workers>1 starts that many processes, sharing the cores' threads between them. chunk_bytes: the
+    size of the ranges files are cut into (default: enough for 4 per worker, 1-64 MiB).
     """
     start = time.perf_counter()
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    options = ReadOptions(json_key=json_key, txt_docs=txt_docs, strict=strict, skip_bad_lines=skip_bad_lines)
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     output_prefix = Path(output_prefix)
     if output_prefix.is_dir() or str(output_prefix).endswith(os.sep):
         raise UserError(f"--output-prefix {output_prefix} names a directory; give a path prefix such as "
                         f"{output_prefix / 'corpus'}")
-    log.info("tokenizing %d file(s) with %s, %d worker(s)", len(paths), tok, workers)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    if chunk_bytes is None:
+        chunk_bytes = min(max(total_bytes // (4 * workers), MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    log.info("tokenizing %d file(s), %.1f MB, with %s, %d worker(s)", len(paths), total_bytes / 1e6, tok, workers)
 
-    skipped, read_bytes = Counter(), 0
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    shard_dir = Path(tempfile.mkdtemp(dir=output_prefix.parent, prefix=f".{output_prefix.name}.shards-"))
     pool = None
-    if workers > 1:
-        threads = max(1, available_cpus() // workers)
-        # spawn, not fork: the parent may hold Rust and OpenMP thread pools that fork would break
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, _init_worker, (str(tok.path), json_key, threads))
-        results = pool.imap(_tokenize_chunk, _chunks(paths, chunk_docs))
-    else:
-        _init_worker(str(tok.path), json_key, None)
-        results = map(_tokenize_chunk, _chunks(paths, chunk_docs))
+    skipped, repaired, examples, read_bytes = Counter(), Counter(), [], 0
     try:
-        with tqdm(desc="preprocess", unit="doc", unit_scale=True, leave=False) as progress, \
+        if workers > 1:
+            threads = max(1, available_cpus() // workers)
+            # spawn, not fork: the parent may hold Rust and OpenMP thread pools that fork would break
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tok.path), options, threads))
+            results = _ordered(pool, _tasks(paths, options, chunk_bytes, shard_dir), in_flight=2 * workers)
+        else:
+            _init_worker(str(tok.path), options, None)
+            results = ((task, _try(_run_task, task)) for task in _tasks(paths, options, chunk_bytes, shard_dir))
+        with tqdm(total=total_bytes, desc="preprocess", unit="B", unit_scale=True, leave=False) as progress, \
                 IndexedWriter(output_prefix, tok.vocab_size) as writer:
-            for result in results:
-                bounds = np.cumsum([0, *result.lengths])
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    writer.add_document(result.ids[a:b])
-                skipped.update(result.skipped)
+            path, lines_before = None, 0  # results come in input order: lines of the file before this task
+            for task, result in results:
+                if task.path != path:
+                    path, lines_before = task.path, 0
+                if isinstance(result, _LineError):
+                    raise UserError(f"{path}:{lines_before + result.line}: {result.message}")
+                examples += [(path, lines_before + line, reason) for line, reason in result.counts.examples]
+                lines_before += result.newlines
+                writer.add_shard(task.shard, result.documents, result.tokens)
+                for suffix in (bin_path, idx_path):
+                    suffix(task.shard).unlink()
+                skipped.update(result.counts.skipped)
+                repaired.update(result.counts.repaired)
                 read_bytes += result.read_bytes
-                progress.update(len(result.lengths))
-                rate = writer.tokens / max(progress.format_dict["elapsed"], 1e-9)
-                progress.set_postfix_str(f"{writer.tokens / 1e6:.2f}M tokens, {rate / 1e6:.2f}M tok/s", refresh=False)
+                progress.update(task.disk_bytes)
+                elapsed = max(progress.format_dict["elapsed"], 1e-9)
+                progress.set_postfix_str(f"{writer.documents / elapsed:,.0f} doc/s, "
+                                         f"{writer.tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
             if writer.documents == 0:
                 raise UserError(f"no documents in {', '.join(map(str, paths))} (skipped: {dict(skipped)}); "
-                                f"check the files and --json-key")
+                                f"check the files, --json-key and --txt-docs")
+            for file, line, reason in examples[:MAX_EXAMPLES]:
+                log.warning("skipped %s:%d (%s)", file, line, reason)
             writer.sidecar = {
                 "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint(),
                               "type": tok.type, "vocab_size": tok.vocab_size},
                 "inputs": [str(p) for p in paths],
                 "json_key": json_key,
+                "txt_docs": txt_docs,
+                "strict": strict,
+                "skip_bad_lines": skip_bad_lines,
                 "skipped": dict(sorted(skipped.items())),
+                "repaired": dict(sorted(repaired.items())),
                 "tool": "preprocess_data",
                 "tool_version": _tool_version(),
             }
@@ -277,6 +514,29 @@ def preprocess(
         if pool is not None:
             pool.terminate()
             pool.join()
+        shutil.rmtree(shard_dir, ignore_errors=True)
     return PreprocessSummary(str(output_prefix), len(paths), writer.documents, writer.tokens,
-                             dict(sorted(skipped.items())), read_bytes, np.dtype(writer.dtype).name,
-                             time.perf_counter() - start)
+                             dict(sorted(skipped.items())), dict(sorted(repaired.items())), read_bytes,
+                             np.dtype(writer.dtype).name, time.perf_counter() - start, workers)
+
+
+def _try(fn, task):
+    """fn(task), or the _LineError it raised: the caller adds the line number of the task's start."""
+    try:
+        return fn(task)
+    except _LineError as err:
+        return err
+
+
+def _ordered(pool, tasks: Iterator[_Task], in_flight: int) -> Iterator[tuple[_Task, object]]:
+    """(task, result or _LineError) in task order, at most `in_flight` tasks queued: a gzip file is
+    not decompressed into memory faster than the workers tokenize it."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append((task, pool.apply_async(_try, (_run_task, task))))
+        if len(pending) >= in_flight:
+            done, result = pending.popleft()
+            yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()

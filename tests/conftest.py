@@ -1,9 +1,9 @@
-"""Shared data fixtures: one small demo corpus and one BPE tokenizer trained on it, per session."""
+"""Shared data fixtures: one small demo corpus, and a BPE and a SentencePiece tokenizer trained on it, per session."""
 from types import SimpleNamespace
 
 import pytest
 
-from data.tokenizer import train_bpe
+from data.tokenizer import train_bpe, train_spm
 from tools.build_demo_corpus import build_demo_corpus
 
 SMALL_CORPUS_MB = 0.3  # a few hundred docstrings: enough for a 1000-token vocabulary, fast to build
@@ -21,3 +21,9 @@ def demo_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_tokenizer(demo_corpus, tmp_path_factory):
     return train_bpe([demo_corpus.path], SMALL_VOCAB, tmp_path_factory.mktemp("tok") / "bpe")
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(demo_corpus, tmp_path_factory):
+    """SentencePiece Unigram, DeBERTa-v3 layout, SMALL_VOCAB ids ([MASK] = SMALL_VOCAB - 1)."""
+    return train_spm([demo_corpus.path], SMALL_VOCAB, tmp_path_factory.mktemp("tok") / "spm")

@@ -1,38 +1,58 @@
 """Train a tokenizer on raw text and save it as a directory that data/tokenizer.py and Hugging Face load.
 
     python tools/train_tokenizer.py --input 'corpus/*.jsonl' --type bpe --vocab-size 8000 --output tok/
+    python tools/train_tokenizer.py --input 'corpus/*.jsonl' --type spm --output tok/   # DeBERTa-v3 style
 
 Inputs are files, directories or quoted globs of .jsonl (text under --json-key) or .txt (one
-document per line), optionally gzipped. The output directory appears only when complete.
+document per line, or --txt-docs blank-line), optionally gzipped, read as tools/preprocess_data.py
+reads them. The output directory appears only when complete.
+
+--type bpe: RoBERTa's byte-level BPE (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4).
+--type spm: SentencePiece, Unigram (or --spm-model-type bpe) with byte fallback and DeBERTa-v3's ids
+  ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, [MASK] last), no Unicode normalisation (see data/tokenizer.py);
+  trained on a uniform sample of --sample-lines lines, read in one streaming pass.
 """
 import argparse
 import time
 from typing import Optional, Sequence
 
-from data.errors import UserError
-from data.preprocess import expand_inputs
-from data.tokenizer import train_bpe
+from data.preprocess import TXT_DOCS, ReadOptions, expand_inputs
+from data.tokenizer import train_bpe, train_spm
 from tools._cli import run_cli
 
-DEFAULT_VOCAB_SIZE = {"bpe": 50265}  # RoBERTa's
+# RoBERTa's; DeBERTa-v3's 128000 SentencePiece pieces plus [MASK] at id 128000
+DEFAULT_VOCAB_SIZE = {"bpe": 50265, "spm": 128001}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="files, directories or quoted globs")
     parser.add_argument("--type", choices=("bpe", "spm"), default="bpe", help="byte-level BPE or SentencePiece")
-    parser.add_argument("--vocab-size", type=int, default=None, help="ids including specials; bpe default 50265")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="ids including specials; default 50265 (bpe) or 128001 (spm: 128000 pieces + [MASK])")
     parser.add_argument("--output", required=True, help="tokenizer directory to write")
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
-    parser.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences for a merge")
+    parser.add_argument("--txt-docs", choices=TXT_DOCS, default="line",
+                        help=".txt documents: one per line, or separated by blank lines")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip malformed JSON lines and lines without --json-key instead of failing")
+    parser.add_argument("--min-frequency", type=int, default=2, help="bpe: fewest occurrences for a merge")
+    parser.add_argument("--spm-model-type", choices=("unigram", "bpe"), default="unigram",
+                        help="spm: the SentencePiece algorithm (DeBERTa-v3: unigram)")
+    parser.add_argument("--sample-lines", type=int, default=5_000_000,
+                        help="spm: lines sampled uniformly from the inputs for training")
+    parser.add_argument("--seed", type=int, default=0, help="spm: seed of the line sample and of training")
     args = parser.parse_args(argv)
 
-    if args.type == "spm":
-        raise UserError("--type spm is not implemented yet; use --type bpe")
     files = expand_inputs(args.input)
+    options = ReadOptions(json_key=args.json_key, txt_docs=args.txt_docs, skip_bad_lines=args.skip_bad_lines)
+    vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE[args.type]
     start = time.perf_counter()
-    tok = train_bpe(files, args.vocab_size or DEFAULT_VOCAB_SIZE[args.type], args.output,
-                    min_frequency=args.min_frequency, json_key=args.json_key)
+    if args.type == "bpe":
+        tok = train_bpe(files, vocab_size, args.output, min_frequency=args.min_frequency, read_options=options)
+    else:
+        tok = train_spm(files, vocab_size, args.output, model_type=args.spm_model_type,
+                        sample_lines=args.sample_lines, read_options=options, seed=args.seed)
     print(f"wrote {args.output}: {tok.type}, vocab size {tok.vocab_size}, {len(files)} input file(s), "
           f"fingerprint {tok.fingerprint()[:12]}, {time.perf_counter() - start:.1f} s")
     return 0
