@@ -13,7 +13,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "megatron-core>=0.12",
-        "sentencepiece>=0.2",
+        "sentencepiece>=0.2.1",  # its fast numpy encode path
         "tokenizers>=0.20",
         "tensorboard>=2.15",
         "transformers>=4.45",

@@ -495,8 +495,6 @@ def preprocess(
             if writer.documents == 0:
                 raise UserError(f"no documents in {', '.join(map(str, paths))} (skipped: {dict(skipped)}); "
                                 f"check the files, --json-key and --txt-docs")
-            for file, line, reason in examples[:MAX_EXAMPLES]:
-                log.warning("skipped %s:%d (%s)", file, line, reason)
             writer.sidecar = {
                 "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint(),
                               "type": tok.type, "vocab_size": tok.vocab_size},
@@ -515,6 +513,8 @@ def preprocess(
             pool.terminate()
             pool.join()
         shutil.rmtree(shard_dir, ignore_errors=True)
+    for file, line, reason in examples[:MAX_EXAMPLES]:  # after the progress bar is gone
+        log.warning("skipped %s:%d (%s)", file, line, reason)
     return PreprocessSummary(str(output_prefix), len(paths), writer.documents, writer.tokens,
                              dict(sorted(skipped.items())), dict(sorted(repaired.items())), read_bytes,
                              np.dtype(writer.dtype).name, time.perf_counter() - start, workers)

@@ -245,7 +245,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(list(texts), num_threads=self._threads)
 
     def encode_batch_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        arrays = self._sp.encode(list(texts), num_threads=self._threads, return_type="numpy")
+        try:
+            arrays = self._sp.encode(list(texts), num_threads=self._threads, return_type="numpy")
+        except TypeError:  # sentencepiece before 0.2.1 returns lists only
+            return super().encode_batch_flat(texts)
         lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         return ids.astype(np.int32, copy=False), lengths

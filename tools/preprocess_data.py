@@ -39,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    txt_docs=args.txt_docs, strict=args.strict, skip_bad_lines=args.skip_bad_lines)
     print(f"wrote {s.prefix}.bin/.idx/.json: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
           f"from {s.files} file(s), {s.read_bytes / 1e6:.1f} MB, in {s.seconds:.1f} s with {s.workers} worker(s) "
-          f"({s.tokens / max(s.seconds, 1e-9) / 1e6:.2f}M tokens/s)\n"
+          f"({s.tokens / max(s.seconds, 1e-9) / 1e6:.2f}M tokens/s, startup included)\n"
           f"skipped: {_counts(s.skipped)}\nrepaired: {_counts(s.repaired)}")
     return 0
 
