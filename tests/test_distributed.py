@@ -100,8 +100,8 @@ def test_resume_continues_at_the_right_step_and_data(zero_runs, data_prefix, run
     assert sorted(resumed) == list(range(1, 17))
     assert resumed[9]["consumed_samples"] == 72
     for step in range(9, 17):
-        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=1e-6), step
-        assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-5), step
+        assert resumed[step]["loss"] == reference[step]["loss"], step  # bitwise on CPU fp32 (ZeRO-1)
+        assert resumed[step]["grad_norm"] == reference[step]["grad_norm"], step
 
 
 NO_DROPOUT_STEPS = dict(train__steps=3, model__overrides=NO_DROPOUT, checkpoint__every_steps=0,
