@@ -59,6 +59,50 @@ def _check_types(cfg) -> None:
             )
 
 
+def hf_encoder_kwargs(cfg) -> dict:
+    """Our BERT-family config fields under Hugging Face's names (vocabulary padding trimmed)."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.activation,
+        hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
+    )
+
+
+def _check_encoder(cfg, more_positive: tuple) -> None:
+    """The checks every BERT-family encoder config shares (sizes, vocabulary, heads, pad id,
+    dropouts, epsilons, activation); `more_positive` names architecture-specific sizes that must be >= 1."""
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size") + more_positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"model config: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.padded_vocab_size < cfg.vocab_size:
+        raise UserError(
+            f"model config: padded_vocab_size ({cfg.padded_vocab_size}) must be >= vocab_size "
+            f"({cfg.vocab_size}); use models.config.pad_vocab_size"
+        )
+    if cfg.hidden_size % cfg.num_heads:
+        raise UserError(
+            f"model config: hidden_size ({cfg.hidden_size}) must be divisible by num_heads "
+            f"({cfg.num_heads}); change one of them"
+        )
+    if not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise UserError(
+            f"model config: pad_token_id ({cfg.pad_token_id}) must be a vocabulary id "
+            f"in [0, {cfg.vocab_size})"
+        )
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UserError(f"model config: {name} must be in [0, 1), got {getattr(cfg, name)}")
+    for name in ("layer_norm_eps", "initializer_range"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"model config: {name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.activation not in ACTIVATIONS:
+        raise UserError(
+            f"model config: activation {cfg.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
+        )
+
+
 @dataclass
 class RobertaConfig:
     """RoBERTa encoder with a masked-language-model head (Liu et al., 2019)."""
@@ -112,39 +156,11 @@ class RobertaConfig:
         _check_types(self)
         if self.padded_vocab_size is None:
             self.padded_vocab_size = self.vocab_size
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise UserError(
-                f"model config: padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
-                f"({self.vocab_size}); use models.config.pad_vocab_size"
-            )
-        if self.hidden_size % self.num_heads:
-            raise UserError(
-                f"model config: hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                f"({self.num_heads}); change one of them"
-            )
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise UserError(
-                f"model config: pad_token_id ({self.pad_token_id}) must be a vocabulary id "
-                f"in [0, {self.vocab_size})"
-            )
+        _check_encoder(self, ("type_vocab_size",))
         if self.max_position_embeddings < self.pad_token_id + 2:
             raise UserError(
                 f"model config: max_position_embeddings ({self.max_position_embeddings}) must be "
                 f">= pad_token_id + 2; set it to seq_length + pad_token_id + 1"
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("layer_norm_eps", "initializer_range"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"model config: activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
             )
 
     @property
@@ -254,37 +270,9 @@ class DebertaConfig:
         _check_types(self)
         if self.padded_vocab_size is None:
             self.padded_vocab_size = self.vocab_size
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings", "emd_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.type_vocab_size < 0:
             raise UserError(f"model config: type_vocab_size must be >= 0, got {self.type_vocab_size}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise UserError(
-                f"model config: padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
-                f"({self.vocab_size}); use models.config.pad_vocab_size"
-            )
-        if self.hidden_size % self.num_heads:
-            raise UserError(
-                f"model config: hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                f"({self.num_heads}); change one of them"
-            )
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise UserError(
-                f"model config: pad_token_id ({self.pad_token_id}) must be a vocabulary id "
-                f"in [0, {self.vocab_size})"
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("layer_norm_eps", "initializer_range"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"model config: activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
-            )
+        _check_encoder(self, ("max_position_embeddings", "emd_layers"))
         unknown = [t for t in self.pos_att_type if t not in POSITION_ATTENTION_TYPES]
         if unknown or len(set(self.pos_att_type)) != len(self.pos_att_type):
             raise UserError(
@@ -407,35 +395,7 @@ class ElectraConfig:
             self.padded_vocab_size = self.vocab_size
         if self.embedding_size is None:
             self.embedding_size = self.hidden_size
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings", "embedding_size", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise UserError(
-                f"model config: padded_vocab_size ({self.padded_vocab_size}) must be >= vocab_size "
-                f"({self.vocab_size}); use models.config.pad_vocab_size"
-            )
-        if self.hidden_size % self.num_heads:
-            raise UserError(
-                f"model config: hidden_size ({self.hidden_size}) must be divisible by num_heads "
-                f"({self.num_heads}); change one of them"
-            )
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise UserError(
-                f"model config: pad_token_id ({self.pad_token_id}) must be a vocabulary id "
-                f"in [0, {self.vocab_size})"
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("layer_norm_eps", "initializer_range"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model config: {name} must be > 0, got {getattr(self, name)}")
-        if self.activation not in ACTIVATIONS:
-            raise UserError(
-                f"model config: activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
-            )
+        _check_encoder(self, ("max_position_embeddings", "embedding_size", "type_vocab_size"))
 
     @property
     def head_size(self) -> int:

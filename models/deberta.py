@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import DebertaConfig
+from models.config import DebertaConfig, hf_encoder_kwargs
 from models.layers import FeedForward, activation_fn
 from models.parallel import ParallelLayers
 
@@ -471,18 +471,7 @@ def hf_config(cfg: DebertaConfig, component: str = "mlm"):
 
     _check_component(component)
     return transformers.DebertaV2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act=cfg.activation,
-        hidden_dropout_prob=cfg.hidden_dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
+        **hf_encoder_kwargs(cfg),
         relative_attention=cfg.relative_attention,
         max_relative_positions=cfg.max_relative_positions,
         position_buckets=cfg.position_buckets,

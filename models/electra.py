@@ -68,7 +68,7 @@ from torch import nn
 
 from data.errors import UserError
 from models import deberta
-from models.config import RTD_BACKBONE_CONFIGS, DebertaConfig, ElectraConfig, RTDConfig
+from models.config import RTD_BACKBONE_CONFIGS, DebertaConfig, ElectraConfig, RTDConfig, hf_encoder_kwargs
 from models.deberta import DebertaForMaskedLM, DebertaModel
 from models.layers import TransformerLayer, activation_fn, attention_bias
 from models.parallel import ParallelLayers
@@ -689,19 +689,8 @@ def tower_hf_config(cfg: ElectraConfig, component: str):
 
     _check_component(component)
     return transformers.ElectraConfig(
-        vocab_size=cfg.vocab_size,
         embedding_size=cfg.embedding_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act=cfg.activation,
-        hidden_dropout_prob=cfg.hidden_dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
+        **hf_encoder_kwargs(cfg),
         pad_token_id=cfg.pad_token_id,
         tie_word_embeddings=True,
         architectures=[_HF_ARCHITECTURES[component]],

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import RobertaConfig
+from models.config import RobertaConfig, hf_encoder_kwargs
 from models.layers import TransformerLayer, attention_bias
 from models.parallel import ParallelLayers
 
@@ -193,18 +193,7 @@ def hf_config(cfg: RobertaConfig):
     import transformers
 
     return transformers.RobertaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act=cfg.activation,
-        hidden_dropout_prob=cfg.hidden_dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position_embeddings,
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
+        **hf_encoder_kwargs(cfg),
         pad_token_id=cfg.pad_token_id,
         tie_word_embeddings=True,
         architectures=["RobertaForMaskedLM"],
