@@ -8,7 +8,7 @@ draws exactly the same masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -60,6 +60,3 @@ class MaskingRecipe:
         inputs[to_random] = rng.choice(self._random_ids, size=len(to_random))
         return inputs, labels
 
-
-def special_ids_of(tokenizer) -> Sequence[int]:
-    return tuple(tokenizer.special_ids)

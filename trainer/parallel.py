@@ -120,11 +120,3 @@ def init_parallel(tensor_parallel: int) -> ParallelContext:
         dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
         device=device)
 
-
-def destroy_parallel() -> None:
-    with quiet_megatron_import():
-        from megatron.core import parallel_state
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
