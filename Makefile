@@ -14,7 +14,6 @@ $(BIN)/.installed: setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python tools/prebuild_ops.py
 	touch $@
 
 install: $(BIN)/.installed

@@ -89,6 +89,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_cpu_shm_op() -> None:
+    """Tells DeepSpeed not to JIT-build its CPU shared-memory all-reduce op.
+
+    DeepSpeed builds that op on every CPU `init_distributed` (30-80 s with g++ on the first launch, under a
+    lock file in ~/.cache/torch_extensions that a killed build leaves behind and every later launch then
+    waits on forever). Only DeepSpeed inference's `inference_all_reduce` uses it; training collectives go
+    through torch.distributed (gloo) either way. DeepSpeed keeps the probed op table in one module-level
+    dict, so marking the op incompatible there makes `build_shm_op` return None.
+    """
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_parallel(tensor_parallel: int) -> ParallelContext:
     """Starts torch.distributed (via DeepSpeed) and megatron-core's groups; works for one plain process too."""
     import deepspeed
@@ -105,6 +118,8 @@ def init_parallel(tensor_parallel: int) -> ParallelContext:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if accelerator.device_name() == "cpu":
+            _skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     if world_size % tensor_parallel:
