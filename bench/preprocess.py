@@ -131,7 +131,7 @@ def bench(kind: str, tok_dir: Path, base: Path, work: Path, args) -> None:
 def main():
     args = parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # the raw BPE peer's thread budget
-    from data.tokenizer import train_bpe, train_spm
+    from data.tokenizer_train import train_bpe, train_spm
     from tools.build_demo_corpus import build_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from data.tokenizer import train_bpe, train_spm
+from data.tokenizer_train import train_bpe, train_spm
 from tools.build_demo_corpus import build_demo_corpus
 
 SMALL_CORPUS_MB = 0.3  # a few hundred docstrings: enough for a 1000-token vocabulary, fast to build

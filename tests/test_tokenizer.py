@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data.errors import UserError
-from data.tokenizer import _cut_utf8, _reservoir_sample, load_tokenizer, train_bpe, train_spm
+from data.tokenizer import load_tokenizer
+from data.tokenizer_train import _cut_utf8, _reservoir_sample, train_bpe, train_spm
 from tools import train_tokenizer
 
 # Texts where a byte-level BPE and its Hugging Face wrapper could part ways: accents (composed

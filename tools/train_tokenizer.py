@@ -17,7 +17,7 @@ import time
 from typing import Optional, Sequence
 
 from data.preprocess import TXT_DOCS, ReadOptions, expand_inputs
-from data.tokenizer import train_bpe, train_spm
+from data.tokenizer_train import train_bpe, train_spm
 from tools._cli import run_cli
 
 # RoBERTa's; DeBERTa-v3's 128000 SentencePiece pieces plus [MASK] at id 128000

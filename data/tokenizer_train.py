@@ -1,0 +1,394 @@
+"""Training the project's tokenizers: byte-level BPE (`tokenizers`) and SentencePiece, saved as
+directories that `data.tokenizer.load_tokenizer` and Hugging Face `AutoTokenizer` both load.
+
+Training reads a sample of the lines of large inputs rather than all of them. The SentencePiece
+directory ships a `tokenizer.json` built here from the model itself (byte fallback, the model's
+identity normalisation, a byte-fallback decoder), because transformers 5.x's `DebertaV2Tokenizer`
+rebuilds the model without byte fallback and with its own normaliser.
+"""
+import io
+import json
+import os
+import random
+import re
+import shutil
+import string
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from data.errors import UserError
+from data.tokenizer import (DEBERTA_V3_SPECIALS, META_FILE, META_FORMAT_VERSION, ROBERTA_SPECIALS, BPETokenizer,
+                            SentencePieceTokenizer, Tokenizer, load_tokenizer)
+
+
+def _hf_config_files(specials: dict, model_max_length: int, **extra) -> dict[str, dict]:
+    """`tokenizer_config.json` and `special_tokens_map.json` for Hugging Face transformers.
+
+    `PreTrainedTokenizerFast` makes transformers load tokenizer.json as it is; a model class such as
+    `RobertaTokenizerFast` or `DebertaV2Tokenizer` would rebuild the pipeline from the vocabulary
+    (and, for DeBERTa, without byte fallback and with its own normaliser) instead.
+    """
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False, **extra}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _training_texts(files_or_iterator, read_options) -> Iterator[str]:
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files_or_iterator = [files_or_iterator]
+    if isinstance(files_or_iterator, (list, tuple)) and all(
+            isinstance(f, (str, os.PathLike)) for f in files_or_iterator):
+        from data.preprocess import ReadOptions, iter_texts  # the readers live with the preprocessing pipeline
+
+        return iter_texts([Path(f) for f in files_or_iterator], read_options or ReadOptions())
+    return iter(files_or_iterator)
+
+
+def train_bpe(
+    files_or_iterator,
+    vocab_size: int,
+    output_dir: str | Path,
+    min_frequency: int = 2,
+    json_key: str = "text",
+    model_max_length: int = 512,
+    read_options=None,
+) -> Tokenizer:
+    """Train a RoBERTa-style byte-level BPE and save it to output_dir (replaced atomically).
+
+    files_or_iterator: a list of .jsonl/.txt(.gz) paths (read like tools/preprocess_data.py, with
+    `read_options`, a `data.preprocess.ReadOptions`, or just JSON field `json_key`), or any other
+    iterable of document strings. `vocab_size` counts the five specials and the 256 byte symbols; a
+    small corpus may stop short of it (see `vocab_size`).
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    specials = list(ROBERTA_SPECIALS.values())
+    if vocab_size < len(specials) + 256:
+        raise UserError(f"vocab size {vocab_size} is too small for byte-level BPE; use at least "
+                        f"{len(specials) + 256} (5 specials + 256 bytes)")
+    if read_options is None:
+        from data.preprocess import ReadOptions
+
+        read_options = ReadOptions(json_key=json_key)
+    tok = HFTokenizer(models.BPE())  # no unk: every byte has a symbol
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special_tokens = [
+        AddedToken(t, special=True, normalized=False, lstrip=(t == "<mask>"), rstrip=False) for t in specials
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,  # added first, in order: ids 0..4
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(_training_texts(files_or_iterator, read_options), trainer=trainer)
+    # (sep, cls, trim_offsets, add_prefix_space); positional only in the Rust binding
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), True, False
+    )
+    ids = [tok.token_to_id(t) for t in specials]
+    assert ids == list(range(len(specials))), f"special token ids {ids} are not 0..4"
+
+    meta = {
+        "format_version": META_FORMAT_VERSION,
+        "type": BPETokenizer.type,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "special_tokens": dict(ROBERTA_SPECIALS),
+        "special_ids": {role: tok.token_to_id(t) for role, t in ROBERTA_SPECIALS.items()},
+        "min_frequency": min_frequency,
+        "requested_vocab_size": vocab_size,
+    }
+    mask = {"content": "<mask>", "lstrip": True, "rstrip": False, "normalized": False,
+            "single_word": False, "special": True}
+    hf_specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+                   "pad_token": "<pad>", "cls_token": "<s>", "mask_token": mask}
+    hf_files = _hf_config_files(hf_specials, model_max_length, add_prefix_space=False, trim_offsets=True,
+                                errors="replace")
+    output_dir = Path(output_dir)
+    with _atomic_dir(output_dir) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        for name, content in {**hf_files, META_FILE: meta}.items():
+            _write_json(tmp / name, content)
+    return load_tokenizer(output_dir)
+
+
+# -- SentencePiece ------------------------------------------------------------------------------
+
+SPM_NORMALIZATION = "identity"  # see train_spm
+SPM_MAX_LINE_BYTES = 4096  # sentencepiece skips longer training lines; we cut them at spaces first
+# Printable ASCII is always a piece of its own, whatever the character coverage: then every literal
+# "[CLS]", "[UNK]" or "<0xE6>" in text has a path of ordinary pieces, which tokenizer.json needs
+# (see _hf_tokenizer_from_spm) and which costs 94 ids.
+SPM_REQUIRED_CHARS = "".join(c for c in string.printable if not c.isspace())
+# Score given in tokenizer.json to pieces sentencepiece never matches in text (control, unknown, byte).
+# `tokenizers` puts every vocabulary entry in its lattice; this keeps them off every best path.
+_UNREACHABLE_SCORE = -1e6
+SCORE_GRID = 8  # Unigram scores are rounded to multiples of 1/SCORE_GRID (see train_spm)
+
+
+def _spm_training_lines(texts: Iterable[str]) -> Iterator[str]:
+    """Documents to SentencePiece training lines: their non-blank lines, long ones cut at spaces."""
+    for text in texts:
+        for line in text.split("\n"):
+            line = line.strip()
+            if len(line) * 4 <= SPM_MAX_LINE_BYTES:  # short enough in any encoding: the common case
+                if line:
+                    yield line
+            else:
+                yield from _cut_utf8(line.encode("utf-8"), SPM_MAX_LINE_BYTES)
+
+
+def _reservoir_sample(items: Iterable[str], size: int, seed: int) -> tuple[list[str], int]:
+    """A uniform random sample of `size` items from a stream read once (Algorithm R), and the stream's length."""
+    rng, sample, seen = random.Random(seed), [], 0
+    for seen, item in enumerate(items, start=1):
+        if seen <= size:
+            sample.append(item)
+        else:
+            slot = rng.randrange(seen)
+            if slot < size:
+                sample[slot] = item
+    return sample, seen
+
+
+def _cut_utf8(data: bytes, limit: int) -> Iterator[str]:
+    """UTF-8 text in pieces of at most `limit` bytes, cut at the last space of each (or between characters)."""
+    start = 0
+    while len(data) - start > limit:
+        cut = data.rfind(b" ", start + 1, start + limit + 1)
+        if cut < 0:
+            cut = start + limit
+            while data[cut] & 0xC0 == 0x80:  # not inside a character
+                cut -= 1
+        yield data[start:cut].decode("utf-8")
+        start = cut + (data[cut:cut + 1] == b" ")
+    if start < len(data):
+        yield data[start:].decode("utf-8")
+
+
+def train_spm(
+    files_or_iterator,
+    vocab_size: int,
+    output_dir: str | Path,
+    model_type: str = "unigram",
+    sample_lines: int = 5_000_000,
+    read_options=None,
+    model_max_length: int = 512,
+    seed: int = 0,
+    threads: Optional[int] = None,
+) -> Tokenizer:
+    """Train a SentencePiece model (DeBERTa-v3 style) and save it to output_dir (replaced atomically).
+
+    files_or_iterator: input paths (read with `read_options`, a `data.preprocess.ReadOptions`) or an
+    iterable of document strings; each document's non-blank lines are the training "sentences".
+    vocab_size: ids in all, [MASK] included: the SentencePiece model gets vocab_size - 1 pieces
+    (a small corpus may give fewer: the size is a ceiling, as for BPE).
+    model_type: "unigram" (DeBERTa-v3's) or "bpe".
+    sample_lines: the inputs are read once, as a stream, keeping a uniform random sample of this many
+    lines (reservoir sampling), so memory does not grow with the corpus. The sample is drawn here,
+    from `seed`, rather than by SentencePiece's own `input_sentence_size` + `shuffle_input_sentence`,
+    whose reservoir ignores its seed: two runs would train two different models. The model is
+    reproducible for the same inputs, seed and `threads` (SentencePiece's EM sums per thread).
+
+    Normalisation is `identity`: no Unicode normalisation, only SentencePiece's whitespace rules
+    (spaces stripped at both ends, runs of spaces collapsed; tabs and newlines are kept as characters,
+    so `decode` gives them back). DeBERTa-v3 used `nmt_nfkc`, but a tokenizer.json can carry that
+    rule table only through `tokenizers`' Precompiled normaliser, which parts from sentencepiece on
+    combining sequences: it leaves "e\u0301" decomposed where sentencepiece composes "é", treats
+    decomposed Hangul likewise, and drops a combining mark after a full-width letter. AutoTokenizer
+    would then not encode as the data was preprocessed; with `identity` the two agree on all text.
+    The cost: compatibility forms (full-width Latin, ligatures, decomposed accents) stay distinct
+    characters with their own pieces; normalise the corpus beforehand to fold them. Byte fallback
+    spells characters outside the vocabulary in UTF-8 bytes, so nothing becomes [UNK].
+
+    Unigram scores are rounded to multiples of 1/8 (see SCORE_GRID) so that Hugging Face's lattice
+    breaks ties as sentencepiece does. With model_type "bpe", one corner differs in Hugging Face:
+    "[MASK]" written directly before the literal name of a control or byte piece ("[MASK][SEP]",
+    "[MASK]<0x41>", up to the next space) gives that piece's id, where sentencepiece spells it.
+    """
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from data.preprocess import available_cpus
+
+    if model_type not in ("unigram", "bpe"):
+        raise UserError(f"SentencePiece model type {model_type!r} is not supported; use unigram or bpe")
+    meta_pieces = 4 + 256 + 1  # [PAD] [CLS] [SEP] [UNK], the bytes, [MASK]
+    if vocab_size < meta_pieces + len(SPM_REQUIRED_CHARS):
+        raise UserError(f"vocab size {vocab_size} is too small for SentencePiece with byte fallback; use at "
+                        f"least {meta_pieces + len(SPM_REQUIRED_CHARS)} (specials, 256 bytes, printable ASCII)")
+    if sample_lines < 1:
+        raise UserError(f"--sample-lines must be at least 1, got {sample_lines}")
+    threads = threads or available_cpus()
+    lines = _spm_training_lines(_training_texts(files_or_iterator, read_options))
+    sample, lines_read = _reservoir_sample(lines, sample_lines, seed)
+    if not sample:
+        raise UserError("no text to train SentencePiece on: every input document is empty")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size - 1,  # [MASK] is appended below
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]",
+            unk_id=3, unk_piece="[UNK]",
+            normalization_rule_name=SPM_NORMALIZATION,
+            required_chars=SPM_REQUIRED_CHARS,
+            # pieces never span a space (▁ only leads a piece): tokenizer.json relies on it
+            split_by_whitespace=True,
+            treat_whitespace_as_suffix=False,
+            allow_whitespace_only_pieces=False,
+            input_sentence_size=0,  # all of the sample
+            max_sentence_length=SPM_MAX_LINE_BYTES,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as err:  # sentencepiece reports bad settings and empty inputs this way
+        reason = str(err).split("]")[-1].strip() or str(err)
+        raise UserError(f"SentencePiece training failed: {reason}") from None
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    if model_type == "unigram":
+        # sentencepiece sums scores along the text in float32, tokenizers per word in float64: their
+        # roundings break exact ties (the same pieces in another order, as "((" "(" and "(" "((")
+        # differently. Scores on a 1/8 grid make float32 sums exact up to 2**21 (~170K pieces of a
+        # text); both then take the same path, ties included.
+        for piece in proto.pieces:
+            piece.score = round(piece.score * SCORE_GRID) / SCORE_GRID
+    mask = proto.pieces.add()  # DeBERTa-v3 puts [MASK] after the SentencePiece vocabulary
+    mask.piece, mask.score, mask.type = "[MASK]", 0.0, sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    pieces = len(proto.pieces)
+
+    meta = {
+        "format_version": META_FORMAT_VERSION,
+        "type": SentencePieceTokenizer.type,
+        "vocab_size": pieces,
+        "special_tokens": dict(DEBERTA_V3_SPECIALS),
+        "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": pieces - 1},
+        "model_type": model_type,
+        "normalization": SPM_NORMALIZATION,
+        "byte_fallback": True,
+        "requested_vocab_size": vocab_size,
+        "sample_lines": sample_lines,
+        "lines_read": lines_read,
+        "seed": seed,
+        "threads": threads,
+    }
+    hf_specials = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
+                   "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    # split_special_tokens: specials written in text are text, as for sentencepiece; [MASK] is still
+    # matched, by tokenizer.json's own pipeline (a user-defined piece, as in sentencepiece)
+    hf_files = _hf_config_files(hf_specials, model_max_length, split_special_tokens=True)
+    output_dir = Path(output_dir)
+    with _atomic_dir(output_dir) as tmp:
+        (tmp / "spm.model").write_bytes(proto.SerializeToString())
+        _hf_tokenizer_from_spm(proto).save(str(tmp / "tokenizer.json"))
+        for name, content in {**hf_files, META_FILE: meta}.items():
+            _write_json(tmp / name, content)
+    return load_tokenizer(output_dir)
+
+
+def _hf_tokenizer_from_spm(proto):
+    """A `tokenizers.Tokenizer` that encodes as sentencepiece does with a model from train_spm (a ModelProto).
+
+    The steps mirror sentencepiece's, for the settings train_spm uses (identity normalisation,
+    whitespace rules on, byte fallback, pieces never spanning a space):
+    - normaliser: spaces stripped at both ends and runs collapsed, spaces escaped as "▁" (at the end
+      sentencepiece strips escaped spaces, so a "▁" written in the text goes too), the dummy "▁" prefix;
+    - pre-tokenizer: split before each "▁" and isolate the user-defined pieces ([MASK]), which
+      sentencepiece always emits whole;
+    - model: the pieces with byte fallback. `tokenizers` would also match control, unknown and byte
+      pieces when their names ("[CLS]", "<0xE6>") are written in text, where sentencepiece never does
+      (transformers' SpmConverter leaves them so): in a Unigram they get a score no path takes, since
+      each of their characters is a piece (SPM_REQUIRED_CHARS);
+    - decoder: "▁" to spaces, bytes back to characters, leading spaces dropped as sentencepiece does;
+    - post-processor: "[CLS] A [SEP]" and "[CLS] A [SEP] B [SEP]", as DeBERTa.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    if spec.precompiled_charsmap or not (spec.add_dummy_prefix and spec.remove_extra_whitespaces
+                                         and spec.escape_whitespaces and trainer.byte_fallback):
+        raise ValueError("only models with train_spm's settings can be converted to tokenizer.json")
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece
+    pieces = list(proto.pieces)
+    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        matchable = (kind.NORMAL, kind.USER_DEFINED)
+        vocab = [(p.piece, p.score if p.type in matchable else _UNREACHABLE_SCORE) for p in pieces]
+        model = models.Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=True)
+    else:
+        # sentencepiece's BPE merges the adjacent pair whose concatenation is the best-scored piece:
+        # every split of a piece into two pieces is a merge, ranked by the whole piece's score.
+        # ignore_merges takes a pre-token that is a piece as it is: how [MASK] stays whole.
+        normal = {p.piece: (-p.score, i) for i, p in enumerate(pieces) if p.type == kind.NORMAL}
+        ranked = sorted((normal[piece], piece[:cut], piece[cut:]) for piece in normal
+                        for cut in range(1, len(piece)) if piece[:cut] in normal and piece[cut:] in normal)
+        model = models.BPE({p.piece: i for i, p in enumerate(pieces)}, [(a, b) for _, a, b in ranked],
+                           unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=True, ignore_merges=True)
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(r"\A +"), ""),
+        normalizers.Replace(Regex(" {2,}"), " "),
+        normalizers.Replace(" ", "▁"),
+        normalizers.Replace(Regex(r"▁+\z"), ""),
+        normalizers.Prepend("▁"),  # not to an empty text, as sentencepiece
+    ])
+    splits = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)]
+    user_defined = sorted((p.piece for p in pieces if p.type == kind.USER_DEFINED), key=len, reverse=True)
+    if user_defined:
+        splits.append(pre_tokenizers.Split(Regex("|".join(map(re.escape, user_defined))), behavior="isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Replace(Regex(r"\A +"), "")])
+    cls, sep = pieces[trainer.bos_id].piece, pieces[trainer.eos_id].piece
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, trainer.bos_id), (sep, trainer.eos_id)])
+    return tok
+
+
+@contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success swap it into place as `final`.
+
+    An existing tokenizer directory (or an empty one) at `final` is replaced; any other existing
+    content is refused rather than deleted. On failure the temporary directory is removed.
+    """
+    if final.exists():
+        if not final.is_dir():
+            raise UserError(f"output {final} exists and is not a directory; choose another --output")
+        if any(final.iterdir()) and not (final / META_FILE).is_file():
+            raise UserError(f"output {final} is a non-empty directory that holds no tokenizer; "
+                            f"choose another --output or remove it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; make it an ordinary directory
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
