@@ -1,106 +1,160 @@
 """Resumable batches for one data-parallel rank, driven by the run's consumed-sample count.
 
-The run consumes a stream of global sample indices g = 0, 1, 2, ... Optimizer step s (from 1) takes
-g in [(s-1) B, s B) for global batch B; rank r of D takes the r-th contiguous slice of B/D of those and
-cuts it into micro-batches. Which packed sample g reads is a per-epoch permutation seeded by
-(seed, epoch), and its mask is seeded by (seed, g). The loader's state is the consumed count alone, so
+The run consumes a stream of global sample indices g = 0, 1, 2, ... (data/blending.py says which
+corpus and packed sample g reads; its mask is seeded by (seed, g)). Optimizer step s takes the next
+run of the stream:
+
+- fixed batches: B = train.global_batch_size samples;
+- token budget (RoBERTa's DOC-SENTENCES batches): as many samples as fit in `tokens_per_step`
+  tokens (`<s>`/`</s>` included, at least one sample), so that short samples make larger batches and
+  tokens per step stay about constant.
+
+Either way the step's samples depend on the consumed count only, never on the data-parallel size.
+Rank r of D takes the r-th of D near-equal contiguous slices and cuts it into K micro-batches of at
+most `micro_batch` samples, with K the same on every rank (ZeRO-2/3 run collectives in every
+backward/forward, so every rank must run as many). The loader's state is the consumed count alone, so
 a resumed run, or one with another data-parallel size, continues at the same global position.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
 
-from data.masking import (IGNORE_INDEX, ORDER_STREAM, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe,
-                          sample_rng)
+from data.blending import SampleStream
+from data.masking import IGNORE_INDEX, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, sample_rng
+
+
+def already_collated(batch):
+    """collate_fn for datasets whose __getitems__ returns a whole batch (module level: picklable)."""
+    return batch
 
 
 class MaskedSamples(torch.utils.data.Dataset):
-    """Global sample index -> padded, masked sample (dict of int64 tensors of length seq_length)."""
+    """Global sample index -> padded, masked sample; `__getitems__` masks a whole batch at once."""
 
     def __init__(self, packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
                  shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM):
-        self.packed, self.recipe = packed, recipe
+        """`packed`: one packed corpus (data/packing.py) or a SampleStream over several."""
+        self.stream = packed if isinstance(packed, SampleStream) else SampleStream([packed], seed=seed, shuffle=shuffle)
+        self.recipe = recipe
         self.seq_length, self.pad_id, self.seed = seq_length, pad_id, seed
         self.shuffle, self.mask_stream = shuffle, mask_stream
-        self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
-        return len(self.packed)
+        return len(self.stream)
 
     def sample_id(self, global_index: int) -> int:
-        """Epoch e = g // N reads a fresh permutation of the N packed samples."""
-        n = len(self.packed)
-        epoch, position = divmod(global_index, n)
-        if not self.shuffle:
-            return position
-        if epoch != self._epoch:
-            self._order = sample_rng(self.seed, epoch, ORDER_STREAM).permutation(n)
-            self._epoch = epoch
-        return int(self._order[position])
+        """The packed sample that global index g reads (its corpus: `self.stream.locate`)."""
+        return int(self.stream.locate([global_index])[1][0])
+
+    def __getitems__(self, global_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """A collated micro-batch: input_ids, labels, attention_mask (B, seq_length), sample_index (B,)."""
+        indices = [int(g) for g in global_indices]
+        corpus, samples = self.stream.locate(indices)
+        batch = len(indices)
+        tokens = np.full((batch, self.seq_length), self.pad_id, dtype=np.int64)
+        lengths = np.empty(batch, dtype=np.int64)
+        draws = []
+        for row, (g, c, s) in enumerate(zip(indices, corpus.tolist(), samples.tolist())):
+            sample = self.stream.tokens(c, s)
+            n = len(sample)
+            tokens[row, :n], lengths[row] = sample, n
+            draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), n))
+        inputs, labels = self.recipe.apply_batch(tokens, lengths, draws)
+        attention = (np.arange(self.seq_length)[None, :] < lengths[:, None]).astype(np.int64)
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(attention),
+                # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
+                "sample_index": torch.tensor(indices, dtype=torch.int64)}
 
     def __getitem__(self, global_index: int) -> Dict[str, torch.Tensor]:
-        tokens = self.packed.tokens(self.sample_id(global_index))
-        inputs, labels = self.recipe.apply(tokens, sample_rng(self.seed, global_index, self.mask_stream))
-        length = len(tokens)
-        input_ids = np.full(self.seq_length, self.pad_id, dtype=np.int64)
-        target = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
-        input_ids[:length], target[:length] = inputs, labels
-        mask = np.zeros(self.seq_length, dtype=np.int64)
-        mask[:length] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(target),
-                "attention_mask": torch.from_numpy(mask),
-                # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
-                "sample_index": torch.tensor(global_index, dtype=torch.int64)}
+        return {k: v[0] for k, v in self.__getitems__([global_index]).items()}
+
+
+class StepPlanner:
+    """Which global indices each optimizer step takes, and this rank's micro-batches of them."""
+
+    def __init__(self, stream: SampleStream, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 tokens_per_step: int = 0):
+        self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.tokens_per_step = dp_rank, dp_size, tokens_per_step
+
+    def step_size(self, consumed: int) -> int:
+        """Samples the step starting at global index `consumed` takes."""
+        if not self.tokens_per_step:
+            return self.global_batch
+        window = max(16, 2 * self.tokens_per_step // max(1, self.stream.corpora[0].seq_length) + 16)
+        while True:
+            lengths = self.stream.lengths(np.arange(consumed, consumed + window))
+            total = np.cumsum(lengths)
+            if total[-1] > self.tokens_per_step:
+                return max(1, int(np.searchsorted(total, self.tokens_per_step, side="right")))
+            window *= 2
+
+    def micro_batches(self, consumed: int) -> List[List[int]]:
+        """This rank's micro-batches (lists of global indices) of the step starting at `consumed`."""
+        count = self.step_size(consumed)
+        shares = np.array_split(np.arange(consumed, consumed + count), self.dp_size)
+        k = -(-max(len(s) for s in shares) // self.micro_batch)  # the same on every rank
+        mine = shares[self.dp_rank]
+        if len(mine) < k:
+            raise ValueError(f"a step of {count} samples leaves data-parallel rank {self.dp_rank} fewer samples "
+                             f"than the {k} micro-batches of its peers; raise train.tokens_per_step")
+        if not self.tokens_per_step:  # fixed batches: full micro-batches as before
+            return [mine[i:i + self.micro_batch].tolist() for i in range(0, len(mine), self.micro_batch)]
+        return [part.tolist() for part in np.array_split(mine, k)]
 
 
 class _RankBatches(torch.utils.data.Sampler):
     """Yields this rank's micro-batches of global indices from `consumed` on, forever."""
 
-    def __init__(self, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int):
-        self.consumed, self.global_batch, self.micro_batch = consumed, global_batch, micro_batch
-        self.per_rank = global_batch // dp_size
-        self.dp_rank = dp_rank
+    def __init__(self, planner: StepPlanner, consumed: int):
+        self.planner, self.consumed = planner, consumed
 
     def __iter__(self) -> Iterator[List[int]]:
-        start = self.consumed
+        consumed = self.consumed
         while True:
-            first = start + self.dp_rank * self.per_rank
-            for m in range(0, self.per_rank, self.micro_batch):
-                yield list(range(first + m, first + m + self.micro_batch))
-            start += self.global_batch
+            yield from self.planner.micro_batches(consumed)
+            consumed += self.planner.step_size(consumed)
 
 
 class PretrainLoader:
     """Micro-batches for one optimizer step at a time; `state_dict` is the consumed-sample count."""
 
     def __init__(self, samples: MaskedSamples, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 num_workers: int = 0, consumed_samples: int = 0):
-        if global_batch % (micro_batch * dp_size):
+                 num_workers: int = 0, consumed_samples: int = 0, tokens_per_step: int = 0):
+        if not tokens_per_step and global_batch % (micro_batch * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
         self.samples, self.global_batch, self.micro_batch = samples, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
-        self.accumulation = global_batch // (micro_batch * dp_size)
+        self.planner = StepPlanner(samples.stream, global_batch, micro_batch, dp_rank, dp_size, tokens_per_step)
+        self.accumulation = global_batch // (micro_batch * dp_size)  # fixed batches only
         self.consumed_samples = consumed_samples
+        self.last_step_samples = 0
         self._iterator = None
 
     def _start(self) -> None:
-        sampler = _RankBatches(self.consumed_samples, self.global_batch, self.micro_batch, self.dp_rank, self.dp_size)
+        sampler = _RankBatches(self.planner, self.consumed_samples)
         # A private generator: creating an iterator must not draw from the global torch RNG, which
         # drives dropout (a resumed run creates its iterator at a different point than an uninterrupted one).
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, num_workers=self.num_workers,
+                                             collate_fn=already_collated,
                                              persistent_workers=self.num_workers > 0,
                                              generator=torch.Generator().manual_seed(0))
         self._iterator = iter(loader)
 
     def next_step(self) -> List[Dict[str, torch.Tensor]]:
-        """The `accumulation` micro-batches of the next optimizer step for this rank."""
+        """The micro-batches of the next optimizer step for this rank (as many on every rank)."""
         if self._iterator is None:
             self._start()
-        batches = [next(self._iterator) for _ in range(self.accumulation)]
-        self.consumed_samples += self.global_batch
+        count = self.planner.step_size(self.consumed_samples)
+        parts = len(self.planner.micro_batches(self.consumed_samples)) if self.planner.tokens_per_step \
+            else self.accumulation
+        batches = [next(self._iterator) for _ in range(parts)]
+        self.consumed_samples += count
+        self.last_step_samples = count
         return batches
 
     def state_dict(self) -> Dict[str, int]:
@@ -120,8 +174,7 @@ def validation_batches(samples: MaskedSamples, count: int, micro_batch: int, dp_
     count = max(min(count, len(samples)), dp_size)
     mine = [i % len(samples) for i in range(dp_rank, count, dp_size)]
     for start in range(0, len(mine), micro_batch):
-        items = [samples[i] for i in mine[start:start + micro_batch]]
-        yield {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        yield samples.__getitems__(mine[start:start + micro_batch])
 
 
 def validation_samples(packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int) -> MaskedSamples:

@@ -1,14 +1,28 @@
-"""Dynamic masking for MLM (BERT 80/10/10, RoBERTa's new mask per presentation).
+"""Dynamic masking for MLM (BERT 80/10/10, RoBERTa's new mask per presentation), per batch.
 
-Every random choice comes from a generator seeded by (seed, global sample index, stream tag): the
+Every random number comes from a generator seeded by (seed, global sample index, stream tag): the
 global index counts samples in the run's consumed-sample stream, so a sample gets a new mask each
-epoch, tensor-parallel peers agree, and a resumed run, or one with another data-parallel size,
-draws exactly the same masks.
+epoch, tensor-parallel peers agree, and a resumed run, or one with another data-parallel size or
+batch composition, draws exactly the same masks.
+
+The batch path draws each sample's random numbers from its own generator (a few arrays of the
+sample's length), then makes every decision for the whole (B, L) batch at once in numpy:
+
+- units: tokens, or whole words when `whole_word` (a word starts at a token with the tokenizer's
+  word-start mark, 'Ġ' for byte-level BPE or '▁' for SentencePiece, and after any special token);
+- spans: with `max_span` n > 1, the non-special units are tiled into blocks of k + 1 units with k
+  drawn from p(k) ∝ 1/k on 1..n (ALBERT's n-gram masking); only the first k units of a block can be
+  masked, so masked spans never touch and each is at most n units long;
+- selection: blocks in random order are taken while the midpoint of their token count stays
+  within the budget round(mask_prob x candidate tokens) (randomised rounding, as fairseq), so the
+  masked fraction is mask_prob on average whatever the word lengths;
+- 80/10/10: <mask>, a random non-special token, unchanged. Special tokens and padding are never
+  selected.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,30 +47,107 @@ class MaskingRecipe:
     mask_prob: float = 0.15
     mask_token_prob: float = 0.8
     random_token_prob: float = 0.1
+    word_starts: Optional[np.ndarray] = None
+    """Boolean over the ids (Tokenizer.word_start_ids()): given, whole words are masked."""
+    max_span: int = 1
+    """Longest masked span in units (tokens, or words with whole-word masking); 1 = no spans."""
 
     def __post_init__(self):
         specials = np.zeros(self.vocab_size, dtype=bool)
         specials[list(self.special_ids)] = True
         object.__setattr__(self, "_is_special", specials)
         object.__setattr__(self, "_random_ids", np.flatnonzero(~specials))
+        if self.word_starts is not None:
+            starts = np.zeros(self.vocab_size, dtype=bool)
+            given = np.asarray(self.word_starts, dtype=bool)[: self.vocab_size]
+            starts[: len(given)] = given
+            object.__setattr__(self, "_word_start", starts | specials)
+        if self.max_span < 1:
+            raise ValueError("max_span must be >= 1")
+        weights = 1.0 / np.arange(1, self.max_span + 1)
+        object.__setattr__(self, "_span_cdf", np.cumsum(weights) / weights.sum())
+
+    @property
+    def whole_word(self) -> bool:
+        return self.word_starts is not None
+
+    def draws(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        """One sample's random numbers, float64 (rows: priority, 80/10/10, replacement, span, rounding)."""
+        return rng.random((5, length))
 
     def apply(self, tokens: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        """Returns (input_ids, labels); labels hold the original id at predicted positions, else -100.
-
-        As fairseq: select round-randomly mask_prob x (number of candidates) positions without
-        replacement among non-special tokens, then 80% <mask>, 10% random, 10% unchanged.
-        """
+        """One sample: (input_ids, labels); labels hold the original id at predicted positions, else -100."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        candidates = np.flatnonzero(~self._is_special[tokens])
-        count = int(self.mask_prob * len(candidates) + rng.random())
-        chosen = rng.choice(candidates, size=min(count, len(candidates)), replace=False)
-        inputs = tokens.copy()
-        labels = np.full_like(tokens, IGNORE_INDEX)
-        labels[chosen] = tokens[chosen]
-        u = rng.random(len(chosen))
-        to_mask = chosen[u < self.mask_token_prob]
-        to_random = chosen[(u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)]
-        inputs[to_mask] = self.mask_id
-        inputs[to_random] = rng.choice(self._random_ids, size=len(to_random))
-        return inputs, labels
+        inputs, labels = self.apply_batch(tokens[None], np.array([len(tokens)]), [self.draws(rng, len(tokens))])
+        return inputs[0], labels[0]
 
+    def apply_batch(self, tokens: np.ndarray, lengths: np.ndarray, draws: Sequence[np.ndarray]
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+        """tokens (B, L) int64, padded past `lengths`; draws[b] = self.draws(rng_b, >= lengths[b]).
+
+        Returns (inputs, labels), both (B, L). Row b depends on tokens[b] and draws[b] only.
+        """
+        batch, width = tokens.shape
+        positions = np.arange(width)
+        real = positions[None, :] < np.asarray(lengths)[:, None]
+        u = np.ones((5, batch, width))  # padding gets priority 1.0 (never first) and no span
+        for b, d in enumerate(draws):
+            n = int(lengths[b])
+            u[:, b, :n] = d[:, :n]
+        special = self._is_special[tokens] | ~real  # (B, L)
+        candidate = ~special
+
+        # units: a unit starts at every token, or at word starts and at/after specials
+        if self.whole_word:
+            starts = self._word_start[tokens] | ~real
+            starts[:, 1:] |= special[:, :-1]
+            starts[:, 0] = True
+        else:
+            starts = np.ones_like(special)
+        unit = np.cumsum(starts, axis=1) - 1  # (B, L) unit index of each token
+
+        # blocks of units (spans); a unit's rank counts the non-special units before it
+        unit_is_candidate = starts & candidate
+        if self.max_span > 1:
+            rank = np.cumsum(unit_is_candidate, axis=1) - 1  # valid on candidate tokens (a word is all-candidate)
+            spans = np.searchsorted(self._span_cdf, u[3]) + 1  # (B, L): block j has spans[:, j] maskable units
+            spans = np.minimum(spans, self.max_span)
+            block_ends = np.cumsum(spans + 1, axis=1)  # exclusive unit-rank end of each block
+            # one 1-D searchsorted for the whole batch: rows shifted apart by more than any rank
+            shift = (np.arange(batch) * (int(block_ends[:, -1].max()) + width + 1))[:, None]
+            block = np.searchsorted((block_ends + shift).ravel(), (rank + shift).ravel(), side="right")
+            block = block.reshape(batch, width) - (np.arange(batch) * width)[:, None]
+            begin = np.take_along_axis(block_ends - (spans + 1), np.clip(block, 0, width - 1), axis=1)
+            offset = rank - begin
+            span_len = np.take_along_axis(spans, np.clip(block, 0, width - 1), axis=1)
+            maskable = candidate & (offset < span_len)
+            group = np.where(maskable, block, width)  # width: the bin of tokens never selected
+        else:
+            maskable = candidate
+            group = np.where(maskable, unit, width)
+
+        # tokens per group, and each group's priority (the draw at its first token)
+        flat = group + (np.arange(batch) * (width + 1))[:, None]
+        counts = np.bincount(flat.ravel(), weights=maskable.ravel(), minlength=batch * (width + 1))
+        counts = counts.reshape(batch, width + 1)[:, :width]
+        priority = np.ones((batch, width + 1))
+        # the last write per group wins; any of its tokens' draws is as random as the first
+        np.put_along_axis(priority, group, u[0], axis=1)
+        priority = np.where(counts > 0, priority[:, :width], 2.0)
+        order = np.argsort(priority, axis=1, kind="stable")
+        sorted_counts = np.take_along_axis(counts, order, axis=1)
+        after = np.cumsum(sorted_counts, axis=1)
+        budget = np.floor(self.mask_prob * candidate.sum(axis=1) + u[4][:, 0])[:, None]
+        take_sorted = (after - sorted_counts / 2.0 < budget) & (sorted_counts > 0)
+        take = np.zeros((batch, width + 1), dtype=bool)
+        np.put_along_axis(take, order, take_sorted, axis=1)
+        chosen = np.take_along_axis(take, group, axis=1) & maskable
+
+        inputs = tokens.copy()
+        labels = np.where(chosen, tokens, IGNORE_INDEX)
+        to_mask = chosen & (u[1] < self.mask_token_prob)
+        to_random = chosen & (u[1] >= self.mask_token_prob) & (u[1] < self.mask_token_prob + self.random_token_prob)
+        inputs[to_mask] = self.mask_id
+        pick = np.minimum((u[2] * len(self._random_ids)).astype(np.int64), len(self._random_ids) - 1)
+        inputs[to_random] = self._random_ids[pick[to_random]]
+        return inputs, labels

@@ -1,57 +1,91 @@
-"""FULL-SENTENCES sample index over an IndexedDataset (RoBERTa, section 4.2).
+"""FULL-SENTENCES and DOC-SENTENCES sample indices over an IndexedDataset (RoBERTa, section 4.2).
 
-The documents of a split are laid end to end as one token stream, with `</s>` between documents:
+The items of a split are laid end to end as one token stream. FULL-SENTENCES puts `</s>` between
+documents:
 
     doc0 </s> doc1 </s> doc2          (no separator after the last document)
 
-Sample i is stream[i*C : (i+1)*C] framed as `<s> ... </s>`, with C = seq_length - 2, so samples may
-cross document boundaries and every token of the split appears in exactly one sample (the last
-sample may be shorter). Only per-item offsets are held in memory, never the text.
+and sample i is stream[i*C : (i+1)*C] framed as `<s> ... </s>`, with C = seq_length - 2, so samples
+may cross document boundaries and every token of the split appears in exactly one sample (the last
+sample may be shorter).
+
+DOC-SENTENCES cuts each document on its own into pieces of C tokens: no sample crosses a document,
+and a document's last piece, or a short document, gives a short sample (the token-budget batches
+of data/loader.py then take more of them). Empty documents give no sample.
+
+The index (per-item stream offsets; for DOC-SENTENCES the (begin, length) of every sample) is built
+with vectorised numpy and can come from data/sample_cache.py; only offsets are held in memory,
+never the text.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from data.errors import UserError
 
+Arrays = Dict[str, np.ndarray]
 
-class FullSentences:
-    """Random access to packed samples of items [first_item, last_item) of an IndexedDataset."""
 
-    def __init__(self, dataset, first_item: int, last_item: int, document_ends: Sequence[int],
-                 seq_length: int, bos_id: int, eos_id: int):
-        """`document_ends`: item indices at which documents end (megatron's document_indices[1:])."""
-        if last_item <= first_item:
-            raise UserError("the data split is empty: lower data.valid_fraction or add documents")
+def stream_index(item_lengths: np.ndarray, first_item: int, last_item: int, document_ends: Sequence[int],
+                 separators: bool) -> Arrays:
+    """Stream offset of each item of [first_item, last_item), with `</s>` after document ends if `separators`."""
+    lengths = np.asarray(item_lengths[first_item:last_item], dtype=np.int64)
+    separator = np.zeros(len(lengths), dtype=np.int64)
+    if separators and len(lengths):
+        # A separator follows an item that ends a document, except the split's last item.
+        separator = np.isin(np.arange(first_item + 1, last_item + 1), np.asarray(document_ends)).astype(np.int64)
+        separator[-1] = 0
+    span = lengths + separator
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(span[:-1], out=starts[1:])
+    return {"lengths": lengths, "separator": separator, "starts": starts}
+
+
+def doc_sentences_index(item_lengths: np.ndarray, document_indices: Sequence[int], first_doc: int, last_doc: int,
+                        chunk: int) -> Arrays:
+    """(begin, length) in the split's stream of every DOC-SENTENCES sample, documents in order."""
+    docs = np.asarray(document_indices, dtype=np.int64)[first_doc:last_doc + 1]
+    stream = stream_index(item_lengths, int(docs[0]), int(docs[-1]), docs[1:], separators=False)
+    item_end = np.concatenate([[0], np.cumsum(stream["lengths"])])
+    doc_begin = item_end[docs[:-1] - docs[0]]
+    doc_length = item_end[docs[1:] - docs[0]] - doc_begin
+    pieces = -(-doc_length // chunk)  # 0 for an empty document
+    owner = np.repeat(np.arange(len(doc_length)), pieces)
+    within = np.arange(len(owner)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece number in its document
+    begin = doc_begin[owner] + within * chunk
+    length = np.minimum(chunk, doc_length[owner] - within * chunk)
+    return {**stream, "begin": begin, "length": length, "document": owner + first_doc}
+
+
+class _PackedStream:
+    """Reads token ranges of the split's stream (items end to end, optional `</s>` separators)."""
+
+    def __init__(self, dataset, first_item: int, index: Arrays, seq_length: int, bos_id: int, eos_id: int):
         self.dataset = dataset
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.seq_length = seq_length
         self.chunk = seq_length - 2  # room left by <s> and </s>
-        lengths = np.asarray(dataset.sequence_lengths[first_item:last_item], dtype=np.int64)
-        ends = np.asarray(document_ends, dtype=np.int64)
-        # A separator follows an item that ends a document, except the split's last item.
-        separator = np.isin(np.arange(first_item + 1, last_item + 1), ends).astype(np.int64)
-        separator[-1] = 0
-        self.items = np.arange(first_item, last_item, dtype=np.int64)
-        self.lengths = lengths
-        self.separator = separator
-        span = lengths + separator
-        self.starts = np.concatenate([[0], np.cumsum(span)[:-1]])  # stream offset of each item
-        self.stream_length = int(span.sum())
-        if self.stream_length == 0:
-            raise UserError("the data split holds no tokens")
-        self.num_samples = -(-self.stream_length // self.chunk)
+        self.lengths, self.separator, self.starts = index["lengths"], index["separator"], index["starts"]
+        self.first_item = first_item
+        self.stream_length = int(self.starts[-1] + self.lengths[-1] + self.separator[-1]) if len(self.starts) else 0
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def span(self, index: int):
+        raise NotImplementedError
+
+    def sample_lengths(self) -> np.ndarray:
+        """Tokens of every sample, `<s>` and `</s>` included (for token-budget batches)."""
+        raise NotImplementedError
 
     def tokens(self, index: int) -> np.ndarray:
         """Sample `index` as int64 token ids `<s> ... </s>` (length <= seq_length)."""
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        begin = index * self.chunk
-        end = min(begin + self.chunk, self.stream_length)
+        begin, end = self.span(index)
         pieces = [np.array([self.bos_id], dtype=np.int64)]
         k = int(np.searchsorted(self.starts, begin, side="right")) - 1
         position = begin
@@ -62,7 +96,7 @@ class FullSentences:
             length = int(self.lengths[k])
             if offset < length:  # inside the item's tokens
                 take = min(length - offset, end - position)
-                pieces.append(self.dataset.get(int(self.items[k]), offset=offset, length=take).astype(np.int64))
+                pieces.append(self.dataset.get(self.first_item + k, offset=offset, length=take).astype(np.int64))
                 position += take
             else:  # on the separator after the item
                 pieces.append(np.array([self.eos_id], dtype=np.int64))
@@ -71,12 +105,91 @@ class FullSentences:
         return np.concatenate(pieces)
 
 
+class FullSentences(_PackedStream):
+    """Random access to packed samples of items [first_item, last_item) of an IndexedDataset."""
+
+    def __init__(self, dataset, first_item: int, last_item: int, document_ends: Sequence[int],
+                 seq_length: int, bos_id: int, eos_id: int, index: Optional[Arrays] = None):
+        """`document_ends`: item indices at which documents end (megatron's document_indices[1:])."""
+        if last_item <= first_item:
+            raise UserError("the data split is empty: lower data.valid_fraction / data.test_fraction or add documents")
+        if index is None:
+            index = stream_index(dataset.sequence_lengths, first_item, last_item, document_ends, separators=True)
+        super().__init__(dataset, first_item, index, seq_length, bos_id, eos_id)
+        if self.stream_length == 0:
+            raise UserError("the data split holds no tokens")
+        self.num_samples = -(-self.stream_length // self.chunk)
+
+    def span(self, index: int):
+        begin = index * self.chunk
+        return begin, min(begin + self.chunk, self.stream_length)
+
+    def sample_lengths(self) -> np.ndarray:
+        lengths = np.full(self.num_samples, self.seq_length, dtype=np.int64)
+        lengths[-1] = self.stream_length - (self.num_samples - 1) * self.chunk + 2
+        return lengths
+
+
+class DocSentences(_PackedStream):
+    """Samples that never cross a document: documents [first_doc, last_doc) cut into pieces of C tokens."""
+
+    def __init__(self, dataset, first_doc: int, last_doc: int, seq_length: int, bos_id: int, eos_id: int,
+                 index: Optional[Arrays] = None):
+        if last_doc <= first_doc:
+            raise UserError("the data split is empty: lower data.valid_fraction / data.test_fraction or add documents")
+        docs = dataset.document_indices
+        if index is None:
+            index = doc_sentences_index(dataset.sequence_lengths, docs, first_doc, last_doc, seq_length - 2)
+        super().__init__(dataset, int(docs[first_doc]), index, seq_length, bos_id, eos_id)
+        self.begin, self.length, self.document = index["begin"], index["length"], index["document"]
+        self.num_samples = len(self.begin)
+        if self.num_samples == 0:
+            raise UserError("the data split holds no tokens")
+
+    def span(self, index: int):
+        begin = int(self.begin[index])
+        return begin, begin + int(self.length[index])
+
+    def sample_lengths(self) -> np.ndarray:
+        return np.asarray(self.length, dtype=np.int64) + 2
+
+
+PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences}
+
+
+def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: int, bos_id: int, eos_id: int,
+                 cache=None, identity: Optional[dict] = None) -> _PackedStream:
+    """The packed split [first_doc, last_doc) of `dataset`, its index from `cache` when one is given."""
+    docs = dataset.document_indices
+    first_item, last_item = int(docs[first_doc]), int(docs[last_doc])
+    if kind == "full_sentences":
+        build = lambda: stream_index(dataset.sequence_lengths, first_item, last_item, docs[1:], separators=True)
+        params = {"first_item": first_item, "last_item": last_item}
+    elif kind == "doc_sentences":
+        build = lambda: doc_sentences_index(dataset.sequence_lengths, docs, first_doc, last_doc, seq_length - 2)
+        params = {"first_doc": first_doc, "last_doc": last_doc, "seq_length": seq_length}
+    else:
+        raise UserError(f"data.packing={kind!r} is not one of {', '.join(PACKINGS)}")
+    index = None
+    if cache is not None and last_item > first_item:
+        index = cache.get(kind, {**params, "dataset": identity or {}}, build)
+    if kind == "full_sentences":
+        return FullSentences(dataset, first_item, last_item, docs[1:], seq_length, bos_id, eos_id, index=index)
+    return DocSentences(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
+
+
+def split_ranges(num_documents: int, valid_fraction: float, test_fraction: float = 0.0):
+    """(train_end, valid_end): documents [0, train_end) train, [train_end, valid_end) validate, the rest test.
+
+    The held-out parts are the last documents; each with a fraction > 0 gets at least one."""
+    held = [max(1, int(round(num_documents * f))) if f > 0 else 0 for f in (valid_fraction, test_fraction)]
+    if sum(held) >= num_documents:
+        raise UserError(f"data.valid_fraction={valid_fraction} and data.test_fraction={test_fraction} leave no "
+                        f"training documents out of {num_documents}; lower them")
+    train_end = num_documents - sum(held)
+    return train_end, train_end + held[0]
+
+
 def split_documents(num_documents: int, valid_fraction: float) -> int:
     """Number of training documents: the last `valid_fraction` (at least one if > 0) are held out."""
-    if valid_fraction <= 0:
-        return num_documents
-    held_out = max(1, int(round(num_documents * valid_fraction)))
-    if held_out >= num_documents:
-        raise UserError(f"data.valid_fraction={valid_fraction} leaves no training documents "
-                        f"out of {num_documents}; lower it")
-    return num_documents - held_out
+    return split_ranges(num_documents, valid_fraction)[0]
