@@ -471,6 +471,8 @@ class ReplacedTokenDetection(nn.Module):
         self.sampling_seed = sampling_seed
         self.shared_tables = share_embeddings(generator, discriminator, config.embedding_sharing)
         self.discriminator_embeddings = _module_path(discriminator, discriminator.embeddings)
+        self.loss_weights = {"mlm": 1.0, "rtd": config.rtd_weight}
+        """The weights of the two terms; a training schedule may change them between steps."""
 
     def forward(
         self,
@@ -520,7 +522,7 @@ class ReplacedTokenDetection(nn.Module):
             }
         return {
             "loss_sums": {"mlm": mlm_losses.sum(), "rtd": rtd_losses.sum()},
-            "loss_weights": {"mlm": 1.0, "rtd": self.config.rtd_weight},
+            "loss_weights": dict(self.loss_weights),
             "normalizers": {"mlm": "predicted", "rtd": "tokens"},
             "metrics": metrics,
         }

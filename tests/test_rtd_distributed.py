@@ -61,3 +61,52 @@ def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path, r
     run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1", recipe)])
     run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2)))
     assert_same_steps(train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2"))
+
+
+def _module_weights(run_dir, step):
+    import torch
+    path = run_dir / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def test_two_stage_schedule_trains_generator_then_discriminator(data_prefix, tmp_path):
+    """ELECTRA's two-stage ablation on DeBERTaV3 towers: steps 1-3 train G alone, D is initialised from
+    G, steps 4-6 train D alone with G frozen. ZeRO-3 (2 ranks, everything partitioned) must give the
+    same numbers as ZeRO-1 (1 process), which checks the hand-over inside partitioned parameters.
+    (Each stage decays its LR linearly to 0 at its last step, as a whole run does at train.steps.)"""
+    recipe = RECIPES[1]
+    two_stage = dict(train__steps=6, train__rtd_schedule="two_stage", train__generator_steps=3,
+                     optim__generator_lr=1e-3)
+    run([sys.executable, "-m", "trainer.pretrain",
+         *args(data_prefix, tmp_path, "z1", recipe, zero__stage=1, checkpoint__every_steps=1,
+               checkpoint__keep_last=0, **two_stage)])
+    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3", recipe, zero__stage=3,
+                              zero__param_persistence_threshold=0, **two_stage)))
+    z1, z3 = train_records(tmp_path / "z1"), train_records(tmp_path / "z3")
+    for step in range(1, 7):
+        for key in ("loss", "loss_mlm", "loss_rtd"):
+            assert z1[step][key] == pytest.approx(z3[step][key], abs=1e-5), (step, key)
+        if step <= 3:  # generator stage: the step's loss is the MLM loss alone
+            assert z1[step]["loss"] == pytest.approx(z1[step]["loss_mlm"], rel=1e-6)
+        else:  # discriminator stage: lambda x RTD alone (the recipe's rtd_weight is 50)
+            assert z1[step]["loss"] == pytest.approx(50 * z1[step]["loss_rtd"], rel=1e-6)
+
+    w = {step: _module_weights(tmp_path / "z1", step) for step in range(1, 7)}
+    generator_only = [k for k in w[1] if k.startswith("generator.") and ".embeddings." not in k]
+    discriminator = [k for k in w[1] if k.startswith("discriminator.")]
+    assert generator_only and discriminator
+    for k in discriminator:  # frozen while the generator trains (LR 0: no update, no weight decay)
+        assert torch_equal(w[1][k], w[2][k]) and torch_equal(w[2][k], w[3][k]), k
+    assert any(not torch_equal(w[1][k], w[2][k]) for k in generator_only)
+    for k in generator_only:  # frozen while the discriminator trains
+        assert all(torch_equal(w[3][k], w[s][k]) for s in (4, 5, 6)), k
+    assert any(not torch_equal(w[4][k], w[5][k]) for k in discriminator)
+    layer = "encoder.layers.0.attention.query.weight"
+    g3, d3, d4 = w[3]["generator." + layer], w[3]["discriminator.backbone." + layer], w[4]["discriminator.backbone." + layer]
+    assert (d3 - g3).abs().max() > 1e-2  # independent initialisations before the hand-over
+    assert (d4 - g3).abs().max() < 5e-3  # after it: G's weights plus one discriminator step (lr 2e-3)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)

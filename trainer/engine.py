@@ -6,37 +6,17 @@ from typing import Dict, List
 
 import torch
 
+from trainer import schedule
 from trainer.config import PretrainConfig, deepspeed_config
 from trainer.parallel import MegatronMPU, ParallelContext
 
 
-def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Weights decay; biases and LayerNorm parameters (all 1-D) do not (BERT/RoBERTa recipe)."""
-    return param.ndim >= 2 and "norm" not in name.lower()
+warmup_linear_decay = schedule.warmup_linear_decay
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if uses_weight_decay(name, param) else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_linear_decay(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier for optimizer step s = i + 1 (LambdaLR passes i, the steps already taken).
-
-    Linear warmup: step s <= W uses s / W, so step 1 already learns; then linear decay to `min_ratio`
-    at step T. DeepSpeed's WarmupDecayLR would give step 1 a zero LR and warms up logarithmically
-    unless told otherwise.
-    """
-    def multiplier(i: int) -> float:
-        s = i + 1
-        if s <= warmup_steps:
-            return s / warmup_steps
-        remaining = max(0, total_steps - s) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1.0 - min_ratio) * remaining
-    return multiplier
+    """Decay / no-decay groups (RTD models: per tower as well); see trainer/schedule.py."""
+    return schedule.parameter_groups(model, weight_decay)[0]
 
 
 def _default_cuda_arch() -> None:
@@ -57,11 +37,15 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelConte
     ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
     if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
         ds_config["checkpoint"] = {"load_universal": True}
-    multiplier = warmup_linear_decay(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
+    groups, towers = schedule.parameter_groups(model, cfg.optim.weight_decay, lr=cfg.optim.lr,
+                                               generator_lr=cfg.optim.generator_lr)
+    n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
+    multipliers = schedule.lr_multipliers(towers, cfg.train.rtd_schedule, n, cfg.optim.warmup_steps,
+                                          cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
+        model_parameters=groups,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers),
         mpu=MegatronMPU(),
         config=ds_config,
     )
