@@ -18,7 +18,7 @@ import yaml
 from data.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PACKINGS = ("full_sentences",)
+PACKINGS = ("full_sentences", "doc_sentences")
 
 
 @dataclass
@@ -43,23 +43,41 @@ class RunSection:
 @dataclass
 class DataSection:
     prefix: str = ""
-    """PREFIX of the preprocessed PREFIX.bin/.idx/.json (tools/preprocess_data.py). Required."""
+    """PREFIX of the preprocessed PREFIX.bin/.idx/.json (tools/preprocess_data.py). Required unless `blend`."""
+    blend: List[Tuple[float, str]] = field(default_factory=list)
+    """Several corpora with weights, [[weight, PREFIX], ...]; replaces `prefix` (which must then be empty or
+    one of them). Weights are normalised; each corpus is split into train/validation/test by its documents."""
     tokenizer: Optional[str] = None
     """Tokenizer directory; by default the one recorded by preprocessing in PREFIX.json."""
     seq_length: int = 512
     """Tokens per sample including <s> and </s>."""
     packing: str = "full_sentences"
-    """full_sentences: contiguous text that may cross documents, </s> between documents."""
+    """full_sentences: contiguous text that may cross documents, </s> between documents;
+    doc_sentences: samples never cross a document, short documents give short samples
+    (use with train.tokens_per_step, as RoBERTa does, to keep tokens per step about constant)."""
     mask_prob: float = 0.15
     """Fraction of non-special tokens selected for prediction (RoBERTa/BERT: 15%)."""
     mask_token_prob: float = 0.8
     """Of the selected tokens: this fraction becomes <mask> ..."""
     random_token_prob: float = 0.1
     """... this fraction a random token, and the rest stay unchanged (80/10/10)."""
+    whole_word_mask: bool = False
+    """Mask whole words (word starts: 'Ġ' for byte-level BPE, '▁' for SentencePiece) instead of tokens."""
+    max_span: int = 1
+    """n-gram masking: masked spans of 1..max_span units (words with whole_word_mask), p(n) ∝ 1/n; 1 = off."""
     valid_fraction: float = 0.01
-    """Fraction of documents (the last ones) held out for validation; at least one when > 0."""
+    """Fraction of documents (the last ones, before the test ones) held out for validation; at least one when > 0."""
+    test_fraction: float = 0.0
+    """Fraction of documents (the very last ones) held out as a test split; at least one when > 0."""
+    cache_dir: Optional[str] = None
+    """Where sample indices are cached (built once per node, reused while their parameters hold);
+    default: `index-cache/` beside the (first) prefix."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+
+    def corpora(self) -> List[Tuple[float, str]]:
+        """(weight, prefix) of every corpus: `blend`, or `prefix` alone with weight 1."""
+        return [(float(w), str(p)) for w, p in self.blend] if self.blend else [(1.0, self.prefix)]
 
 
 @dataclass
@@ -75,6 +93,10 @@ class TrainSection:
     """Global gradient-norm clip; 0 turns clipping off."""
     max_bad_steps: int = 10
     """A step whose loss is NaN/Inf is skipped (no update); this many in a row stop the run (exit 3)."""
+    tokens_per_step: int = 0
+    """Token budget per optimizer step over all ranks (<s>/</s> included, padding not): a step takes as many
+    samples as fit, in micro-batches of at most micro_batch_size, and the trainer drives gradient accumulation;
+    0 = fixed global_batch_size samples (global_batch_size then only sizes DeepSpeed's nominal batch)."""
 
 
 @dataclass
@@ -168,8 +190,18 @@ class PretrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("data.packing", self.data.packing, PACKINGS)
         _choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
-        if not self.data.prefix:
+        if not self.data.prefix and not self.data.blend:
             raise UserError("data.prefix is not set: pass data.prefix=PATH/PREFIX (from tools/preprocess_data.py)")
+        if self.data.blend and self.data.prefix and self.data.prefix not in [p for _, p in self.data.blend]:
+            raise UserError(f"data.prefix={self.data.prefix} is not one of data.blend's prefixes; "
+                            f"set data.prefix= (empty) or drop data.blend")
+        if self.data.blend and (any(w < 0 for w, _ in self.data.blend) or sum(w for w, _ in self.data.blend) <= 0):
+            raise UserError(f"data.blend weights must be non-negative and not all zero: {self.data.blend}")
+        if self.data.max_span < 1:
+            raise UserError(f"data.max_span={self.data.max_span} must be >= 1")
+        if self.train.tokens_per_step < 0 or 0 < self.train.tokens_per_step < self.data.seq_length:
+            raise UserError(f"train.tokens_per_step={self.train.tokens_per_step} must be 0 (off) or at least "
+                            f"data.seq_length={self.data.seq_length}")
         positive = {
             "data.seq_length": self.data.seq_length, "train.steps": self.train.steps,
             "train.micro_batch_size": self.train.micro_batch_size,
@@ -181,7 +213,8 @@ class PretrainConfig:
                 raise UserError(f"{key}={value} must be positive")
         if self.data.seq_length < 8:
             raise UserError(f"data.seq_length={self.data.seq_length} is too short; use at least 8")
-        for key in ("data.mask_prob", "data.mask_token_prob", "data.random_token_prob", "data.valid_fraction"):
+        for key in ("data.mask_prob", "data.mask_token_prob", "data.random_token_prob", "data.valid_fraction",
+                    "data.test_fraction"):
             value = get_key(self, key)
             if not 0.0 <= value <= 1.0:
                 raise UserError(f"{key}={value} must be between 0 and 1")
@@ -199,6 +232,13 @@ class PretrainConfig:
     def check_batch(self, data_parallel_size: int) -> int:
         """Returns the gradient-accumulation steps; the global batch must split evenly."""
         per_pass = self.train.micro_batch_size * data_parallel_size
+        budget = self.train.tokens_per_step
+        if budget and budget < self.data.seq_length * data_parallel_size:
+            raise UserError(f"train.tokens_per_step={budget} must be at least data.seq_length x data-parallel size "
+                            f"= {self.data.seq_length * data_parallel_size}, so that every rank gets a sample")
+        if budget and data_parallel_size > 1 and self.train.micro_batch_size < 2:
+            raise UserError("train.micro_batch_size must be at least 2 with train.tokens_per_step and data "
+                            "parallelism (rank shares differ by one sample and must split into as many micro-batches)")
         if self.train.global_batch_size % per_pass:
             raise UserError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "

@@ -9,9 +9,13 @@ from dataclasses import dataclass
 
 from data.errors import UserError
 from data.indexed import open_indexed, read_sidecar
+from pathlib import Path
+
+from data.blending import SampleStream
 from data.loader import MaskedSamples, PretrainLoader, validation_samples
 from data.masking import MaskingRecipe
-from data.packing import FullSentences, split_documents
+from data.packing import build_packed, split_ranges
+from data.sample_cache import SampleIndexCache, dataset_identity
 from data.tokenizer import Tokenizer, load_tokenizer
 from trainer.config import PretrainConfig
 from trainer.parallel import ParallelContext
@@ -23,42 +27,69 @@ class PretrainInputs:
     train: MaskedSamples
     valid: MaskedSamples | None
     loader: PretrainLoader
+    test: MaskedSamples | None = None
+    cache: SampleIndexCache | None = None
 
 
 def resolve_tokenizer(cfg: PretrainConfig) -> Tokenizer:
-    sidecar = read_sidecar(cfg.data.prefix)
-    recorded = sidecar.get("tokenizer", {})
+    prefixes = [prefix for _, prefix in cfg.data.corpora()]
+    recorded = read_sidecar(prefixes[0]).get("tokenizer", {})
     if cfg.data.tokenizer is None:
         if "path" not in recorded:
-            raise UserError(f"{cfg.data.prefix}.json records no tokenizer; set data.tokenizer=DIR")
+            raise UserError(f"{prefixes[0]}.json records no tokenizer; set data.tokenizer=DIR")
         tokenizer = load_tokenizer(recorded["path"])
     else:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if recorded.get("fingerprint") and tokenizer.fingerprint() != recorded["fingerprint"]:
-        raise UserError(f"tokenizer {tokenizer.path} is not the one {cfg.data.prefix} was preprocessed with "
-                        f"(fingerprint mismatch); use that tokenizer or preprocess again")
+    for prefix in prefixes:  # blended corpora must share one tokenizer
+        fingerprint = read_sidecar(prefix).get("tokenizer", {}).get("fingerprint")
+        if fingerprint and tokenizer.fingerprint() != fingerprint:
+            raise UserError(f"tokenizer {tokenizer.path} is not the one {prefix} was preprocessed with "
+                            f"(fingerprint mismatch); use that tokenizer or preprocess again")
     return tokenizer
 
 
 def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> PretrainInputs:
-    dataset = open_indexed(cfg.data.prefix)
-    doc_index = dataset.document_indices  # item index where each document starts, plus the end
-    num_docs = len(doc_index) - 1
-    train_docs = split_documents(num_docs, cfg.data.valid_fraction)
-    ends = doc_index[1:]
+    """Train/validation/test sample streams (each corpus split by its documents, then blended) and the loader.
 
-    def packed(first_doc: int, last_doc: int) -> FullSentences:
-        return FullSentences(dataset, int(doc_index[first_doc]), int(doc_index[last_doc]), ends,
-                             cfg.data.seq_length, tokenizer.bos_id, tokenizer.eos_id)
+    Sample indices come from the on-disk cache; local rank 0 of each node builds what is missing
+    while the node's other ranks wait for it."""
+    corpora = cfg.data.corpora()
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(corpora[0][1]).parent / "index-cache"
+    cache = SampleIndexCache(cache_dir, builds=ctx.local_rank == 0)
+    splits = {"train": [], "valid": [], "test": []}
+    identities = []
+    for _, prefix in corpora:
+        dataset = open_indexed(prefix)
+        identity = {**dataset_identity(prefix), "prefix": Path(prefix).name}
+        identities.append(identity)
+        num_docs = len(dataset.document_indices) - 1
+        train_end, valid_end = split_ranges(num_docs, cfg.data.valid_fraction, cfg.data.test_fraction)
+        for name, (first, last) in {"train": (0, train_end), "valid": (train_end, valid_end),
+                                    "test": (valid_end, num_docs)}.items():
+            splits[name].append(build_packed(cfg.data.packing, dataset, first, last, cfg.data.seq_length,
+                                             tokenizer.bos_id, tokenizer.eos_id, cache, identity)
+                                if last > first else None)
+    weights = [w for w, _ in corpora]
+
+    def stream(name: str, shuffle: bool):
+        parts = [(w, p) for w, p in zip(weights, splits[name]) if p is not None]
+        if not parts:
+            return None
+        return SampleStream([p for _, p in parts], [w for w, _ in parts], seed=cfg.train.seed, shuffle=shuffle,
+                            cache=cache, cache_params={"split": name, "datasets": identities})
 
     recipe = MaskingRecipe(mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                            special_ids=tuple(tokenizer.special_ids), mask_prob=cfg.data.mask_prob,
-                           mask_token_prob=cfg.data.mask_token_prob, random_token_prob=cfg.data.random_token_prob)
-    train = MaskedSamples(packed(0, train_docs), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed)
-    valid = None
-    if train_docs < num_docs:
-        valid = validation_samples(packed(train_docs, num_docs), recipe, cfg.data.seq_length, tokenizer.pad_id,
-                                   cfg.train.seed)
+                           mask_token_prob=cfg.data.mask_token_prob, random_token_prob=cfg.data.random_token_prob,
+                           word_starts=tokenizer.word_start_ids() if cfg.data.whole_word_mask else None,
+                           max_span=cfg.data.max_span)
+    train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed)
+    held_out = {}
+    for name in ("valid", "test"):
+        held = stream(name, False)
+        held_out[name] = (validation_samples(held, recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed)
+                          if held is not None else None)
     loader = PretrainLoader(train, cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dp_rank,
-                            ctx.dp_size, num_workers=cfg.data.num_workers)
-    return PretrainInputs(tokenizer=tokenizer, train=train, valid=valid, loader=loader)
+                            ctx.dp_size, num_workers=cfg.data.num_workers, tokens_per_step=cfg.train.tokens_per_step)
+    return PretrainInputs(tokenizer=tokenizer, train=train, valid=held_out["valid"], loader=loader,
+                          test=held_out["test"], cache=cache)

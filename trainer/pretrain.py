@@ -78,6 +78,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
         stop, bad, save_due = flags.exchange(preemption.requested, out["acc"].total(),
                                              ctx.is_main and checkpoints.time_due())
         state.step, state.consumed_samples = step, inputs.loader.consumed_samples
+        engine.global_samples = state.consumed_samples  # DeepSpeed would count nominal batches (token budgets)
         state.data = inputs.loader.state_dict()
         unsynced_tokens = unsynced_tokens + out["tokens"]  # device tensor: no host sync per step
         if bad:
@@ -93,6 +94,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
             window["steps"] += 1
         window["tokens"] = window["tokens"] + out["tokens"]
         window["all_steps"] += 1
+        window["samples"] += inputs.loader.last_step_samples
 
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.steps or stop:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
@@ -105,7 +107,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_sec": float(window["tokens"]) / elapsed,
-                "samples_per_sec": window["all_steps"] * cfg.train.global_batch_size / elapsed,
+                "samples_per_sec": window["samples"] / elapsed,
                 "skipped_steps": state.skipped_steps,
                 "data_parallel_size": ctx.dp_size,
             }
@@ -147,7 +149,7 @@ class TrainingDiverged(Exception):
 
 def _new_window() -> dict:
     from trainer.step import Accumulator
-    return {"acc": Accumulator(), "tokens": 0.0, "steps": 0, "all_steps": 0, "start": time.perf_counter()}
+    return {"acc": Accumulator(), "tokens": 0.0, "steps": 0, "all_steps": 0, "samples": 0, "start": time.perf_counter()}
 
 
 def universal_checkpoint_info(model: torch.nn.Module) -> dict:

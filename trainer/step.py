@@ -143,6 +143,9 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
     grad_norm = None
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+        # The trainer owns the accumulation boundary: with token budgets a step has a varying number of
+        # micro-batches (the same on every rank), so DeepSpeed's fixed gradient_accumulation_steps cannot tell.
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
         out = engine(**batch)
         terms = loss_terms(out)
         loss = sum(weight * value.float() * (ctx.dp_size / counts[normalizer].clamp(min=1.0)).float()
