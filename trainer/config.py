@@ -31,6 +31,9 @@ class ModelSection:
     """The embedding rows are padded to a multiple of lcm(this, `parallel.tensor`): the same at any TP <= it."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Any field of the architecture's config, e.g. {hidden_dropout: 0.0}; checked by the registry."""
+    init: Optional[str] = None
+    """Start from this native model file (tools/convert_checkpoint.py --format native, or --from-hf):
+    its config and weights, so `size` and `overrides` do not apply. Ignored when the run resumes."""
 
 
 @dataclass

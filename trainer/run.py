@@ -122,7 +122,13 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
                                 seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
                                 vocab_pad_multiple=cfg.model.vocab_pad_multiple, **overrides)
     torch.manual_seed(cfg.train.seed)
+    if cfg.model.init:  # a native file's config and weights (continued pretraining, imported models)
+        from trainer.hf_import import initial_model
+        model_config, init_sd = initial_model(cfg.model.init, cfg.model.name, tokenizer.vocab_size, ctx.tp_size,
+                                              cfg.data.seq_length)
     model = build_model(model_config, ParallelLayers(tp_size=1))
+    if cfg.model.init:
+        model.load_state_dict(init_sd)
     if ctx.tp_size > 1:
         full = model.state_dict()
         with quiet_megatron_import():
