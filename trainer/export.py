@@ -263,6 +263,7 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     files = ["config.json", "model.safetensors"]
+    (output / RTD_HEAD_FILE).unlink(missing_ok=True)  # a stale head from an earlier export here
     if native.name == "deberta_v3" and component == "discriminator":
         from safetensors.torch import save_file
         from models.electra import deberta_v3_rtd_head_state_dict

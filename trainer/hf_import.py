@@ -3,10 +3,11 @@
     import_hf(DIR, generator_dir=None)   DeBERTa-v2/v3, RoBERTa or ELECTRA directory -> NativeModel
     initial_model(path, ...)             a native file as the initial weights of a pretraining run
 
-What the model is comes from the directory: `model_type` roberta -> roberta; electra -> electra (DIR is
-the discriminator, ElectraForPreTraining); deberta-v2 -> deberta when the weights carry an MLM head,
-else deberta_v3 (DIR is the discriminator, DebertaV2Model; `--model` overrides). Hugging Face has no
-enhanced mask decoder, so imported DeBERTa towers have none: they compute what Hugging Face computes.
+What the model is comes from the directory: `model_type` roberta -> roberta; electra -> electra
+(DIR is the discriminator, ElectraForPreTraining); deberta-v2 -> deberta_v3 (DIR is the
+discriminator) when there is a generator, an RTD head or no MLM head, else deberta
+(DebertaV2ForMaskedLM); `--model` overrides. Hugging Face has no enhanced mask decoder, so
+imported DeBERTa towers have none: they compute what Hugging Face computes.
 RTD models need a generator: from `generator_dir` (its shared tables must match the discriminator's
 under `es`; under `gdes` E_Delta = E_D - E_G), or a fresh one (same width, half the depth for
 DeBERTaV3; ELECTRA's 1/4-width generator) whose shared tables start as the discriminator's, so
@@ -114,7 +115,9 @@ def import_hf(path: str | Path, generator_dir: Optional[str | Path] = None, mode
         if kind == "deberta":
             hint = path / "conversion.json"
             exported_v3 = hint.is_file() and json.loads(hint.read_text()).get("model") == "deberta_v3"
-            model = "deberta_v3" if generator_dir is not None or exported_v3 or not has_mlm_head else "deberta"
+            rtd_head = any(k.startswith("mask_predictions.") for k in hf_sd) or (path / RTD_HEAD_FILE).is_file()
+            v3 = generator_dir is not None or exported_v3 or rtd_head or not has_mlm_head
+            model = "deberta_v3" if v3 else "deberta"
     expected = {"roberta": "roberta", "deberta": "deberta", "deberta_v3": "deberta", "electra": "electra"}
     if model not in expected:
         raise UserError(f"--model {model!r} is unknown; use roberta, deberta, electra or deberta_v3")
