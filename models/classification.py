@@ -242,14 +242,15 @@ def config_from_hf(hf) -> Tuple[str, Any]:
 
 def from_hf_state_dict(hf_sd: Dict[str, torch.Tensor], family: str, config) -> Tuple[Dict, Dict]:
     """A Hugging Face state dict (XForMaskedLM / XForPreTraining / XModel / XForSequenceClassification)
-    -> (our backbone state dict, our head state dict if it is a matching classifier, else {})."""
+    -> (our backbone state dict, the head's state dict (keys of `SequenceClassifier.head`) if it is a
+    classifier of this family, else {})."""
     prefix = HF_BACKBONE_PREFIX[family]
     heads = {hf: ours for ours, hf in _HEAD_TO_HF[family].items()}
     backbone_hf, head = {}, {}
     for key, value in hf_sd.items():
         module, param = key.rsplit(".", 1)
         if module in heads:
-            head[f"{heads[module]}.{param}"] = value
+            head[f"{heads[module].removeprefix('head.')}.{param}"] = value  # keys of SequenceClassifier.head
         elif key.startswith(prefix) or not any(key.startswith(p) for p in _HF_HEAD_PREFIXES[family]):
             backbone_hf[key if key.startswith(prefix) else prefix + key] = value
     if family == "roberta":

@@ -149,6 +149,7 @@ def plain_run(tmp_path_factory, spm_tokenizer):
     return root, overrides
 
 
+@pytest.mark.distributed  # a real one-process DeepSpeed run
 def test_with_sift_off_the_loop_equals_plain_finetuning(plain_run):
     """The trainer (DeepSpeed, ZeRO 0, its clipping, layer-decay groups, warmup schedule) against the same
     recipe written as a plain PyTorch loop: the exported weights agree."""
