@@ -145,9 +145,9 @@ def test_blending_follows_the_weights(corpora):
 
 # ----------------------------------------------------------------------------- batch masking
 
-def words_of(tokens, starts):
+def words_of(tokens, starts, specials=SPECIALS):
     """Word index of every position: a word starts at a word-start token or after a special."""
-    special = np.isin(tokens, SPECIALS)
+    special = np.isin(tokens, specials)
     begin = starts[tokens] | special
     begin[1:] |= special[:-1]
     return np.cumsum(begin) - 1, special
@@ -278,3 +278,24 @@ def test_loader_workers_give_the_same_batches(corpora):
         a, b = plain.next_step(), workers.next_step()
         assert len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
     assert plain.consumed_samples == workers.consumed_samples
+
+
+def test_words_agree_with_hugging_face_offsets(bpe_tokenizer):
+    """Our words (word-start marks) group byte-level BPE tokens exactly as HF's whole-word collator does
+    from offsets. (For SentencePiece, HF's offsets include the '▁', leave no gap between words, and its
+    collator sees one word per text; test_whole_words_of_real_tokenizers covers ours there.)"""
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+    text = ["Return the indices of the maximum values, unlike numpy.argmax; tokenizers split  uncommonly "
+            "long identifiers like getattribute_recursively (into) pieces: 3.14 x2 -- done."]
+    for tokenizer in (bpe_tokenizer,):
+        hf = AutoTokenizer.from_pretrained(str(tokenizer.path))
+        enc = hf(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        ids = np.array(enc["input_ids"][0])
+        hf_words, _ = DataCollatorForLanguageModeling._calc_word_ids_and_prob_mask(
+            np.array(enc["offset_mapping"]), np.array(enc["special_tokens_mask"]))
+        ours = words_of(ids, tokenizer.word_start_ids(), tokenizer.special_ids)[0]
+        real = hf_words[0] != -1
+        pairs = {(int(a), int(b)) for a, b in zip(hf_words[0][real], ours[real])}
+        assert len(pairs) == len(set(hf_words[0][real])) == len(set(ours[real])), tokenizer.type
+        assert len(pairs) < real.sum(), "some word has several tokens"
