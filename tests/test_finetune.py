@@ -179,8 +179,10 @@ def test_finetune_config_rejects_mistakes():
     assert cfg.best_metric == "accuracy" and not cfg.sift.enabled
     with pytest.raises(UserError, match="unknown config key sift.lambda"):
         load_finetune_config("configs/finetune/debug.yaml", base + ["sift.lambda=1"])
-    with pytest.raises(UserError, match="zero.stage=3 is not supported"):
-        load_finetune_config("configs/finetune/debug.yaml", base + ["sift.enabled=true", "zero.stage=3"])
+    with pytest.raises(UserError, match="parallel.tensor=2: fine-tuning runs data-parallel only"):
+        load_finetune_config("configs/finetune/debug.yaml", base + ["parallel.tensor=2"])
+    with pytest.raises(UserError, match="model.overrides.hidden_size: only hidden_dropout"):
+        load_finetune_config("configs/finetune/debug.yaml", base + ["model.overrides={hidden_size: 8}"])
     with pytest.raises(UserError, match="eval.metric='mcc' is not one of"):
         load_finetune_config("configs/finetune/debug.yaml", base + ["data.kind=regression", "eval.metric=mcc"])
     for recipe in Path("configs/finetune").glob("*.yaml"):

@@ -148,9 +148,6 @@ class FinetuneConfig:
         if self.parallel.tensor != 1:
             raise UserError(f"parallel.tensor={self.parallel.tensor}: fine-tuning runs data-parallel only; "
                             f"set parallel.tensor=1")
-        if self.zero.stage == 3 and self.sift.enabled:
-            raise UserError("sift.enabled with zero.stage=3 is not supported (the perturbation's gradient pass "
-                            "would re-gather partitioned weights outside a backward); use zero.stage 0-2")
         positive = {"train.micro_batch_size": self.train.micro_batch_size,
                     "train.global_batch_size": self.train.global_batch_size, "train.epochs": self.train.epochs,
                     "data.max_length": self.data.max_length, "eval.batch_size": self.eval.batch_size,
