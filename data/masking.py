@@ -126,12 +126,12 @@ class MaskingRecipe:
             maskable = candidate
             group = np.where(maskable, unit, width)
 
-        # tokens per group, and each group's priority (the draw at its first token)
+        # tokens per group (a unit, or a span's maskable units), and each group's random priority
         flat = group + (np.arange(batch) * (width + 1))[:, None]
         counts = np.bincount(flat.ravel(), weights=maskable.ravel(), minlength=batch * (width + 1))
         counts = counts.reshape(batch, width + 1)[:, :width]
         priority = np.ones((batch, width + 1))
-        # the last write per group wins; any of its tokens' draws is as random as the first
+        # one of the group's tokens' draws (numpy keeps the last write): deterministic and uniform
         np.put_along_axis(priority, group, u[0], axis=1)
         priority = np.where(counts > 0, priority[:, :width], 2.0)
         order = np.argsort(priority, axis=1, kind="stable")
