@@ -245,8 +245,9 @@ def test_pretraining_continues_from_an_imported_native_file(prefix, runs, export
     write_native(import_hf(exports["electra_z2_tp2"]["discriminator"],
                            generator_dir=exports["electra_z2_tp2"]["generator"]), native_dir, None)
     start = load_native(native_dir)
-    run(deepspeed_cmd(2, overrides(prefix, runs, "from_native", "electra", 1, 1, "fp32", train__steps=1,
-                                   optim__lr=1e-9, optim__weight_decay=0.0, model__init=native_dir / "model.pt")))
+    run([sys.executable, "-m", "trainer.pretrain",  # one process: DeepSpeed without its launcher
+         *overrides(prefix, runs, "from_native", "electra", 1, 1, "fp32", train__steps=1, optim__lr=1e-9,
+                    optim__weight_decay=0.0, model__init=native_dir / "model.pt")])
     after = read_checkpoint(locate(runs / "from_native"))
     assert after.config == start.config
     for key, value in start.state_dict.items():
@@ -266,6 +267,8 @@ def test_user_errors(runs, exports, tmp_path):
         read_checkpoint(locate(broken))
     with pytest.raises(UserError, match="holds a roberta model, not a deberta_v3 one"):
         import_hf(exports["roberta_z1_bf16"][None], model="deberta_v3")
+    with pytest.raises(UserError, match="is not a Hugging Face model directory"):
+        import_hf(tmp_path)
     with pytest.raises(UserError, match="is an ELECTRA generator"):
         import_hf(exports["electra_z2_tp2"]["generator"])
 
@@ -281,3 +284,23 @@ def test_cli_exports_and_fails_in_one_line(runs, tmp_path):
                          capture_output=True, text=True, env=env(), cwd=ROOT)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "no checkpoint of step 9" in bad.stderr
+
+
+def test_flattened_fp32_masters_read_like_per_parameter_ones(runs, converted, tmp_path):
+    """On GPUs DeepSpeed's fused FP16_Optimizer (ZeRO-0 bf16/fp16) saves one flat fp32 tensor per
+    parameter group instead of the unfused optimizer's per-parameter list: the same run's masters
+    flattened that way give the same weights."""
+    name = "deberta_v3_z0_tp2_bf16"
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(runs / name / "checkpoints", copy)
+    tag_dir = locate(copy)
+    for rank in range(2):
+        path = tag_dir / f"mp_rank_{rank:02d}_model_states.pt"
+        states = torch.load(path, weights_only=False)
+        groups = states["optimizer"].pop("fp32_groups")
+        states["optimizer"]["fp32_groups_flat"] = [torch.cat([t.flatten() for t in g]) for g in groups]
+        torch.save(states, path)
+    flat = read_checkpoint(tag_dir, check_files=False)
+    assert all(torch.equal(flat.state_dict[k], v) for k, v in converted[name].state_dict.items())
+    with pytest.raises(UserError, match="failed verification: .*(checksum|truncated)"):
+        read_checkpoint(tag_dir)  # the manifest noticed the rewritten files

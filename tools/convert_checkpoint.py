@@ -59,7 +59,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     log = lambda message: print(message, flush=True)  # noqa: E731
     start = time.perf_counter()
-    _quiet_transformers()
     output = Path(args.output)
     if args.from_hf:
         from trainer.hf_import import import_hf
@@ -67,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError("--from-hf writes a native file (--format native); export it again from a run")
         if args.step is not None or args.component:
             raise UserError("--step and --component apply to --checkpoint, not --from-hf")
+        _quiet_transformers()
         native = import_hf(args.from_hf, args.generator, args.model, args.embedding_sharing, log=log)
         tokenizer = Path(args.from_hf) if (Path(args.from_hf) / "tokenizer_meta.json").is_file() else None
         if tokenizer is None:
@@ -80,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError("--generator, --model and --embedding-sharing apply to --from-hf")
         tag_dir = locate(args.checkpoint, args.step)
         native = read_checkpoint(tag_dir, log=log, check_files=not args.no_check_files)
+        _quiet_transformers()
         run_dir = tag_dir.parent.parent
         tokenizer = run_dir / "tokenizer" if (run_dir / "tokenizer" / "tokenizer_meta.json").is_file() else None
         if tokenizer is None:

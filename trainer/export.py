@@ -157,6 +157,8 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
     log(f"reading {tag_dir}: ZeRO-{meta['zero_stage']}, TP={meta['tp_size']}, DP={meta['dp_size']}, "
         f"{meta['precision']}")
     first = torch.load(models[0], map_location="cpu", weights_only=False)
+    if "model_config" not in first:
+        raise UserError(f"{models[0]} has no model_config: not a checkpoint of trainer/pretrain.py")
     info = dict(first["model_config"])
     name = info.pop("name")
     config = config_from_dict(name, info)
