@@ -230,11 +230,16 @@ def predict(engine, task: EncodedTask, batch_size: int, pad_id: int, ctx) -> Tup
     """Logits of every validation example (this rank's stride, gathered): (N, C) and labels (N,)."""
     engine.eval()
     mine = list(range(ctx.dp_rank, len(task), ctx.dp_size))
+    # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively in each one);
+    # a rank with fewer examples repeats one and drops the result
+    passes = math.ceil(math.ceil(len(task) / ctx.dp_size) / batch_size)
     outputs = []
-    for i in range(0, len(mine), batch_size):
-        batch = collate(task, mine[i:i + batch_size], pad_id)
+    for i in range(0, passes * batch_size, batch_size):
+        indices = mine[i:i + batch_size]
+        batch = collate(task, indices or [0], pad_id)
         logits = engine(input_ids=batch["input_ids"].to(ctx.device), attention_mask=batch["attention_mask"].to(ctx.device))
-        outputs.append(logits.float().cpu().numpy())
+        if indices:
+            outputs.append(logits.float().cpu().numpy())
     engine.train()
     local = (mine, np.concatenate(outputs) if outputs else np.zeros((0, 1), np.float32))
     parts = [local]
