@@ -304,3 +304,65 @@ def test_flattened_fp32_masters_read_like_per_parameter_ones(runs, converted, tm
     assert all(torch.equal(flat.state_dict[k], v) for k, v in converted[name].state_dict.items())
     with pytest.raises(UserError, match="failed verification: .*(checksum|truncated)"):
         read_checkpoint(tag_dir)  # the manifest noticed the rewritten files
+
+
+# ------------------------------------------------------------------ models built by transformers itself
+SMALL = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+V3_ATTENTION = dict(relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
+                    norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+
+
+def _transformers_models():
+    import transformers as t
+    small_gen = {**SMALL, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    return {  # name -> (model, generator, what we import it as)
+        "roberta": (t.RobertaForMaskedLM(t.RobertaConfig(**SMALL, pad_token_id=1)), None, "roberta"),
+        "deberta_legacy_head": (t.DebertaV2ForMaskedLM(t.DebertaV2Config(**SMALL, **V3_ATTENTION, legacy=True)),
+                                None, "deberta"),
+        "deberta_v3": (t.DebertaV2Model(t.DebertaV2Config(**SMALL, **V3_ATTENTION)), None, "deberta_v3"),
+        "electra": (t.ElectraForPreTraining(t.ElectraConfig(**SMALL, embedding_size=16)),
+                    t.ElectraForMaskedLM(t.ElectraConfig(**small_gen, embedding_size=16)), "electra"),
+    }
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta_legacy_head", "deberta_v3", "electra"])
+def test_import_of_a_transformers_model_computes_the_same_and_exports_back(name, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    hf, generator, expected = _transformers_models()[name]
+    hf.save_pretrained(tmp_path / "hf")
+    if generator is not None:
+        generator.save_pretrained(tmp_path / "gen")
+        with pytest.raises(UserError, match="differs from the generator's.*try --embedding-sharing"):
+            import_hf(tmp_path / "hf", generator_dir=tmp_path / "gen")  # es needs one shared table
+    native = import_hf(tmp_path / "hf", generator_dir=tmp_path / "gen" if generator is not None else None,
+                       embedding_sharing="none" if generator is not None else None)
+    assert native.name == expected
+    ids, mask = verify_batch(300, hf.config.pad_token_id, 10)
+    model = native.build().eval()
+    with torch.no_grad():
+        theirs = hf.eval()(input_ids=ids, attention_mask=mask)
+        if expected == "deberta_v3":  # DebertaV2Model: hidden states
+            ours, theirs = model.discriminator.backbone.encode, theirs.last_hidden_state
+        elif expected == "electra":
+            ours, theirs = model.discriminator.rtd_logits, theirs.logits
+        else:
+            ours, theirs = model.logits, theirs.logits
+        real = mask.bool()  # HF also masks padded queries, whose outputs nobody reads
+        torch.testing.assert_close(ours(ids, mask)[real], theirs[real], atol=1e-5, rtol=0)
+    component = "discriminator" if expected in ("electra", "deberta_v3") else None
+    write_hf(native, tmp_path / "again", component, None)
+    before, after = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(
+        str(tmp_path / "again" / "model.safetensors"))
+    # the legacy MLM head (cls.predictions.*) is written in the current layout (lm_predictions.lm_head.*)
+    legacy = {"cls.predictions.transform.dense": "lm_predictions.lm_head.dense",
+              "cls.predictions.transform.LayerNorm": "lm_predictions.lm_head.LayerNorm",
+              "cls.predictions": "lm_predictions.lm_head"}
+    renamed = {}
+    for key, value in before.items():
+        module, param = key.rsplit(".", 1)
+        renamed[f"{legacy.get(module, module)}.{param}"] = value
+    assert set(renamed) == set(after)
+    assert all(torch.equal(renamed[k], after[k]) for k in after)
