@@ -16,7 +16,6 @@ batch and fails above a max difference of 1e-4.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -78,6 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         if args.generator or args.model or args.embedding_sharing:
             raise UserError("--generator, --model and --embedding-sharing apply to --from-hf")
+        if args.component and args.format == "native":
+            raise UserError("--component applies to --format hf (a native file holds both towers)")
         tag_dir = locate(args.checkpoint, args.step)
         native = read_checkpoint(tag_dir, log=log, check_files=not args.no_check_files)
         _quiet_transformers()
@@ -90,8 +91,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.verify:
                 verify_hf(native, output, args.component, log=log)
         else:
-            if args.component:
-                raise UserError("--component applies to --format hf (a native file holds both towers)")
             path = write_native(native, output, tokenizer, log=log)
             if args.verify:
                 verify_native(native, path, log=log)

@@ -32,7 +32,7 @@ import torch
 
 from data.errors import UserError
 from models.native import NativeModel, config_from_dict, save_native
-from trainer.checkpoint import MANIFEST, TAG, read_manifest, step_of, tag_of, verify
+from trainer.checkpoint import MANIFEST, TAG, read_manifest, step_of, verify
 
 Log = Callable[[str], None]
 RTD_HEAD_FILE = "rtd_head.safetensors"  # DeBERTaV3's RTD head beside a discriminator export
