@@ -109,10 +109,11 @@ def main():
                 ids = stream.tokens(int(corpus[0]), int(sample[0]))
                 special = np.isin(ids, tokenizer.special_ids)
                 begin = np.cumsum(starts[ids] | special) * 2 + np.arange(len(ids))
-                example = {"input_ids": ids.tolist()}
+                pad = args.seq_length - len(ids)  # padded here: HF's tokenizer.pad cannot pad offsets
+                example = {"input_ids": ids.tolist() + [tokenizer.pad_id] * pad}
                 if wwm:
-                    example["offset_mapping"] = np.stack([begin, begin + 1], 1).tolist()
-                    example["special_tokens_mask"] = special.astype(int).tolist()
+                    example["offset_mapping"] = np.stack([begin, begin + 1], 1).tolist() + [[0, 0]] * pad
+                    example["special_tokens_mask"] = special.astype(int).tolist() + [1] * pad
                 examples.append(example)
             collator = DataCollatorForLanguageModeling(hf, mlm_probability=0.15, whole_word_mask=wwm,
                                                        pad_to_multiple_of=args.seq_length)

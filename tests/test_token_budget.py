@@ -42,7 +42,7 @@ def corpora(demo_corpus, bpe_tokenizer, tmp_path_factory):
 def overrides(root, **extra):
     values = {
         "data.prefix": "", "data.blend": f"[[0.7, {root / 'a'}], [0.3, {root / 'b'}]]",
-        "data.packing": "doc_sentences", "data.seq_length": SEQ, "data.valid_fraction": 0.02,
+        "data.packing": "doc_sentences", "data.seq_length": SEQ, "data.valid_fraction": 0.02, "data.test_fraction": 0.02,
         "data.whole_word_mask": "true", "data.cache_dir": root / "cache",
         "model.name": "roberta", "model.size": "debug",
         "model.overrides": "{hidden_dropout: 0.0, attention_dropout: 0.0}",
@@ -129,6 +129,11 @@ def test_token_budget_steps_with_deepspeed(corpora, bpe_tokenizer):
                           device=torch.device("cpu"))
     inputs = build_inputs(cfg, ctx, bpe_tokenizer)
     assert inputs.cache.built == [], "the trainer's ranks cached every sample index"
+    # train | validation | test by documents, in each blended corpus
+    splits = [inputs.train, inputs.valid, inputs.test]
+    for corpus in (0, 1):
+        documents = [np.asarray(s.stream.corpora[corpus].document) for s in splits]
+        assert documents[0].max() < documents[1].min() <= documents[1].max() < documents[2].min()
     records = train_records(corpora / "runs" / "budget")
     consumed, tokens = 0, 0
     for step in (1, 2, 3, 4):
