@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import DebertaConfig, hf_encoder_kwargs
-from models.layers import FeedForward, activation_fn
+from models.layers import CheckpointedLayer, FeedForward, activation_fn
 from models.parallel import ParallelLayers
 
 IGNORE_INDEX = -100  # label of positions that are not predicted
@@ -72,6 +72,153 @@ def relative_position_buckets(
     if position_buckets > 0 and max_distance > 0:
         relative = log_bucket_position(relative, position_buckets, max_distance)
     return relative
+
+
+# ------------------------------------------------------------------------- disentangled attention
+ATTENTION_KERNELS = ("auto", "fused", "sdpa")
+
+
+def disentangled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_key: torch.Tensor | None,
+    pos_query: torch.Tensor | None,
+    relative_indices: tuple[torch.Tensor, torch.Tensor] | None,
+    key_padding: torch.Tensor,
+    scale: float,
+    dropout: float = 0.0,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """softmax(scale (q.k + c2p + p2c), padded keys masked) (dropped out) v -> (B, nh, T, hs).
+
+    q, k, v (B, nh, T, hs); pos_key / pos_query (1, nh, 2k, hs) or None (term off); relative_indices
+    the cached (c2p, p2c) gather indices (T, T); key_padding (B, 1, 1, T) bool, True = padding.
+    c2p[i, j] = q_i . Pk[c2p_index[i, j]] and p2c[i, j] = k_j . Pq[p2c_index[j, i]] are gathers
+    from the small (B, nh, T, 2k) score tables into one additive bias of the content scores.
+
+    Two implementations, the same numbers (tests/test_perf_paths.py):
+    - "sdpa": the bias (fp32 scores, padded keys at finfo.min) goes to torch's
+      scaled_dot_product_attention as a float mask: fused kernels that never keep the probabilities
+      (flash on CPU without autograd; memory-efficient on CUDA, which also returns the bias's
+      gradient). On CPU with autograd torch falls back to its unfused math path, slower than ours
+      once attention dropout is on, so "auto" does not take it there.
+    - "fused": our autograd function, fp32 throughout: it keeps only the probabilities and the
+      dropout mask for backward (autograd's graph keeps the dropped-out probabilities as well),
+      works in place, and scatters the score gradient back into the two 2k tables.
+    "auto" picks "sdpa" where no graph is built or off the CPU, "fused" otherwise and always for
+    fp16 (whose c2p/p2c sums overflow unless computed in fp32: a known DeBERTa failure).
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, pos_key, pos_query))
+        fp16 = q.dtype == torch.float16 or (
+            torch.is_autocast_enabled(q.device.type)
+            and torch.get_autocast_dtype(q.device.type) == torch.float16)
+        kernel = "fused" if fp16 or (graph and q.device.type == "cpu") else "sdpa"
+    c2p_index, p2c_index = relative_indices if relative_indices is not None else (None, None)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        if kernel == "fused":
+            pos_key = pos_key.float() if pos_key is not None else None
+            pos_query = pos_query.float() if pos_query is not None else None
+            context = _FusedDisentangledAttention.apply(
+                q.float(), k.float(), v.float(), pos_key, pos_query, c2p_index, p2c_index,
+                key_padding, scale, dropout)
+            return context.to(v.dtype)
+        bias = _relative_bias(q.float() * scale, k.float(), pos_key, pos_query, c2p_index, p2c_index,
+                              scale)
+        if bias is None:
+            bias = torch.zeros(key_padding.shape, dtype=torch.float32, device=q.device)
+        bias = bias.masked_fill(key_padding, torch.finfo(torch.float32).min)
+        dtype = v.dtype if v.dtype != torch.float16 else torch.float32
+        context = F.scaled_dot_product_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=bias.to(dtype), dropout_p=dropout,
+            scale=scale)
+        return context.to(v.dtype)
+
+
+def _relative_bias(q_scaled, k, pos_key, pos_query, c2p_index, p2c_index, scale):
+    """c2p + p2c (B, nh, T, T) in fp32 (scaled), or None when neither term is on."""
+    B, nh, T, _ = q_scaled.shape
+    bias = None
+    if pos_key is not None:
+        c2p = q_scaled @ pos_key.float().transpose(-1, -2)  # (B, nh, T, 2k): query i x bucket
+        bias = torch.gather(c2p, -1, c2p_index.expand(B, nh, T, T))
+    if pos_query is not None:
+        p2c = k @ (pos_query.float() * scale).transpose(-1, -2)  # (B, nh, T, 2k): key j x bucket
+        p2c = torch.gather(p2c, -1, p2c_index.expand(B, nh, T, T)).transpose(-1, -2)
+        bias = p2c if bias is None else bias + p2c
+    return bias
+
+
+class _FusedDisentangledAttention(torch.autograd.Function):
+    """Disentangled attention with a hand-written backward (fp32 inputs; see disentangled_attention).
+
+    Saved for backward: q (scaled), k, v, the position tables, the probabilities (B, nh, T, T) and
+    the dropout keep-mask (bool); the dropped-out probabilities are rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, c2p_index, p2c_index, key_padding, scale, dropout):
+        B, nh, T, _ = q.shape
+        qs = q * scale
+        scores = qs @ k.transpose(-1, -2)  # (B, nh, T, T)
+        if pos_key is not None:
+            c2p = qs @ pos_key.transpose(-1, -2)  # (B, nh, T, 2k)
+            scores += torch.gather(c2p, -1, c2p_index.expand(B, nh, T, T))
+            del c2p
+        pos_query_s = pos_query * scale if pos_query is not None else None
+        if pos_query is not None:
+            p2c = k @ pos_query_s.transpose(-1, -2)  # (B, nh, T, 2k)
+            scores += torch.gather(p2c, -1, p2c_index.expand(B, nh, T, T)).transpose(-1, -2)
+            del p2c
+        scores.masked_fill_(key_padding, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        keep = None
+        if dropout > 0.0:
+            keep = torch.empty_like(probs).bernoulli_(1.0 - dropout).bool()
+            context = (probs * keep * (1.0 / (1.0 - dropout))) @ v
+        else:
+            context = probs @ v
+        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_index, p2c_index, key_padding, probs, keep)
+        ctx.scale, ctx.dropout = scale, dropout
+        return context
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, k, v, pos_key, pos_query_s, c2p_index, p2c_index, key_padding, probs, keep = ctx.saved_tensors
+        scale, dropout = ctx.scale, ctx.dropout
+        B, nh, T, _ = qs.shape
+        grad = grad.contiguous()
+        dropped = probs if keep is None else probs * keep * (1.0 / (1.0 - dropout))
+        grad_v = dropped.transpose(-1, -2) @ grad
+        del dropped
+        d = grad @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d dropped probs
+        if keep is not None:
+            d.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - dropout))
+        # softmax backward: dS = P * (dP - sum_j dP P), in place
+        d.sub_((d * probs).sum(-1, keepdim=True)).mul_(probs)
+        d.masked_fill_(key_padding, 0.0)  # what masked_fill's backward does (fully padded rows)
+        grad_qs = d @ k
+        grad_k = d.transpose(-1, -2) @ qs
+        grad_pos_key = grad_pos_query = None
+        if pos_key is not None:
+            table = d.new_zeros(B, nh, T, pos_key.shape[-2])
+            table.scatter_add_(-1, c2p_index.expand(B, nh, T, T), d)  # (B, nh, T, 2k)
+            grad_qs += table @ pos_key
+            grad_pos_key = (table.transpose(-1, -2) @ qs).sum(0, keepdim=True)
+            del table
+        if pos_query_s is not None:
+            table = d.new_zeros(B, nh, T, pos_query_s.shape[-2])
+            table.scatter_add_(-1, p2c_index.expand(B, nh, T, T), d.transpose(-1, -2))  # key j rows
+            grad_k += table @ pos_query_s
+            grad_pos_query = (table.transpose(-1, -2) @ k).sum(0, keepdim=True) * scale
+            del table
+        return (grad_qs * scale, grad_k, grad_v, grad_pos_key, grad_pos_query,
+                None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -152,6 +299,7 @@ class DisentangledSelfAttention(nn.Module):
         self.output = layers.row_linear(H, H, init_std=std)
         self.relative_dropout = nn.Dropout(config.hidden_dropout)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.kernel = "auto"  # disentangled_attention's implementation (tests and benches set it)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, nh*hs) -> (B, nh, T, hs)."""
@@ -185,29 +333,16 @@ class DisentangledSelfAttention(nn.Module):
                 project = self.query if self.pos_query is None else self.pos_query
                 pos_query = self._heads(project(table))  # (1, nh, 2k, hs)
 
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            q32 = q.float() * self.scale
-            k32 = k.float()
-            scores = q32 @ k32.transpose(-1, -2)  # (B, nh, T, T) content-to-content
-            if pos_key is not None:
-                c2p_index, _ = relative_indices
-                c2p = q32 @ pos_key.float().transpose(-1, -2)  # (B, nh, T, 2k): query i x bucket
-                # score[i, j] += q_i . Pk[bucket(i - j)]
-                scores = scores + torch.gather(c2p, -1, c2p_index.expand(B, q.shape[1], T, T))
-            if pos_query is not None:
-                _, p2c_index = relative_indices
-                p2c = k32 @ (pos_query.float() * self.scale).transpose(-1, -2)  # (B, nh, T, 2k): key j
-                # gathered[j, i] = k_j . Pq[bucket(j - i) negated], transposed to score[i, j]
-                p2c = torch.gather(p2c, -1, p2c_index.expand(B, q.shape[1], T, T))
-                scores = scores + p2c.transpose(-1, -2)
-            scores = scores.masked_fill(key_padding, torch.finfo(scores.dtype).min)
-            probs = torch.softmax(scores, dim=-1)  # (B, nh, T, T) fp32
-        probs = self.attention_dropout(probs).to(v.dtype)
-        context = (probs @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, H/tp)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = disentangled_attention(
+            q, k, v, pos_key, pos_query, relative_indices, key_padding, self.scale, dropout,
+            kernel=self.kernel,
+        )  # (B, nh, T, hs)
+        context = context.transpose(1, 2).reshape(B, T, -1)  # (B, T, H/tp)
         return self.output(context)
 
 
-class DebertaLayer(nn.Module):
+class DebertaLayer(CheckpointedLayer):
     """Post-LN layer: x = LN(query + drop(attn(query; kv))); x = LN(x + drop(ffn(x)))."""
 
     def __init__(self, config: DebertaConfig, layers: ParallelLayers):
@@ -219,7 +354,7 @@ class DebertaLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(
+    def layer_forward(
         self,
         hidden: torch.Tensor,
         key_padding: torch.Tensor,

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from models.parallel import ParallelLayers
@@ -37,6 +38,49 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
     bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class CheckpointedLayer(nn.Module):
+    """An encoder layer whose activations can be recomputed in backward instead of kept.
+
+    With `checkpoint` set (`enable_activation_checkpointing`), a forward that builds a graph keeps
+    only the layer's inputs; backward runs the layer again (torch.utils.checkpoint, non-reentrant,
+    the RNG state restored so dropout draws the same masks): activation memory of one layer instead
+    of all of them, for about one more forward of compute. Subclasses implement `layer_forward`.
+    """
+
+    checkpoint = False
+
+    def forward(self, *args, **kwargs):
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.layer_forward, *args, use_reentrant=False, **kwargs)
+        return self.layer_forward(*args, **kwargs)
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Every CheckpointedLayer of a model (both towers of an RTD model, DeBERTa's too)."""
+    return [module for module in model.modules() if isinstance(module, CheckpointedLayer)]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every encoder layer in backward; returns how many layers were set."""
+    layers = encoder_layers(model)
+    for layer in layers:
+        layer.checkpoint = True
+    return len(layers)
+
+
+def compile_layers(model: nn.Module, **options) -> int:
+    """torch.compile every encoder layer in place (nn.Module.compile; `options` go to torch.compile).
+
+    Layers, not the whole model: the model's forward has data-dependent shapes (the predicted
+    positions, the generator's samples) that would break a whole-model graph every step, while a
+    layer's shapes change only with the batch shape. Returns how many layers were compiled.
+    """
+    layers = encoder_layers(model)
+    for layer in layers:
+        layer.compile(**options)
+    return len(layers)
 
 
 class SelfAttention(nn.Module):
@@ -92,7 +136,7 @@ class FeedForward(nn.Module):
         return self.down(self.activation(self.up(x)))  # (B, T, I/tp) in the middle
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(CheckpointedLayer):
     """Post-LN layer (BERT/RoBERTa): x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x)))."""
 
     def __init__(
@@ -114,6 +158,6 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def layer_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, bias)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))

@@ -1,0 +1,215 @@
+"""The fast paths give the numbers of the plain ones: disentangled attention kernels against the
+autograd reference, cached relative indices, MLM heads on the predicted positions only,
+activation checkpointing and compiled layers, and their config options."""
+
+import types
+
+import pytest
+import torch
+
+from models import deberta
+from models.deberta import _FusedDisentangledAttention, disentangled_attention
+from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers
+from models.registry import build_config, build_model
+
+VOCAB = 99
+
+
+def reference_attention(q, k, v, pos_key, pos_query, indices, key_padding, scale):
+    """The attention as plain autograd ops (the code before the kernels)."""
+    B, nh, T, _ = q.shape
+    scores = (q * scale) @ k.transpose(-1, -2)
+    scores = scores + torch.gather((q * scale) @ pos_key.transpose(-1, -2), -1, indices[0].expand(B, nh, T, T))
+    p2c = k @ (pos_query * scale).transpose(-1, -2)
+    scores = scores + torch.gather(p2c, -1, indices[1].expand(B, nh, T, T)).transpose(-1, -2)
+    scores = scores.masked_fill(key_padding, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.fixture(scope="module")
+def attention_inputs():
+    gen = torch.Generator().manual_seed(0)
+    B, nh, T, hs, span = 3, 2, 21, 8, 6
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    tensors = [make(B, nh, T, hs) for _ in range(3)] + [make(1, nh, 2 * span, hs) for _ in range(2)]
+    buckets = deberta.relative_position_buckets(T, 2 * span, 12)
+    indices = ((buckets + span).clamp(0, 2 * span - 1), (span - buckets).clamp(0, 2 * span - 1))
+    key_padding = torch.zeros(B, 1, 1, T, dtype=torch.bool)
+    key_padding[1, ..., 15:] = True
+    key_padding[2, ..., 4:] = True
+    return tensors, indices, key_padding
+
+
+def _run(fn, tensors, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out * grad).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def test_fused_kernel_equals_autograd_reference_with_padding(attention_inputs):
+    tensors, indices, key_padding = attention_inputs
+    grad = torch.randn(tensors[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = _run(lambda *t: reference_attention(*t, indices, key_padding, 0.3), tensors, grad)
+    fused = _run(lambda *t: _FusedDisentangledAttention.apply(*t, *indices, key_padding, 0.3, 0.0), tensors, grad)
+    for name, a, b in zip(("out", "q", "k", "v", "pos_key", "pos_query"), fused, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_dropout_matches_autograd_with_the_same_keep_mask(attention_inputs):
+    tensors, indices, key_padding = attention_inputs
+    grad = torch.randn(tensors[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def fused(*t):
+        torch.manual_seed(7)
+        return _FusedDisentangledAttention.apply(*t, *indices, key_padding, 0.3, 0.5)
+
+    def reference(q, k, v, pk, pq):
+        eye = torch.eye(q.shape[-2], dtype=q.dtype).expand(*q.shape[:2], -1, -1)
+        probs = reference_attention(q, k, eye, pk, pq, indices, key_padding, 0.3)  # probs @ I
+        torch.manual_seed(7)  # the keep-mask drawn as the kernel draws it
+        keep = torch.empty_like(probs).bernoulli_(0.5).bool()
+        return (probs * keep * 2.0) @ v
+
+    got, expected = _run(fused, tensors, grad), _run(reference, tensors, grad)
+    for name, a, b in zip(("out", "q", "k", "v", "pos_key", "pos_query"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    no_dropout = _run(lambda *t: reference_attention(*t, indices, key_padding, 0.3), tensors, grad)
+    assert not torch.allclose(got[0], no_dropout[0])
+
+
+def test_sdpa_kernel_equals_fused_and_auto_picks_by_graph(attention_inputs):
+    tensors, indices, key_padding = attention_inputs
+    tensors = [t.float() for t in tensors]
+    grad = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(2))
+    fused = _run(lambda *t: disentangled_attention(*t, indices, key_padding, 0.3, kernel="fused"), tensors, grad)
+    sdpa = _run(lambda *t: disentangled_attention(*t, indices, key_padding, 0.3, kernel="sdpa"), tensors, grad)
+    for a, b in zip(sdpa, fused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        no_graph = disentangled_attention(*tensors, indices, key_padding, 0.3)
+    torch.testing.assert_close(no_graph, fused[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention kernel"):
+        disentangled_attention(*tensors, indices, key_padding, 0.3, kernel="triton")
+
+
+def tiny_deberta(**overrides):
+    cfg = build_config("deberta", "debug", vocab_size=VOCAB, seq_length=16, hidden_dropout=0.0,
+                       attention_dropout=0.0, **overrides)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def batch(cfg, seed=1, B=3, T=16):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 11:] = 0
+    labels = torch.where(torch.rand(B, T, generator=gen) < 0.3, ids, torch.full_like(ids, -100))
+    labels[mask == 0] = -100
+    return ids, mask, labels
+
+
+def test_cached_relative_indices_equal_recomputed_and_are_reused():
+    model = tiny_deberta(enhanced_mask_decoder=True)
+    encoder = model.encoder
+    ids, mask, labels = batch(model.config)
+    model(ids, mask, labels)
+    model(ids, mask, labels)
+    assert list(encoder._index_cache) == [(16, torch.device("cpu"))]  # one entry, reused by the EMD too
+    c2p, p2c = encoder.relative_indices(16, torch.device("cpu"))
+    assert encoder.relative_indices(16, "cpu")[0] is c2p
+    span, cfg = model.config.relative_span, model.config
+    buckets = deberta.relative_position_buckets(16, cfg.position_buckets, cfg.max_relative_distance)
+    assert torch.equal(c2p, (buckets + span).clamp(0, 2 * span - 1))
+    assert torch.equal(p2c, (span - buckets).clamp(0, 2 * span - 1))
+
+
+@pytest.mark.parametrize("name", ["deberta", "roberta"])
+def test_predicted_positions_head_equals_full_logits_there(name):
+    cfg = build_config(name, "debug", vocab_size=VOCAB, seq_length=16, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ids, mask, labels = batch(cfg)
+    predicted = labels != -100
+    with torch.no_grad():
+        full = model.logits(ids, mask)  # (B, T, V)
+        loss = model(ids, mask, labels)["loss_sum"]
+    expected = torch.nn.functional.cross_entropy(full[predicted], labels[predicted], reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    if name == "deberta":
+        with torch.no_grad():
+            head = model.predicted_logits(ids, mask, predicted)[:, :VOCAB]
+        torch.testing.assert_close(head, full[predicted], rtol=1e-5, atol=1e-5)
+
+
+def test_deberta_kernels_give_the_same_model_outputs_and_grads():
+    model = tiny_deberta(enhanced_mask_decoder=True)
+    ids, mask, labels = batch(model.config)
+    results = {}
+    for kernel in ("fused", "sdpa"):
+        for layer in encoder_layers(model):
+            layer.attention.kernel = kernel
+        model.zero_grad()
+        model(ids, mask, labels)["loss_sum"].backward()
+        results[kernel] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert results["fused"].keys() == results["sdpa"].keys()
+    for name in results["fused"]:
+        torch.testing.assert_close(results["sdpa"][name], results["fused"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _grads(model, args, seed=11):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(*args)
+    loss = out["loss_sum"] if "loss_sum" in out else sum(out["loss_sums"].values())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta_v3"])
+def test_activation_checkpointing_gives_identical_loss_and_grads_with_dropout(name):
+    cfg = build_config(name, "debug", vocab_size=VOCAB, seq_length=16)  # dropout 0.1 on
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    ids, mask, labels = batch(cfg)
+    args = (ids, mask, labels) if name == "roberta" else (ids, mask, labels, torch.arange(3))
+    if name == "deberta_v3":
+        model.sampling_seed = 5
+    plain_loss, plain = _grads(model, args)
+    assert enable_activation_checkpointing(model) == (2 if name == "roberta" else 3)
+    ckpt_loss, ckpt = _grads(model, args)
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert plain.keys() == ckpt.keys()
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=0, atol=0, msg=key)
+    # dropout is on, so the equality above needed the recomputation to redraw the same masks
+    other_loss, _ = _grads(model, args, seed=12)
+    assert not torch.equal(other_loss, plain_loss)
+
+
+def test_config_options_are_wired_in_build_model_for():
+    from trainer.config import load_config
+    from trainer.run import build_model_for
+
+    cfg = load_config(None, ["data.prefix=x", "data.seq_length=16", "model.name=deberta",
+                             "model.activation_checkpointing=true", "model.compile=true"])
+    assert cfg.model.activation_checkpointing and cfg.model.compile
+    tokenizer = types.SimpleNamespace(vocab_size=VOCAB, pad_id=0)
+    ctx = types.SimpleNamespace(tp_size=1, tp_rank=0, device=torch.device("cpu"))
+    model, _ = build_model_for(cfg, tokenizer, ctx)
+    layers = encoder_layers(model)
+    assert len(layers) == 2 and all(layer.checkpoint for layer in layers)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    plain = load_config(None, ["data.prefix=x", "data.seq_length=16", "model.name=deberta"])
+    model, _ = build_model_for(plain, tokenizer, ctx)
+    assert not any(layer.checkpoint or layer._compiled_call_impl for layer in encoder_layers(model))
+
+
+def test_compiled_layers_compute_the_same():
+    model = tiny_deberta().eval()
+    ids, mask, _ = batch(model.config)
+    with torch.no_grad():
+        expected = model.logits(ids, mask)
+        assert compile_layers(model, backend="eager") == 2
+        torch.testing.assert_close(model.logits(ids, mask), expected)
