@@ -34,6 +34,12 @@ class ModelSection:
     init: Optional[str] = None
     """Start from this native model file (tools/convert_checkpoint.py --format native, or --from-hf):
     its config and weights, so `size` and `overrides` do not apply. Ignored when the run resumes."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer's activations in backward instead of keeping them (both towers of
+    an RTD model): activation memory of about one layer, for about one more forward pass of compute."""
+    compile: bool = False
+    """torch.compile each encoder layer (not the whole model: its predicted positions vary per batch).
+    The first steps of every new batch shape pay the compilation."""
 
 
 @dataclass

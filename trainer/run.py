@@ -136,4 +136,11 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
         model.load_state_dict(shard_state_dict(full, partition_dims(model), ctx.tp_rank, ctx.tp_size))
     if hasattr(model, "sampling_seed"):  # RTD: replacements keyed by (seed, global sample index)
         model.sampling_seed = cfg.train.seed
-    return model.to(ctx.device), {"name": cfg.model.name, **dataclasses.asdict(model_config)}
+    from models.layers import compile_layers, enable_activation_checkpointing
+
+    if cfg.model.activation_checkpointing:  # after the TP rebuild: flags live on the final modules
+        enable_activation_checkpointing(model)
+    model = model.to(ctx.device)
+    if cfg.model.compile:
+        compile_layers(model)
+    return model, {"name": cfg.model.name, **dataclasses.asdict(model_config)}
