@@ -261,8 +261,17 @@ def worker(args) -> None:
     model, seq = args.model, args.seq_one
     batch = make_batch(model, args, seq, device)
     if args.worker == "ours":
+        from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers
+
         cfg, net = build_ours(model, args, seq)
         net.to(device)
+        for layer in encoder_layers(net):
+            if hasattr(layer.attention, "kernel"):
+                layer.attention.kernel = args.kernel
+        if args.activation_checkpointing:
+            enable_activation_checkpointing(net)
+        if args.compile:
+            compile_layers(net)
         loss_fn = ours_step_fn(model, net, cfg, batch, args, device)
     else:
         cfg, net, make_loss = build_hf(model, args, seq, device)
@@ -322,10 +331,11 @@ def train_flops(model: str, cfg, batch_size: int, seq: int) -> float:
 def _spawn(side: str, model: str, seq: int, args) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--seq-one", str(seq)]
     for flag in ("tokens", "vocab", "hidden", "heads", "ffn", "layers", "gen_layers", "threads",
-                 "device", "dtype"):
+                 "device", "dtype", "kernel"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.emd:
-        cmd.append("--emd")
+    for flag in ("emd", "activation_checkpointing", "compile"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -371,6 +381,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6, help="discriminator / MLM model layers")
     parser.add_argument("--gen-layers", type=int, default=3, help="RTD generator layers")
     parser.add_argument("--emd", action="store_true", help="keep our DeBERTa generator's EMD (HF has none)")
+    parser.add_argument("--kernel", choices=("auto", "fused", "sdpa"), default="auto",
+                        help="our DeBERTa attention implementation (models.deberta.disentangled_attention)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="ours: recompute layers")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile each layer")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -394,7 +408,9 @@ def main() -> None:
     print(f"# torch {torch.__version__}, device {args.device} {args.dtype}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}")
     print(f"# layout: {args.layers} x {args.hidden} (heads {args.heads}, FFN {args.ffn}), RTD generator "
-          f"{args.gen_layers} layers, vocab {args.vocab}, our DeBERTa EMD {'on' if args.emd else 'off'}; "
+          f"{args.gen_layers} layers, vocab {args.vocab}, our DeBERTa EMD {'on' if args.emd else 'off'}, "
+          f"kernel {args.kernel}, checkpointing {'on' if args.activation_checkpointing else 'off'}, "
+          f"compile {'on' if args.compile else 'off'}; "
           f"{args.tokens} tokens per step, {args.warmup} warm-up + {args.repeats} interleaved repeats, "
           "medians; memory = peak resident memory the steps add (VmHWM minus RSS after building)")
     results, raw = [], {}

@@ -93,7 +93,8 @@ def disentangled_attention(
     """softmax(scale (q.k + c2p + p2c), padded keys masked) (dropped out) v -> (B, nh, T, hs).
 
     q, k, v (B, nh, T, hs); pos_key / pos_query (1, nh, 2k, hs) or None (term off); relative_indices
-    the cached (c2p, p2c) gather indices (T, T); key_padding (B, 1, 1, T) bool, True = padding.
+    the cached (c2p, p2c) gather indices (T, T), optionally followed by their `flat_relative_indices`
+    (DebertaEncoder.relative_inputs caches those too); key_padding (B, 1, 1, T) bool, True = padding.
     c2p[i, j] = q_i . Pk[c2p_index[i, j]] and p2c[i, j] = k_j . Pq[p2c_index[j, i]] are gathers
     from the small (B, nh, T, 2k) score tables into one additive bias of the content scores.
 
@@ -118,13 +119,18 @@ def disentangled_attention(
             torch.is_autocast_enabled(q.device.type)
             and torch.get_autocast_dtype(q.device.type) == torch.float16)
         kernel = "fused" if fp16 or (graph and q.device.type == "cpu") else "sdpa"
-    c2p_index, p2c_index = relative_indices if relative_indices is not None else (None, None)
+    c2p_index = p2c_index = c2p_flat = p2c_flat = None
+    if relative_indices is not None and (pos_key is not None or pos_query is not None):
+        if len(relative_indices) == 2:
+            width = (pos_key if pos_key is not None else pos_query).shape[-2]
+            relative_indices = (*relative_indices, *flat_relative_indices(*relative_indices, width))
+        c2p_index, p2c_index, c2p_flat, p2c_flat = relative_indices
     with torch.autocast(device_type=q.device.type, enabled=False):
         if kernel == "fused":
             pos_key = pos_key.float() if pos_key is not None else None
             pos_query = pos_query.float() if pos_query is not None else None
             context = _FusedDisentangledAttention.apply(
-                q.float(), k.float(), v.float(), pos_key, pos_query, c2p_index, p2c_index,
+                q.float(), k.float(), v.float(), pos_key, pos_query, c2p_flat, p2c_flat,
                 key_padding, scale, dropout)
             return context.to(v.dtype)
         bias = _relative_bias(q.float() * scale, k.float(), pos_key, pos_query, c2p_index, p2c_index,
@@ -137,6 +143,18 @@ def disentangled_attention(
             q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=bias.to(dtype), dropout_p=dropout,
             scale=scale)
         return context.to(v.dtype)
+
+
+def flat_relative_indices(
+    c2p_index: torch.Tensor, p2c_index: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (c2p, p2c) gather indices as positions in a flattened (T * 2k) score table, both laid
+    out as the scores (query i, key j): c2p_flat[i, j] = i * 2k + c2p[i, j], p2c_flat[i, j] =
+    j * 2k + p2c[j, i]. One gather per term then writes the bias in order, with no transposed
+    (strided) pass over a (T, T) tensor, and backward scatters the same way. width: 2k."""
+    T = c2p_index.shape[0]
+    rows = torch.arange(T, device=c2p_index.device)[:, None]
+    return c2p_index + rows * width, (p2c_index + rows * width).t().contiguous()
 
 
 def _relative_bias(q_scaled, k, pos_key, pos_query, c2p_index, p2c_index, scale):
@@ -161,59 +179,66 @@ class _FusedDisentangledAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pos_key, pos_query, c2p_index, p2c_index, key_padding, scale, dropout):
+    def forward(ctx, q, k, v, pos_key, pos_query, c2p_flat, p2c_flat, key_padding, scale, dropout):
+        """c2p_flat / p2c_flat: `flat_relative_indices`."""
         B, nh, T, _ = q.shape
         qs = q * scale
         scores = qs @ k.transpose(-1, -2)  # (B, nh, T, T)
         if pos_key is not None:
-            c2p = qs @ pos_key.transpose(-1, -2)  # (B, nh, T, 2k)
-            scores += torch.gather(c2p, -1, c2p_index.expand(B, nh, T, T))
+            c2p = (qs @ pos_key.transpose(-1, -2)).view(B, nh, -1)  # (B, nh, T * 2k)
+            scores += torch.gather(c2p, -1, c2p_flat.view(1, 1, -1).expand(B, nh, -1)).view(B, nh, T, T)
             del c2p
         pos_query_s = pos_query * scale if pos_query is not None else None
         if pos_query is not None:
-            p2c = k @ pos_query_s.transpose(-1, -2)  # (B, nh, T, 2k)
-            scores += torch.gather(p2c, -1, p2c_index.expand(B, nh, T, T)).transpose(-1, -2)
+            p2c = (k @ pos_query_s.transpose(-1, -2)).view(B, nh, -1)  # (B, nh, T * 2k), key rows
+            scores += torch.gather(p2c, -1, p2c_flat.view(1, 1, -1).expand(B, nh, -1)).view(B, nh, T, T)
             del p2c
         scores.masked_fill_(key_padding, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         del scores
         keep = None
         if dropout > 0.0:
-            keep = torch.empty_like(probs).bernoulli_(1.0 - dropout).bool()
-            context = (probs * keep * (1.0 / (1.0 - dropout))) @ v
+            keep = torch.rand_like(probs) >= dropout  # P(keep) = 1 - dropout
+            context = torch.where(keep, probs, 0.0).mul_(1.0 / (1.0 - dropout)) @ v
         else:
             context = probs @ v
-        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_index, p2c_index, key_padding, probs, keep)
+        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep)
         ctx.scale, ctx.dropout = scale, dropout
         return context
 
     @staticmethod
     def backward(ctx, grad):
-        qs, k, v, pos_key, pos_query_s, c2p_index, p2c_index, key_padding, probs, keep = ctx.saved_tensors
+        qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep = ctx.saved_tensors
         scale, dropout = ctx.scale, ctx.dropout
         B, nh, T, _ = qs.shape
         grad = grad.contiguous()
-        dropped = probs if keep is None else probs * keep * (1.0 / (1.0 - dropout))
+        dropped = probs if keep is None else torch.where(keep, probs, 0.0).mul_(1.0 / (1.0 - dropout))
         grad_v = dropped.transpose(-1, -2) @ grad
         del dropped
         d = grad @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d dropped probs
         if keep is not None:
-            d.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - dropout))
+            d.mul_(keep).mul_(1.0 / (1.0 - dropout))
         # softmax backward: dS = P * (dP - sum_j dP P), in place
         d.sub_((d * probs).sum(-1, keepdim=True)).mul_(probs)
-        d.masked_fill_(key_padding, 0.0)  # what masked_fill's backward does (fully padded rows)
+        # Padded keys have P = 0 and so dS = 0, except in rows whose keys are all padding (uniform
+        # P): masked_fill's backward zeroes those. On CPU the check costs no device sync.
+        if d.device.type != "cpu" or bool(key_padding.all(-1).any()):
+            d.masked_fill_(key_padding, 0.0)
         grad_qs = d @ k
         grad_k = d.transpose(-1, -2) @ qs
         grad_pos_key = grad_pos_query = None
+        flat_d = d.view(B, nh, -1)
         if pos_key is not None:
-            table = d.new_zeros(B, nh, T, pos_key.shape[-2])
-            table.scatter_add_(-1, c2p_index.expand(B, nh, T, T), d)  # (B, nh, T, 2k)
+            table = d.new_zeros(B, nh, T * pos_key.shape[-2])
+            table.scatter_add_(-1, c2p_flat.view(1, 1, -1).expand(B, nh, -1), flat_d)
+            table = table.view(B, nh, T, -1)  # (B, nh, T, 2k), query rows
             grad_qs += table @ pos_key
             grad_pos_key = (table.transpose(-1, -2) @ qs).sum(0, keepdim=True)
             del table
         if pos_query_s is not None:
-            table = d.new_zeros(B, nh, T, pos_query_s.shape[-2])
-            table.scatter_add_(-1, p2c_index.expand(B, nh, T, T), d.transpose(-1, -2))  # key j rows
+            table = d.new_zeros(B, nh, T * pos_query_s.shape[-2])
+            table.scatter_add_(-1, p2c_flat.view(1, 1, -1).expand(B, nh, -1), flat_d)
+            table = table.view(B, nh, T, -1)  # (B, nh, T, 2k), key rows
             grad_k += table @ pos_query_s
             grad_pos_query = (table.transpose(-1, -2) @ k).sum(0, keepdim=True) * scale
             del table
@@ -383,6 +408,7 @@ class DebertaEncoder(nn.Module):
             if config.norm_rel_ebd == "layer_norm":
                 self.relative_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self._index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def relative_indices(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(c2p, p2c) gather indices (T, T) into the 2k relative embeddings, cached per (T, device).
@@ -408,7 +434,11 @@ class DebertaEncoder(nn.Module):
         table = self.relative_embeddings.weight
         if self.relative_norm is not None:
             table = self.relative_norm(table)
-        return table, self.relative_indices(length, device)
+        key = (length, torch.device(device))
+        if key not in self._flat_cache:
+            self._flat_cache[key] = flat_relative_indices(*self.relative_indices(length, device),
+                                                          2 * self.config.relative_span)
+        return table, (*self.relative_indices(length, device), *self._flat_cache[key])
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, H) embeddings -> (output of the last layer, its input H_{L-1}), both (B, T, H)."""

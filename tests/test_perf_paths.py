@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import deberta
-from models.deberta import _FusedDisentangledAttention, disentangled_attention
+from models.deberta import _FusedDisentangledAttention, disentangled_attention, flat_relative_indices
 from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers
 from models.registry import build_config, build_model
 
@@ -36,8 +36,12 @@ def attention_inputs():
     indices = ((buckets + span).clamp(0, 2 * span - 1), (span - buckets).clamp(0, 2 * span - 1))
     key_padding = torch.zeros(B, 1, 1, T, dtype=torch.bool)
     key_padding[1, ..., 15:] = True
-    key_padding[2, ..., 4:] = True
+    key_padding[2] = True  # a sample that is all padding
     return tensors, indices, key_padding
+
+
+def flat(indices):
+    return flat_relative_indices(*indices, 12)
 
 
 def _run(fn, tensors, grad):
@@ -51,7 +55,7 @@ def test_fused_kernel_equals_autograd_reference_with_padding(attention_inputs):
     tensors, indices, key_padding = attention_inputs
     grad = torch.randn(tensors[0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     expected = _run(lambda *t: reference_attention(*t, indices, key_padding, 0.3), tensors, grad)
-    fused = _run(lambda *t: _FusedDisentangledAttention.apply(*t, *indices, key_padding, 0.3, 0.0), tensors, grad)
+    fused = _run(lambda *t: _FusedDisentangledAttention.apply(*t, *flat(indices), key_padding, 0.3, 0.0), tensors, grad)
     for name, a, b in zip(("out", "q", "k", "v", "pos_key", "pos_query"), fused, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
@@ -62,13 +66,13 @@ def test_fused_dropout_matches_autograd_with_the_same_keep_mask(attention_inputs
 
     def fused(*t):
         torch.manual_seed(7)
-        return _FusedDisentangledAttention.apply(*t, *indices, key_padding, 0.3, 0.5)
+        return _FusedDisentangledAttention.apply(*t, *flat(indices), key_padding, 0.3, 0.5)
 
     def reference(q, k, v, pk, pq):
         eye = torch.eye(q.shape[-2], dtype=q.dtype).expand(*q.shape[:2], -1, -1)
         probs = reference_attention(q, k, eye, pk, pq, indices, key_padding, 0.3)  # probs @ I
         torch.manual_seed(7)  # the keep-mask drawn as the kernel draws it
-        keep = torch.empty_like(probs).bernoulli_(0.5).bool()
+        keep = torch.rand_like(probs) >= 0.5
         return (probs * keep * 2.0) @ v
 
     got, expected = _run(fused, tensors, grad), _run(reference, tensors, grad)
@@ -82,6 +86,8 @@ def test_sdpa_kernel_equals_fused_and_auto_picks_by_graph(attention_inputs):
     tensors, indices, key_padding = attention_inputs
     tensors = [t.float() for t in tensors]
     grad = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(2))
+    grad[2] = 0.0  # SDPA adds q.k to finfo.min instead of replacing it: an all-padding sample's
+    # gradient differs, but no loss ever reads such a sample's outputs
     fused = _run(lambda *t: disentangled_attention(*t, indices, key_padding, 0.3, kernel="fused"), tensors, grad)
     sdpa = _run(lambda *t: disentangled_attention(*t, indices, key_padding, 0.3, kernel="sdpa"), tensors, grad)
     for a, b in zip(sdpa, fused):
@@ -117,12 +123,17 @@ def test_cached_relative_indices_equal_recomputed_and_are_reused():
     model(ids, mask, labels)
     model(ids, mask, labels)
     assert list(encoder._index_cache) == [(16, torch.device("cpu"))]  # one entry, reused by the EMD too
+    assert list(encoder._flat_cache) == [(16, torch.device("cpu"))]
     c2p, p2c = encoder.relative_indices(16, torch.device("cpu"))
     assert encoder.relative_indices(16, "cpu")[0] is c2p
     span, cfg = model.config.relative_span, model.config
     buckets = deberta.relative_position_buckets(16, cfg.position_buckets, cfg.max_relative_distance)
     assert torch.equal(c2p, (buckets + span).clamp(0, 2 * span - 1))
     assert torch.equal(p2c, (span - buckets).clamp(0, 2 * span - 1))
+    c2p_flat, p2c_flat = encoder._flat_cache[(16, torch.device("cpu"))]
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    assert torch.equal(c2p_flat, i * 2 * span + c2p[i, j])
+    assert torch.equal(p2c_flat, j * 2 * span + p2c[j, i])
 
 
 @pytest.mark.parametrize("name", ["deberta", "roberta"])
