@@ -199,27 +199,31 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         keep = None
         if dropout > 0.0:
             keep = torch.rand_like(probs) >= dropout  # P(keep) = 1 - dropout
-            context = torch.where(keep, probs, 0.0).mul_(1.0 / (1.0 - dropout)) @ v
+            context = (torch.where(keep, probs, 0.0) @ v).mul_(1.0 / (1.0 - dropout))
         else:
             context = probs @ v
-        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep)
+        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep,
+                              context)
         ctx.scale, ctx.dropout = scale, dropout
         return context
 
     @staticmethod
     def backward(ctx, grad):
-        qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep = ctx.saved_tensors
+        qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_flat, key_padding, probs, keep, context = ctx.saved_tensors
         scale, dropout = ctx.scale, ctx.dropout
         B, nh, T, _ = qs.shape
-        grad = grad.contiguous()
-        dropped = probs if keep is None else torch.where(keep, probs, 0.0).mul_(1.0 / (1.0 - dropout))
-        grad_v = dropped.transpose(-1, -2) @ grad
-        del dropped
-        d = grad @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d dropped probs
+        # The dropout scale goes on the small (B, nh, T, hs) tensors, not on the (T, T) ones.
+        grad = grad.contiguous() if keep is None else grad * (1.0 / (1.0 - dropout))
+        kept = probs if keep is None else torch.where(keep, probs, 0.0)
+        grad_v = kept.transpose(-1, -2) @ grad
+        del kept
+        d = grad @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d probs, before the keep-mask
         if keep is not None:
-            d.mul_(keep).mul_(1.0 / (1.0 - dropout))
-        # softmax backward: dS = P * (dP - sum_j dP P), in place
-        d.sub_((d * probs).sum(-1, keepdim=True)).mul_(probs)
+            d.mul_(keep)
+        # softmax backward: dS = P * (dP - sum_j dP P), in place, where sum_j dP_ij P_ij =
+        # dO_i . O_i (O the output, dropout included): no (T, T) product for the row sums.
+        d.sub_((grad * context).sum(-1, keepdim=True) * (1.0 - dropout if keep is not None else 1.0))
+        d.mul_(probs)
         # Padded keys have P = 0 and so dS = 0, except in rows whose keys are all padding (uniform
         # P): masked_fill's backward zeroes those. On CPU the check costs no device sync.
         if d.device.type != "cpu" or bool(key_padding.all(-1).any()):
