@@ -75,3 +75,16 @@ def test_recipes_in_configs_load():
     for path in files:
         cfg = load_config(path, ["data.prefix=x"])
         assert isinstance(cfg, PretrainConfig)
+
+
+def test_rtd_schedule_keys_are_checked():
+    cfg = load_config(None, ["data.prefix=x", "train.rtd_schedule=two_stage", "train.steps=10",
+                             "train.generator_steps=4", "optim.generator_lr=1e-4", "optim.warmup_steps=2"])
+    assert cfg.train.rtd_schedule == "two_stage" and cfg.optim.generator_lr == 1e-4
+    with pytest.raises(UserError, match=r"train\.rtd_schedule='three' is not one of joint, two_stage"):
+        load_config(None, ["data.prefix=x", "train.rtd_schedule=three"])
+    with pytest.raises(UserError, match=r"train\.generator_steps=10 must be in \[0, train\.steps\)"):
+        load_config(None, ["data.prefix=x", "train.rtd_schedule=two_stage", "train.steps=10",
+                           "train.generator_steps=10", "optim.warmup_steps=2"])
+    with pytest.raises(UserError, match=r"optim\.generator_lr=0\.0 must be > 0"):
+        load_config(None, ["data.prefix=x", "optim.generator_lr=0.0"])

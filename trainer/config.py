@@ -106,6 +106,13 @@ class TrainSection:
     """Token budget per optimizer step over all ranks (<s>/</s> included, padding not): a step takes as many
     samples as fit, in micro-batches of at most micro_batch_size, and the trainer drives gradient accumulation;
     0 = fixed global_batch_size samples (global_batch_size then only sizes DeepSpeed's nominal batch)."""
+    rtd_schedule: str = "joint"
+    """RTD models: "joint" trains generator and discriminator together; "two_stage" (the ELECTRA
+    ablation) trains the generator alone for `generator_steps`, initialises the discriminator from it
+    where shapes match, then trains the discriminator alone with the generator frozen
+    (trainer/schedule.py)."""
+    generator_steps: int = 0
+    """two_stage: steps of the generator-only stage; 0 means half of `steps`."""
 
 
 @dataclass
@@ -120,6 +127,9 @@ class OptimSection:
     warmup_steps: int = 10
     """Linear warmup from 0 to `lr`, then linear decay to `min_lr` at `train.steps`."""
     min_lr: float = 0.0
+    generator_lr: Optional[float] = None
+    """RTD models: peak LR of the generator's own parameters (its own optimizer group; tables shared
+    under `es` follow `lr`). None: `lr`. Clipping stays global over both towers (trainer/schedule.py)."""
 
 
 @dataclass
@@ -231,6 +241,13 @@ class PretrainConfig:
             raise UserError("data.mask_token_prob + data.random_token_prob must not exceed 1")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.lr={self.optim.lr} must be > 0 and optim.min_lr={self.optim.min_lr} in [0, lr]")
+        if self.optim.generator_lr is not None and self.optim.generator_lr <= 0:
+            raise UserError(f"optim.generator_lr={self.optim.generator_lr} must be > 0 (or null: optim.lr)")
+        _choice("train.rtd_schedule", self.train.rtd_schedule, ("joint", "two_stage"))
+        if self.train.generator_steps < 0 or (self.train.rtd_schedule == "two_stage"
+                                              and self.train.generator_steps >= self.train.steps):
+            raise UserError(f"train.generator_steps={self.train.generator_steps} must be in [0, train.steps) "
+                            f"(0: half of train.steps)")
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
             raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
         for key in ("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",

@@ -36,6 +36,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     """Runs (or resumes) pretraining; returns (exit status, summary)."""
     from trainer.checkpoint import CheckpointManager, TrainState
     from trainer.elastic import prepare_resume
+    from trainer import schedule
     from trainer.engine import build_engine
     from trainer.inputs import build_inputs, resolve_tokenizer
     from trainer.metrics import MetricsWriter
@@ -53,6 +54,8 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     model, model_config = build_model_for(cfg, tokenizer, ctx)
     checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.rank)
     resume = prepare_resume(checkpoints.find_resume(), cfg, ctx)  # may convert to a universal checkpoint
+    two_stage_n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
+    schedule.check_schedule(model, cfg.train.rtd_schedule, two_stage_n, cfg.train.steps)
     engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
     state = checkpoints.load(engine, resume.path, resume.universal) if resume else TrainState()
     inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples})
@@ -74,6 +77,8 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     for step in range(state.step + 1, cfg.train.steps + 1):
         batches = [{k: v for k, v in b.items() if k in accepted} for b in inputs.loader.next_step()]
         torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
+        if two_stage_n:
+            schedule.enter_step(engine, step, two_stage_n)
         out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps)
         stop, bad, save_due = flags.exchange(preemption.requested, out["acc"].total(),
                                              ctx.is_main and checkpoints.time_due())
