@@ -41,7 +41,7 @@ def attention_inputs():
 
 
 def flat(indices):
-    return flat_relative_indices(*indices, 12)
+    return (*flat_relative_indices(*indices, 12), indices[1])
 
 
 def _run(fn, tensors, grad):
