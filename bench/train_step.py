@@ -1,8 +1,8 @@
 """Training-step throughput and peak memory: our models against the same architecture built from
 Hugging Face transformers classes, with the same weights, batch and optimizer.
 
-    .venv/bin/python bench/train_step.py [--models deberta_v3_rtd,deberta_mlm,roberta_mlm]
-        [--seq 128,512] [--tokens 2048] [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16]
+    .venv/bin/python bench/train_step.py --threads 1 [--models deberta_v3_rtd,deberta_mlm,roberta_mlm]
+        [--seq 128,512] [--tokens 1024] [--repeats 5] [--device cpu|cuda] [--dtype fp32|bf16]
 
 Models (registry `small` layout narrowed by the flags; defaults 6 x 256, 4 heads, FFN 1024, 32K vocab):
 - deberta_v3_rtd: ours = registry `deberta_v3` (generator 3 layers, discriminator 6, GDES, RTD
@@ -371,7 +371,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--seq", default="128,512")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch = tokens / seq)")
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per step (batch = tokens / seq)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=32000)
