@@ -42,7 +42,8 @@ def assert_same_steps(a, b):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("loss", "loss_mlm", "loss_rtd", "grad_norm"):
-            assert a[step][key] == pytest.approx(b[step][key], abs=1e-5), (step, key)
+            # fp32 sums in another order: 1e-5 absolute, or 2e-6 relative for the grad norm (~20)
+            assert a[step][key] == pytest.approx(b[step][key], rel=2e-6, abs=1e-5), (step, key)
         assert a[step]["replaced_ratio"] == b[step]["replaced_ratio"]  # the same sampled replacements
 
 
