@@ -56,6 +56,7 @@ def save_native(path: str | os.PathLike, name: str, config, state_dict: dict[str
     if path.suffix != ".pt":
         path.mkdir(parents=True, exist_ok=True)
         path = path / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT, "version": VERSION, "model": name, "config": dataclasses.asdict(config),
         "state_dict": {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
