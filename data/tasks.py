@@ -37,13 +37,19 @@ GLUE_LABEL_COLUMNS = ("label", "gold_label")
 
 @dataclass
 class TaskFormat:
-    """How to read the task's files (mirrors the fine-tuning config's data section)."""
+    """How to read the task's files (the fine-tuning config's data section extends it)."""
     kind: str = "classification"
+    """classification (cross-entropy, argmax) or regression (one output, squared error: STS-B)."""
     format: str = "auto"
+    """auto (from the file suffix), tsv (no quote processing, as GLUE's files), csv or jsonl."""
     columns: Optional[List[str]] = None
+    """Names of the fields of a headerless file, in order (CoLA: [source, label, original_label, sentence])."""
     text_columns: Optional[List[str]] = None
+    """One or two text columns; default: the first GLUE pair/single name found (sentence1/sentence2, ...)."""
     label_column: Optional[str] = None
+    """Default: label (or gold_label, MNLI's)."""
     labels: Optional[List[str]] = None
+    """Class names in id order; default: the training file's labels sorted (numerically if numbers)."""
 
 
 @dataclass

@@ -148,7 +148,7 @@ def load_task(cfg: FinetuneConfig, tokenizer: Tokenizer, init: InitialModel) -> 
     limit = max_input_length(init.family, init.config)
     if limit is not None and cfg.data.max_length > limit:
         raise UserError(f"data.max_length={cfg.data.max_length} exceeds the model's {limit} positions")
-    fmt = cfg.data.task_format()
+    fmt = cfg.data  # a TaskFormat
     train, valid = read_examples(cfg.data.train, fmt), read_examples(cfg.data.validation, fmt)
     if len(train[0].texts) != len(valid[0].texts):
         raise UserError(f"{cfg.data.train} has {len(train[0].texts)} text columns but {cfg.data.validation} "
@@ -426,9 +426,8 @@ def summarize(results: List[Dict], metric: str) -> Dict:
 
 
 def finetune(cfg: FinetuneConfig) -> Tuple[int, Dict]:
-    from trainer.config import save_config
     from trainer.parallel import init_parallel
-    from trainer.run import _broadcast_error, _copy_tokenizer, setup_logging
+    from trainer.run import RunDirectory, setup_logging
 
     ctx = init_parallel(1)
     setup_logging(ctx.is_main)
@@ -436,20 +435,7 @@ def finetune(cfg: FinetuneConfig) -> Tuple[int, Dict]:
     init = load_initial_model(cfg.model.init)
     tokenizer = resolve_tokenizer(cfg, init)
     task = load_task(cfg, tokenizer, init)
-    run_path = Path(cfg.run.dir) / cfg.run.name
-    error = ""
-    if ctx.is_main:
-        try:
-            run_path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_path / "config.yaml")
-            _copy_tokenizer(tokenizer, run_path / "tokenizer")
-        except OSError as err:
-            error = f"cannot write run directory {run_path}: {err.strerror or err}; check run.dir"
-        except UserError as err:
-            error = str(err)
-    error = _broadcast_error(error)
-    if error:
-        raise UserError(error)
+    run_path = RunDirectory.prepare(cfg, ctx, tokenizer).path
     logger.info("fine-tuning a %s (%s) on %s: %d train / %d validation examples, %s%s", init.family, init.source,
                 cfg.data.train, len(task.train), len(task.validation), cfg.data.kind,
                 f" over {task.num_labels} classes" if not task.regression else "")

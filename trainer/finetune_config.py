@@ -32,7 +32,9 @@ class FinetuneModelSection:
 
 
 @dataclass
-class FinetuneDataSection:
+class FinetuneDataSection(TaskFormat):
+    """The task files and, from TaskFormat, how to read them (kind, format, columns, text_columns,
+    label_column, labels)."""
     train: str = ""
     """Training file: .tsv, .csv or .jsonl with named columns (GLUE's layout works as is). Required."""
     validation: str = ""
@@ -40,24 +42,8 @@ class FinetuneDataSection:
     tokenizer: Optional[str] = None
     """Tokenizer directory (tools/train_tokenizer.py). Default: model.init's directory if it holds
     one, else a `tokenizer/` directory beside a native file (a run directory has one)."""
-    kind: str = "classification"
-    """classification (cross-entropy, argmax) or regression (one output, squared error: STS-B)."""
-    format: str = "auto"
-    """auto (from the file suffix), tsv (no quote processing, as GLUE's files), csv or jsonl."""
-    columns: Optional[List[str]] = None
-    """Names of the fields of a headerless file, in order (CoLA: [source, label, original_label, sentence])."""
-    text_columns: Optional[List[str]] = None
-    """One or two text columns; default: the first GLUE pair/single name found (sentence1/sentence2, ...)."""
-    label_column: Optional[str] = None
-    """Default: label (or gold_label, MNLI's)."""
-    labels: Optional[List[str]] = None
-    """Class names in id order; default: the training file's labels sorted (numerically if numbers)."""
     max_length: int = 128
     """Tokens per example, special tokens included; longer inputs are cut longest-text-first."""
-
-    def task_format(self) -> TaskFormat:
-        return TaskFormat(kind=self.kind, format=self.format, columns=self.columns, text_columns=self.text_columns,
-                          label_column=self.label_column, labels=self.labels)
 
 
 @dataclass

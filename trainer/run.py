@@ -45,8 +45,9 @@ class RunDirectory:
         return self.path / "checkpoints"
 
     @classmethod
-    def prepare(cls, cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> "RunDirectory":
-        """Global rank 0 creates the directory, saves the config and copies the tokenizer; others wait."""
+    def prepare(cls, cfg, ctx: ParallelContext, tokenizer: Tokenizer) -> "RunDirectory":
+        """Global rank 0 creates the directory, saves the config (pretraining or fine-tuning) and copies
+        the tokenizer; others wait."""
         path = Path(cfg.run.dir) / cfg.run.name
         error = ""
         if ctx.is_main:
