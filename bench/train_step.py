@@ -382,7 +382,7 @@ def main() -> None:
     parser.add_argument("--gen-layers", type=int, default=3, help="RTD generator layers")
     parser.add_argument("--emd", action="store_true", help="keep our DeBERTa generator's EMD (HF has none)")
     parser.add_argument("--kernel", choices=("auto", "fused", "sdpa"), default="auto",
-                        help="our DeBERTa attention implementation (models.deberta.disentangled_attention)")
+                        help="our DeBERTa attention implementation (models.disentangled_attention)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="ours: recompute layers")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile each layer")
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import deberta
-from models.deberta import _FusedDisentangledAttention, disentangled_attention, flat_relative_indices
+from models.disentangled_attention import _FusedDisentangledAttention, disentangled_attention, flat_relative_indices
 from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers
 from models.registry import build_config, build_model
 
