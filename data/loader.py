@@ -17,7 +17,8 @@ a resumed run, or one with another data-parallel size, continues at the same glo
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence
+from collections import OrderedDict
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,9 +81,27 @@ class StepPlanner:
                  tokens_per_step: int = 0):
         self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.tokens_per_step = dp_rank, dp_size, tokens_per_step
+        # consumed -> (step size, micro-batches): the sampler (running ahead) and next_step both ask
+        self._plans: "OrderedDict[int, Tuple[int, List[List[int]]]]" = OrderedDict()
+
+    def plan(self, consumed: int) -> Tuple[int, List[List[int]]]:
+        """(samples the step starting at `consumed` takes, this rank's micro-batches of them)."""
+        if consumed not in self._plans:
+            count = self._step_size(consumed)
+            self._plans[consumed] = (count, self._micro_batches(consumed, count))
+            if len(self._plans) > 16:
+                self._plans.popitem(last=False)
+        return self._plans[consumed]
 
     def step_size(self, consumed: int) -> int:
         """Samples the step starting at global index `consumed` takes."""
+        return self.plan(consumed)[0]
+
+    def micro_batches(self, consumed: int) -> List[List[int]]:
+        """This rank's micro-batches (lists of global indices) of the step starting at `consumed`."""
+        return self.plan(consumed)[1]
+
+    def _step_size(self, consumed: int) -> int:
         if not self.tokens_per_step:
             return self.global_batch
         window = max(16, 2 * self.tokens_per_step // max(1, self.stream.corpora[0].seq_length) + 16)
@@ -93,9 +112,7 @@ class StepPlanner:
                 return max(1, int(np.searchsorted(total, self.tokens_per_step, side="right")))
             window *= 2
 
-    def micro_batches(self, consumed: int) -> List[List[int]]:
-        """This rank's micro-batches (lists of global indices) of the step starting at `consumed`."""
-        count = self.step_size(consumed)
+    def _micro_batches(self, consumed: int, count: int) -> List[List[int]]:
         shares = np.array_split(np.arange(consumed, consumed + count), self.dp_size)
         k = -(-max(len(s) for s in shares) // self.micro_batch)  # the same on every rank
         mine = shares[self.dp_rank]
@@ -116,8 +133,9 @@ class _RankBatches(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[List[int]]:
         consumed = self.consumed
         while True:
-            yield from self.planner.micro_batches(consumed)
-            consumed += self.planner.step_size(consumed)
+            count, parts = self.planner.plan(consumed)
+            yield from parts
+            consumed += count
 
 
 class PretrainLoader:
@@ -130,7 +148,6 @@ class PretrainLoader:
         self.samples, self.global_batch, self.micro_batch = samples, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.planner = StepPlanner(samples.stream, global_batch, micro_batch, dp_rank, dp_size, tokens_per_step)
-        self.accumulation = global_batch // (micro_batch * dp_size)  # fixed batches only
         self.consumed_samples = consumed_samples
         self.last_step_samples = 0
         self._iterator = None
@@ -149,10 +166,8 @@ class PretrainLoader:
         """The micro-batches of the next optimizer step for this rank (as many on every rank)."""
         if self._iterator is None:
             self._start()
-        count = self.planner.step_size(self.consumed_samples)
-        parts = len(self.planner.micro_batches(self.consumed_samples)) if self.planner.tokens_per_step \
-            else self.accumulation
-        batches = [next(self._iterator) for _ in range(parts)]
+        count, parts = self.planner.plan(self.consumed_samples)
+        batches = [next(self._iterator) for _ in parts]
         self.consumed_samples += count
         self.last_step_samples = count
         return batches
