@@ -3,6 +3,7 @@ SIGTERM preemption, NaN steps, and resuming under another data-parallel size."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,37 +184,59 @@ def test_consecutive_nan_steps_stop_the_run(data_prefix, tmp_path):
     assert "3 consecutive steps with a NaN/Inf loss, the last at step 4" in out.stderr
 
 
-def test_resume_with_fewer_data_parallel_ranks(data_prefix, tmp_path):
-    """2 ranks (ZeRO-1) to 1 rank: a universal checkpoint, the same consumed-sample count, and losses
-    that continue the curve."""
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "elastic", train__steps=24, zero__stage=1,
-                              checkpoint__every_steps=24)))
-    out = single(*args(data_prefix, tmp_path, "elastic", train__steps=29, zero__stage=1, checkpoint__every_steps=0))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "converting to a universal checkpoint" in out.stdout
-    records = train_records(tmp_path / "elastic")
-    assert [records[s]["data_parallel_size"] for s in (24, 25)] == [2, 1]
-    assert records[25]["consumed_samples"] == 25 * 8
-    before = [records[s]["loss"] for s in range(5, 25)]
-    after = [records[s]["loss"] for s in range(25, 30)]
-    assert all(min(before) <= x <= max(before) for x in after), (before, after)
+NO_DROPOUT = dict(model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0}", zero__stage=1)
 
 
-def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, tmp_path):
-    """ZeRO-1, TP=1 x DP=2 -> ZeRO-2, TP=2 x DP=1 through a universal checkpoint. With dropout off the
-    steps after the change equal those of a run that never changed layout."""
-    common = dict(model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0}", zero__stage=1)
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "straight", train__steps=15, checkpoint__every_steps=0, **common)))
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "layout", train__steps=12, checkpoint__every_steps=12, **common)))
-    common["zero__stage"] = 2
-    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "layout", train__steps=15, parallel__tensor=2,
-                                    checkpoint__every_steps=0, **common)))
-    assert "tp_size 1 -> 2" in out.stdout and "zero_stage 1 -> 2" in out.stdout
-    records, reference = train_records(tmp_path / "layout"), train_records(tmp_path / "straight")
-    assert records[13]["consumed_samples"] == 13 * 8 and records[13]["data_parallel_size"] == 1
-    for step in (13, 14, 15):
+@pytest.fixture(scope="module")
+def layout_runs(data_prefix, tmp_path_factory) -> Path:
+    """Shared by the layout-change tests, all ZeRO-1 with dropout off: "straight", 2 ranks for 20 steps
+    that never change layout, and "at12", the same run stopped with a checkpoint at step 12."""
+    root = tmp_path_factory.mktemp("layout")
+    run(deepspeed_cmd(2, args(data_prefix, root, "straight", train__steps=20, checkpoint__every_steps=0,
+                              **NO_DROPOUT)))
+    run(deepspeed_cmd(2, args(data_prefix, root, "at12", train__steps=12, checkpoint__every_steps=12,
+                              **NO_DROPOUT)))
+    return root
+
+
+def continue_from_step_12(layout_runs: Path, tmp_path: Path) -> Path:
+    shutil.copytree(layout_runs / "at12", tmp_path / "changed")
+    return tmp_path / "changed"
+
+
+def assert_same_steps(records: dict, reference: dict, steps) -> None:
+    """Same global batch, same weights: only the order of the gradient sums differs."""
+    for step in steps:
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-5), step
         assert records[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=1e-5), step
+
+
+def test_resume_with_fewer_then_more_data_parallel_ranks(data_prefix, layout_runs, tmp_path):
+    """2 ranks -> 1 rank at step 12 -> 2 ranks at step 16, each through a universal checkpoint: the same
+    global data position, and the losses of the run that never changed."""
+    run_dir = continue_from_step_12(layout_runs, tmp_path)
+    out = single(*args(data_prefix, tmp_path, "changed", train__steps=16, checkpoint__every_steps=16, **NO_DROPOUT))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "converting to a universal checkpoint" in out.stdout
+    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "changed", train__steps=20, checkpoint__every_steps=0,
+                                    **NO_DROPOUT)))
+    assert "converting to a universal checkpoint" in out.stdout
+    records = train_records(run_dir)
+    assert [records[s]["data_parallel_size"] for s in (12, 13, 16, 17)] == [2, 1, 1, 2]
+    assert [records[s]["consumed_samples"] for s in (13, 17)] == [13 * 8, 17 * 8]
+    assert_same_steps(records, train_records(layout_runs / "straight"), range(13, 21))
+
+
+def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, layout_runs, tmp_path):
+    """ZeRO-1, TP=1 x DP=2 -> ZeRO-2, TP=2 x DP=1 through a universal checkpoint. With dropout off the
+    steps after the change equal those of a run that never changed layout."""
+    run_dir = continue_from_step_12(layout_runs, tmp_path)
+    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "changed", train__steps=15, parallel__tensor=2,
+                                    checkpoint__every_steps=0, **{**NO_DROPOUT, "zero__stage": 2})))
+    assert "tp_size 1 -> 2" in out.stdout and "zero_stage 1 -> 2" in out.stdout
+    records = train_records(run_dir)
+    assert records[13]["consumed_samples"] == 13 * 8 and records[13]["data_parallel_size"] == 1
+    assert_same_steps(records, train_records(layout_runs / "straight"), (13, 14, 15))
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(data_prefix, tmp_path):
