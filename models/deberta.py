@@ -43,10 +43,11 @@ from torch import nn
 
 from models.config import DebertaConfig, hf_encoder_kwargs
 from models.disentangled_attention import disentangled_attention, flat_relative_indices, relative_position_buckets
-from models.layers import CheckpointedLayer, FeedForward, activation_fn
+from models.layers import (
+    CheckpointedLayer, FeedForward, activation_fn, predicted_positions, rows_at,
+)
 from models.parallel import ParallelLayers
 
-IGNORE_INDEX = -100  # label of positions that are not predicted
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -348,15 +349,15 @@ class DebertaForMaskedLM(DebertaModel):
         return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
 
     def predicted_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predicted: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """Local logits (N, Vp/tp) at the predicted positions (B, T) bool, in row-major order,
-        through the EMD if enabled; padded vocabulary at finfo.min. The RTD generator interface.
+        """Local logits (N, Vp/tp) at the (N,) flat positions (`predicted_positions`), through the
+        EMD if enabled; padded vocabulary at finfo.min. The RTD generator interface.
 
         The head runs only on the predicted positions; the EMD runs on all of them (its queries
         are independent, but the bookkeeping to run it on N positions is not worth 2 layers).
         """
-        return self._vocab_logits(self.mlm_hidden(input_ids, attention_mask)[predicted])
+        return self._vocab_logits(rows_at(self.mlm_hidden(input_ids, attention_mask), positions))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
@@ -364,10 +365,10 @@ class DebertaForMaskedLM(DebertaModel):
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
         "num_predicted": number of predicted positions (long scalar)}."""
-        predicted = labels != IGNORE_INDEX  # (B, T)
-        logits = self.predicted_logits(input_ids, attention_mask, predicted)  # (N, Vp/tp)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
+        positions = predicted_positions(labels)  # (N,)
+        logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full MLM logits (B, T, V) (through the EMD if enabled): gathered over TP ranks, trimmed."""

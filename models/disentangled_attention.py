@@ -185,17 +185,19 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         kept = probs if keep is None else torch.where(keep, probs, 0.0)
         grad_v = kept.transpose(-1, -2) @ grad
         del kept
-        d = grad @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d probs, before the keep-mask
+        # Padded keys have P = 0 and so dS = 0, except in rows whose keys are all padding (uniform
+        # P), where masked_fill's backward gives dS = 0. Zeroing those rows of the output gradient
+        # on its way to dS does that with a (B, nh, T, hs) product: no (T, T) pass, no host sync.
+        # grad_v keeps them (uniform P does carry a gradient to v).
+        grad_s = grad * ~key_padding.all(-1, keepdim=True)
+        d = grad_s @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d probs, before the keep-mask
         if keep is not None:
             d.mul_(keep)
         # softmax backward: dS = P * (dP - sum_j dP P), in place, where sum_j dP_ij P_ij =
         # dO_i . O_i (O the output, dropout included): no (T, T) product for the row sums.
-        d.sub_((grad * context).sum(-1, keepdim=True) * (1.0 - dropout if keep is not None else 1.0))
+        d.sub_((grad_s * context).sum(-1, keepdim=True) * (1.0 - dropout if keep is not None else 1.0))
         d.mul_(probs)
-        # Padded keys have P = 0 and so dS = 0, except in rows whose keys are all padding (uniform
-        # P): masked_fill's backward zeroes those. On CPU the check costs no device sync.
-        if d.device.type != "cpu" or bool(key_padding.all(-1).any()):
-            d.masked_fill_(key_padding, 0.0)
+        del grad_s
         grad_qs = d @ k
         grad_k = d.transpose(-1, -2) @ qs
         grad_pos_key = grad_pos_query = None

@@ -60,6 +60,7 @@ attention_mask)` (`RTDDiscriminator` makes one from any backbone with `encode` a
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,10 +71,9 @@ from data.errors import UserError
 from models import deberta
 from models.config import RTD_BACKBONE_CONFIGS, DebertaConfig, ElectraConfig, RTDConfig, hf_encoder_kwargs
 from models.deberta import DebertaForMaskedLM, DebertaModel
-from models.layers import TransformerLayer, activation_fn, attention_bias
+from models.layers import IGNORE_INDEX, TransformerLayer, activation_fn, attention_bias, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
-IGNORE_INDEX = -100  # label of positions that are not predicted
 SAMPLING_STREAM = 0x47454E53  # "GENS": keeps the generator's sampling apart from masking's streams
 SHARED_TABLES = ("word", "position")  # embedding tables shared under es / gdes, where both have them
 
@@ -183,19 +183,19 @@ class ElectraGenerator(ElectraBackbone):
         return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
 
     def predicted_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, predicted: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """Local logits (N, Vp/tp) at the predicted positions (B, T) bool, in row-major order."""
-        return self.vocab_logits(self.encode(input_ids, attention_mask)[predicted])
+        """Local logits (N, Vp/tp) at the (N,) flat positions (`predicted_positions`)."""
+        return self.vocab_logits(rows_at(self.encode(input_ids, attention_mask), positions))
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """MLM alone, RobertaForMaskedLM's contract: {"loss_sum", "num_predicted"}."""
-        predicted = labels != IGNORE_INDEX
-        logits = self.predicted_logits(input_ids, attention_mask, predicted)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
+        positions = predicted_positions(labels)  # (N,)
+        logits = self.predicted_logits(input_ids, attention_mask, positions)
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""
@@ -420,8 +420,8 @@ def global_argmax(local_scores: torch.Tensor, parallel: ParallelLayers) -> torch
 @torch.no_grad()
 def sample_replacements(
     local_logits: torch.Tensor,
-    rows_per_sample: torch.Tensor,
-    sample_index: torch.Tensor,
+    rows_per_sample: Sequence[int] | torch.Tensor,
+    sample_index: Sequence[int] | torch.Tensor,
     seed: int,
     temperature: float,
     vocab_size: int,
@@ -433,15 +433,17 @@ def sample_replacements(
     The noise of sample b is drawn for all V real ids from a generator seeded by
     (seed, sample_index[b]) and this rank keeps its vocabulary slice, so a sample gets the same
     replacement at any TP size, micro-batching or data-parallel layout; padded ids (>= V) get
-    -inf and are never drawn. No autograd: the sampled ids are integers.
+    -inf and are never drawn. No autograd: the sampled ids are integers. The per-sample loop runs
+    on the host: give rows_per_sample and sample_index as lists to keep it from syncing here.
     """
+    rows_per_sample, sample_index = (x.tolist() if torch.is_tensor(x) else x for x in (rows_per_sample, sample_index))
     device = local_logits.device
     width = local_logits.shape[-1]
     start = parallel.tp_rank * width
     real = max(0, min(width, vocab_size - start))  # real ids on this rank: start .. start + real
     noise = torch.full(local_logits.shape, -torch.inf, dtype=torch.float32, device=device)
     row = 0
-    for index, count in zip(sample_index.tolist(), rows_per_sample.tolist()):
+    for index, count in zip(sample_index, rows_per_sample):
         if count == 0:
             continue
         generator = torch.Generator(device=device).manual_seed(sampling_seed(seed, index))
@@ -487,33 +489,38 @@ class ReplacedTokenDetection(nn.Module):
         rtd_true_positives, rtd_predicted_positives, rtd_actual_positives (= the number of
         replaced tokens): precision = TP / predicted positives, recall = TP / actual positives.
         """
-        predicted = labels != IGNORE_INDEX  # (B, T)
+        positions = predicted_positions(labels)  # (N,) flat; a host sync before any layer is queued
+        # The sampler's per-sample loop needs its counts and indices on the host: read them now too.
+        rows_per_sample = labels.ne(IGNORE_INDEX).sum(dim=1)  # (B,)
+        host = torch.cat([rows_per_sample, sample_index.to(rows_per_sample)]).tolist()
+        rows_per_sample, sample_ids = host[: len(host) // 2], host[len(host) // 2:]
         real = attention_mask.bool()  # (B, T)
-        targets = labels[predicted]  # (N,) original ids
-        gen_logits = self.generator.predicted_logits(input_ids, attention_mask, predicted)  # (N, Vp/tp)
+        targets = rows_at(labels, positions)  # (N,) original ids
+        gen_logits = self.generator.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
 
         # Read the logits before the loss: megatron's vocab-parallel cross-entropy works in place.
         with torch.no_grad():
             sampled = sample_replacements(
-                gen_logits.detach(), predicted.sum(dim=1), sample_index, self.sampling_seed,
+                gen_logits.detach(), rows_per_sample, sample_ids, self.sampling_seed,
                 self.config.temperature, self.generator.config.vocab_size, self.parallel,
             )  # (N,)
             generator_argmax = global_argmax(gen_logits.detach(), self.parallel)  # (N,)
-            original = torch.where(predicted, labels, input_ids)  # (B, T) the unmasked input
-            corrupted = original.masked_scatter(predicted, sampled)  # (B, T) the discriminator's input
-            replaced = (corrupted != original) & real  # a sample equal to the original is original
+            original = input_ids.flatten().index_copy(0, positions, targets)  # (B*T,) the unmasked input
+            corrupted = original.index_copy(0, positions, sampled).view_as(input_ids)  # the discriminator's input
+            replaced = (corrupted != original.view_as(input_ids)) & real  # a sample equal to the original is original
 
         mlm_losses = self.parallel.vocab_parallel_cross_entropy(gen_logits, targets)  # (N,)
         rtd_logits = self.discriminator.rtd_logits(corrupted, attention_mask)  # (B, T)
+        # Padding weighs 0 (a weight, not boolean indexing, which would sync on the host).
         rtd_losses = F.binary_cross_entropy_with_logits(
-            rtd_logits[real].float(), replaced[real].float(), reduction="none"
-        )  # (real tokens,)
+            rtd_logits.float(), replaced.float(), weight=real.float(), reduction="none"
+        )  # (B, T)
 
         with torch.no_grad():
             guess = (rtd_logits.detach() > 0) & real  # (B, T) predicted "replaced"
             metrics = {
                 "mlm_correct": (generator_argmax == targets).sum(),
-                "mlm_predicted": predicted.sum(),
+                "mlm_predicted": positions.new_tensor(positions.numel()),
                 "rtd_correct": ((guess == replaced) & real).sum(),
                 "rtd_tokens": real.sum(),
                 "rtd_true_positives": (guess & replaced).sum(),

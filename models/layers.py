@@ -18,6 +18,25 @@ from torch import nn
 from models.parallel import ParallelLayers
 
 
+IGNORE_INDEX = -100  # label of positions that are not predicted
+
+
+def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (N,) flat row-major indices of the predicted positions (label != IGNORE_INDEX).
+
+    Called at the top of a forward: the count N is the step's one unavoidable host sync (the MLM
+    head runs on N rows), and taken there it waits only for the batch's copy, not for layers
+    already queued on the device. Rows are then picked with `index_select`, which does not sync
+    (boolean indexing after the encoder would wait for the whole encoder).
+    """
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def rows_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) values, (N,) flat positions -> (N, ...) the values there, without a host sync."""
+    return values.flatten(0, 1).index_select(0, positions)
+
+
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation a Hugging Face `hidden_act` name means."""
     if name == "gelu":

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import RobertaConfig, hf_encoder_kwargs
-from models.layers import TransformerLayer, attention_bias
+from models.layers import TransformerLayer, attention_bias, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
-IGNORE_INDEX = -100  # label of positions that are not predicted
 
 
 def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -132,11 +131,11 @@ class RobertaForMaskedLM(nn.Module):
 
         The head runs only on the predicted positions (about 15% of them).
         """
+        positions = predicted_positions(labels)  # (N,)
         hidden = self.encode(input_ids, attention_mask)  # (B, T, H)
-        predicted = labels != IGNORE_INDEX  # (B, T)
-        logits = self._vocab_logits(hidden[predicted])  # (N, Vp/tp)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, labels[predicted])  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": predicted.sum()}
+        logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""

@@ -26,6 +26,7 @@ from models.electra import (
     sample_replacements,
     total_loss,
 )
+from models.layers import predicted_positions
 from models.parallel import (
     ParallelLayers,
     import_megatron_core,
@@ -169,7 +170,7 @@ def test_predicted_logits_go_through_the_emd():
     ids, mask = batch["input_ids"], batch["attention_mask"]
     predicted = batch["labels"] != -100
     with torch.no_grad():
-        local = generator.predicted_logits(ids, mask, predicted)  # (N, Vp)
+        local = generator.predicted_logits(ids, mask, predicted_positions(batch["labels"]))  # (N, Vp)
         full = generator.logits(ids, mask)  # (B, T, V), through the EMD
         encoder_only = generator._vocab_logits(generator.encode(ids, mask))[predicted]
     assert local.shape == (int(predicted.sum()), 128)
@@ -198,7 +199,7 @@ def test_forward_contract_and_loss_terms_by_hand():
     with torch.no_grad():
         full = model.generator.logits(ids, mask)  # (B, T, V)
         mlm = F.cross_entropy(full[predicted], labels[predicted], reduction="sum")
-        local = model.generator.predicted_logits(ids, mask, predicted)
+        local = model.generator.predicted_logits(ids, mask, predicted_positions(labels))
         sampled = sample_replacements(local, predicted.sum(1), batch["sample_index"], 1234, 1.0, VOCAB,
                                       ParallelLayers(1))
         original = torch.where(predicted, labels, ids)

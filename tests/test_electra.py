@@ -27,6 +27,7 @@ from models.electra import (
     sample_replacements,
     total_loss,
 )
+from models.layers import predicted_positions, rows_at
 from models.parallel import (
     ParallelLayers,
     import_megatron_core,
@@ -403,7 +404,7 @@ def test_loss_terms_agree_with_a_hand_computation():
     with torch.no_grad():
         full = model.generator.logits(ids, mask)  # (B, T, V)
         mlm = F.cross_entropy(full[predicted], labels[predicted], reduction="sum")
-        local = model.generator.predicted_logits(ids, mask, predicted)
+        local = model.generator.predicted_logits(ids, mask, predicted_positions(labels))
         sampled = sample_replacements(local, predicted.sum(1), batch["sample_index"], 1234, 1.0, VOCAB,
                                       ParallelLayers(1))
         original = torch.where(predicted, labels, ids)
@@ -438,8 +439,8 @@ def test_loss_terms_agree_with_a_hand_computation():
 class _RobertaGenerator(RobertaForMaskedLM):
     """What a backbone adds to be a generator: logits at the predicted positions."""
 
-    def predicted_logits(self, input_ids, attention_mask, predicted):
-        return self._vocab_logits(self.encode(input_ids, attention_mask)[predicted])
+    def predicted_logits(self, input_ids, attention_mask, positions):
+        return self._vocab_logits(rows_at(self.encode(input_ids, attention_mask), positions))
 
 
 def test_debertav3_head_formula():

@@ -6,10 +6,11 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import deberta
 from models.disentangled_attention import _FusedDisentangledAttention, disentangled_attention, flat_relative_indices
-from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers
+from models.layers import compile_layers, enable_activation_checkpointing, encoder_layers, predicted_positions
 from models.registry import build_config, build_model
 
 VOCAB = 99
@@ -150,7 +151,7 @@ def test_predicted_positions_head_equals_full_logits_there(name):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     if name == "deberta":
         with torch.no_grad():
-            head = model.predicted_logits(ids, mask, predicted)[:, :VOCAB]
+            head = model.predicted_logits(ids, mask, predicted_positions(labels))[:, :VOCAB]
         torch.testing.assert_close(head, full[predicted], rtol=1e-5, atol=1e-5)
 
 
@@ -224,3 +225,52 @@ def test_compiled_layers_compute_the_same():
         expected = model.logits(ids, mask)
         assert compile_layers(model, backend="eager") == 2
         torch.testing.assert_close(model.logits(ids, mask), expected)
+
+
+# --------------------------------------------------------------------------------- host syncs
+class _OpLog(TorchDispatchMode):
+    """The aten ops a forward and backward run, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                   for i in (args[1] if len(args) > 1 else ())):
+            name = "index(bool)"  # boolean indexing: a nonzero inside
+        self.ops.append(name)
+        return func(*args, **kwargs)
+
+
+# Ops whose output size or value the host must read: on a GPU each waits for all queued work.
+SYNCING = {"nonzero", "_local_scalar_dense", "masked_select", "index(bool)", "is_nonzero", "unique",
+           "_unique2", "equal"}
+MATMULS = {"mm", "addmm", "bmm", "matmul", "linear"}
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta", "electra", "deberta_v3"])
+def test_host_syncs_come_before_the_first_layer(name):
+    """A training forward and backward read device values on the host only before the first matmul,
+    where the device queue holds only the batch's copy (no bubble). A `tolist()` does not pass
+    through the dispatcher on the CPU, so the RTD sampler's host reads are checked by the code's
+    order, not here."""
+    extra = {"enhanced_mask_decoder": True} if name == "deberta" else {}
+    cfg = build_config(name, "debug", vocab_size=VOCAB, seq_length=16, **extra)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    ids, mask, labels = batch(cfg)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if name in ("electra", "deberta_v3"):
+        inputs["sample_index"] = torch.arange(3)
+    log = _OpLog()
+    with log:
+        out = model(**inputs)
+        loss = sum(out["loss_sums"].values()) if "loss_sums" in out else out["loss_sum"]
+        loss.backward()
+    first_matmul = min(i for i, op in enumerate(log.ops) if op in MATMULS)
+    late = [(i, op) for i, op in enumerate(log.ops) if op in SYNCING and i > first_matmul]
+    assert not late, f"host syncs after the first matmul (op {first_matmul}): {late[:5]}"
+    assert any(op in SYNCING for op in log.ops[:first_matmul]), "the positions' count is read up front"
