@@ -36,12 +36,18 @@ class MaskedSamples(torch.utils.data.Dataset):
     """Global sample index -> padded, masked sample; `__getitems__` masks a whole batch at once."""
 
     def __init__(self, packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
-                 shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM):
-        """`packed`: one packed corpus (data/packing.py) or a SampleStream over several."""
+                 shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM, pad_to_multiple_of: int = 0):
+        """`packed`: one packed corpus (data/packing.py) or a SampleStream over several.
+
+        pad_to_multiple_of > 0: a batch is as wide as its longest sample rounded up to that multiple
+        (at most seq_length); 0: always seq_length wide. The width never changes a token or a mask
+        draw: the narrow batch is the wide one's first columns.
+        """
         self.stream = packed if isinstance(packed, SampleStream) else SampleStream([packed], seed=seed, shuffle=shuffle)
         self.recipe = recipe
         self.seq_length, self.pad_id, self.seed = seq_length, pad_id, seed
         self.shuffle, self.mask_stream = shuffle, mask_stream
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -51,20 +57,23 @@ class MaskedSamples(torch.utils.data.Dataset):
         return int(self.stream.locate([global_index])[1][0])
 
     def __getitems__(self, global_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
-        """A collated micro-batch: input_ids, labels, attention_mask (B, seq_length), sample_index (B,)."""
+        """A collated micro-batch: input_ids, labels, attention_mask (B, W), sample_index (B,); W is
+        seq_length, or the longest sample rounded up to pad_to_multiple_of."""
         indices = [int(g) for g in global_indices]
         corpus, samples = self.stream.locate(indices)
-        batch = len(indices)
-        tokens = np.full((batch, self.seq_length), self.pad_id, dtype=np.int64)
-        lengths = np.empty(batch, dtype=np.int64)
+        rows = [self.stream.tokens(c, s) for c, s in zip(corpus.tolist(), samples.tolist())]
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        width = self.seq_length
+        if self.pad_to_multiple_of > 0 and len(rows):
+            multiple = self.pad_to_multiple_of
+            width = min(self.seq_length, -(-int(lengths.max()) // multiple) * multiple)
+        tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         draws = []
-        for row, (g, c, s) in enumerate(zip(indices, corpus.tolist(), samples.tolist())):
-            sample = self.stream.tokens(c, s)
-            n = len(sample)
-            tokens[row, :n], lengths[row] = sample, n
-            draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), n))
+        for row, (g, sample) in enumerate(zip(indices, rows)):
+            tokens[row, : len(sample)] = sample
+            draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), len(sample)))
         inputs, labels = self.recipe.apply_batch(tokens, lengths, draws)
-        attention = (np.arange(self.seq_length)[None, :] < lengths[:, None]).astype(np.int64)
+        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "attention_mask": torch.from_numpy(attention),
                 # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
@@ -192,5 +201,7 @@ def validation_batches(samples: MaskedSamples, count: int, micro_batch: int, dp_
         yield samples.__getitems__(mine[start:start + micro_batch])
 
 
-def validation_samples(packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int) -> MaskedSamples:
-    return MaskedSamples(packed, recipe, seq_length, pad_id, seed, shuffle=False, mask_stream=VALID_MASK_STREAM)
+def validation_samples(packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
+                       pad_to_multiple_of: int = 0) -> MaskedSamples:
+    return MaskedSamples(packed, recipe, seq_length, pad_id, seed, shuffle=False, mask_stream=VALID_MASK_STREAM,
+                         pad_to_multiple_of=pad_to_multiple_of)

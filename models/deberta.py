@@ -21,7 +21,7 @@ Decisions:
   parameter dtype or autocast: in fp16 the unscaled sums overflow, a known DeBERTa failure.
 - Only padded keys are masked (Hugging Face also masks padded query rows; their outputs are ignored).
   A fully padded row softmaxes to a uniform distribution, not NaN.
-- The gather indices of the relative positions are cached per (length, device).
+- The gather indices of the relative positions are cached per (length, device), the 8 most recent.
 - `DebertaModel` is the backbone alone (embeddings + encoder, Hugging Face's DebertaV2Model), for
   an RTD discriminator; `DebertaForMaskedLM` extends it with the EMD and the MLM head, so both
   have the same state-dict keys for what they share.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ from models.layers import (
     CheckpointedLayer, FeedForward, activation_fn, predicted_positions, rows_at,
 )
 from models.parallel import ParallelLayers
+
+RELATIVE_CACHE_SIZE = 8  # sequence lengths whose relative-position indices stay cached
 
 
 
@@ -211,24 +214,28 @@ class DebertaEncoder(nn.Module):
             self.relative_embeddings = layers.embedding(2 * span, config.hidden_size, std)
             if config.norm_rel_ebd == "layer_norm":
                 self.relative_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self._index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._flat_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (T, device) -> (c2p, p2c, c2p_flat, p2c_flat), the least recently used dropped beyond
+        # RELATIVE_CACHE_SIZE lengths (batches padded to their longest sample come in many lengths).
+        self._index_cache: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = OrderedDict()
 
-    def relative_indices(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c2p, p2c) gather indices (T, T) into the 2k relative embeddings, cached per (T, device).
+    def relative_indices(self, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(c2p, p2c, c2p_flat, p2c_flat): gather indices (T, T) into the 2k relative embeddings and
+        their `flat_relative_indices`, cached per (T, device).
 
         c2p[i, j] = bucket(i - j) + k and p2c[j, i] = -bucket(j - i) + k, clipped to [0, 2k).
         """
         key = (length, torch.device(device))
-        if key not in self._index_cache:
-            span = self.config.relative_span
-            buckets = relative_position_buckets(
-                length, self.config.position_buckets, self.config.max_relative_distance, device
-            )  # (T, T)
-            self._index_cache[key] = (
-                (buckets + span).clamp(0, 2 * span - 1),
-                (span - buckets).clamp(0, 2 * span - 1),
-            )
+        if key in self._index_cache:
+            self._index_cache.move_to_end(key)
+            return self._index_cache[key]
+        span = self.config.relative_span
+        buckets = relative_position_buckets(
+            length, self.config.position_buckets, self.config.max_relative_distance, device
+        )  # (T, T)
+        c2p, p2c = (buckets + span).clamp(0, 2 * span - 1), (span - buckets).clamp(0, 2 * span - 1)
+        self._index_cache[key] = (c2p, p2c, *flat_relative_indices(c2p, p2c, 2 * span))
+        while len(self._index_cache) > RELATIVE_CACHE_SIZE:
+            self._index_cache.popitem(last=False)
         return self._index_cache[key]
 
     def relative_inputs(self, length: int, device: torch.device):
@@ -238,11 +245,7 @@ class DebertaEncoder(nn.Module):
         table = self.relative_embeddings.weight
         if self.relative_norm is not None:
             table = self.relative_norm(table)
-        key = (length, torch.device(device))
-        if key not in self._flat_cache:
-            self._flat_cache[key] = flat_relative_indices(*self.relative_indices(length, device),
-                                                          2 * self.config.relative_span)
-        return table, (*self.relative_indices(length, device), *self._flat_cache[key])
+        return table, self.relative_indices(length, device)
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, H) embeddings -> (output of the last layer, its input H_{L-1}), both (B, T, H)."""

@@ -207,6 +207,29 @@ def test_batch_mask_depends_on_the_global_index_only(corpora):
             assert torch.equal(piece[key], whole[key][rows]), key
 
 
+def test_batches_padded_to_their_longest_sample_are_the_fixed_width_ones_cut(corpora):
+    """doc_sentences with pad_to_multiple_of: the width is the longest sample rounded up; tokens,
+    labels and masks are exactly the first columns of the seq_length-wide batch."""
+    stream = SampleStream(packed_corpora(corpora[1:2], seq_length=64), [1.0], seed=1)  # documents < 30 tokens
+    starts = np.zeros(VOCAB, dtype=bool)
+    starts[5::3] = True
+    masking = recipe(word_starts=starts, max_span=2)
+    fixed = MaskedSamples(stream, masking, 64, PAD, seed=9)
+    dynamic = MaskedSamples(stream, masking, 64, PAD, seed=9, pad_to_multiple_of=8)
+    widths = set()
+    for start in range(0, 30, 2):
+        part = [start, start + 1]
+        wide, narrow = fixed.__getitems__(part), dynamic.__getitems__(part)
+        longest = int(wide["attention_mask"].sum(1).max())
+        width = narrow["input_ids"].shape[1]
+        assert width == -(-longest // 8) * 8, (part, longest, width)
+        widths.add(width)
+        for key in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(narrow[key], wide[key][:, :width]), key
+        assert not wide["attention_mask"][:, width:].any()
+    assert len(widths) > 1, f"the corpus should give batches of several widths: {widths}"
+
+
 def test_whole_words_of_real_tokenizers(bpe_tokenizer, spm_tokenizer):
     text = ["Return the indices of the maximum values along an axis, unlike numpy.argmax, tokenizers split "
             "uncommonly long identifiers like getattribute_recursively into several pieces."] * 8

@@ -124,17 +124,27 @@ def test_cached_relative_indices_equal_recomputed_and_are_reused():
     model(ids, mask, labels)
     model(ids, mask, labels)
     assert list(encoder._index_cache) == [(16, torch.device("cpu"))]  # one entry, reused by the EMD too
-    assert list(encoder._flat_cache) == [(16, torch.device("cpu"))]
-    c2p, p2c = encoder.relative_indices(16, torch.device("cpu"))
+    c2p, p2c, c2p_flat, p2c_flat = encoder.relative_indices(16, torch.device("cpu"))
     assert encoder.relative_indices(16, "cpu")[0] is c2p
     span, cfg = model.config.relative_span, model.config
     buckets = deberta.relative_position_buckets(16, cfg.position_buckets, cfg.max_relative_distance)
     assert torch.equal(c2p, (buckets + span).clamp(0, 2 * span - 1))
     assert torch.equal(p2c, (span - buckets).clamp(0, 2 * span - 1))
-    c2p_flat, p2c_flat = encoder._flat_cache[(16, torch.device("cpu"))]
     i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     assert torch.equal(c2p_flat, i * 2 * span + c2p[i, j])
     assert torch.equal(p2c_flat, j * 2 * span + p2c[j, i])
+
+
+def test_relative_index_cache_keeps_the_most_recent_lengths():
+    """Batches padded to their longest sample come in many lengths: the cache stays bounded."""
+    encoder = tiny_deberta().encoder
+    for length in range(2, 2 + deberta.RELATIVE_CACHE_SIZE + 3):
+        encoder.relative_indices(length, "cpu")
+    encoder.relative_indices(5, "cpu")  # a hit moves 5 to the most recent end
+    encoder.relative_indices(100, "cpu")
+    lengths = [length for length, _ in encoder._index_cache]
+    assert len(lengths) == deberta.RELATIVE_CACHE_SIZE and lengths[-2:] == [5, 100]
+    assert lengths[:-2] == list(range(7, 13))
 
 
 @pytest.mark.parametrize("name", ["deberta", "roberta"])

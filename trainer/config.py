@@ -64,6 +64,9 @@ class DataSection:
     """full_sentences: contiguous text that may cross documents, </s> between documents;
     doc_sentences: samples never cross a document, short documents give short samples
     (use with train.tokens_per_step, as RoBERTa does, to keep tokens per step about constant)."""
+    pad_to_multiple_of: int = 8
+    """A micro-batch is padded to its longest sample rounded up to this multiple (at most seq_length), so
+    doc_sentences' short samples cost short rows; 0 pads every batch to seq_length (fixed shapes)."""
     mask_prob: float = 0.15
     """Fraction of non-special tokens selected for prediction (RoBERTa/BERT: 15%)."""
     mask_token_prob: float = 0.8
@@ -218,6 +221,9 @@ class PretrainConfig:
             raise UserError(f"data.blend weights must be non-negative and not all zero: {self.data.blend}")
         if self.data.max_span < 1:
             raise UserError(f"data.max_span={self.data.max_span} must be >= 1")
+        if self.data.pad_to_multiple_of < 0:
+            raise UserError(f"data.pad_to_multiple_of={self.data.pad_to_multiple_of} must be 0 (pad to seq_length) "
+                            f"or positive")
         if self.train.tokens_per_step < 0 or 0 < self.train.tokens_per_step < self.data.seq_length:
             raise UserError(f"train.tokens_per_step={self.train.tokens_per_step} must be 0 (off) or at least "
                             f"data.seq_length={self.data.seq_length}")

@@ -83,11 +83,14 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                            mask_token_prob=cfg.data.mask_token_prob, random_token_prob=cfg.data.random_token_prob,
                            word_starts=tokenizer.word_start_ids() if cfg.data.whole_word_mask else None,
                            max_span=cfg.data.max_span)
-    train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed)
+    pad = cfg.data.pad_to_multiple_of
+    train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
+                          pad_to_multiple_of=pad)
     held_out = {}
     for name in ("valid", "test"):
         held = stream(name, False)
-        held_out[name] = (validation_samples(held, recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed)
+        held_out[name] = (validation_samples(held, recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
+                                             pad_to_multiple_of=pad)
                           if held is not None else None)
     loader = PretrainLoader(train, cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dp_rank,
                             ctx.dp_size, num_workers=cfg.data.num_workers, tokens_per_step=cfg.train.tokens_per_step)
