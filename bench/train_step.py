@@ -151,7 +151,7 @@ def _autocast(args, device):
 def ours_step_fn(model: str, net, cfg, batch, args, device):
     import torch
 
-    from models import electra
+    from models import rtd
 
     if model == "deberta_v3_rtd":
         net.sampling_seed = 0
@@ -160,7 +160,7 @@ def ours_step_fn(model: str, net, cfg, batch, args, device):
 
         def loss_fn():
             out = net(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sample_index"])
-            return electra.total_loss(out, counts)
+            return rtd.total_loss(out, counts)
     else:
         def loss_fn():
             out = net(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -174,7 +174,7 @@ def build_hf(model: str, args, seq: int, device):
     import torch.nn.functional as F
     from torch import nn
 
-    from models import deberta, electra, roberta
+    from models import deberta, deberta_v3, roberta
 
     cfg, ours = build_ours(model, args, seq)
     sd = ours.state_dict()
@@ -195,11 +195,11 @@ def build_hf(model: str, args, seq: int, device):
     else:
         import transformers
 
-        gen = transformers.DebertaV2ForMaskedLM(electra.deberta_v3_hf_config(cfg, "generator"))
-        gen_sd = electra.deberta_v3_to_hf_state_dict(sd, cfg, component="generator")
+        gen = transformers.DebertaV2ForMaskedLM(deberta_v3.deberta_v3_hf_config(cfg, "generator"))
+        gen_sd = deberta_v3.deberta_v3_to_hf_state_dict(sd, cfg, component="generator")
         gen.load_state_dict(gen_sd, strict=False)  # EMD's position table, if any, has no place
-        disc = transformers.DebertaV2Model(electra.deberta_v3_hf_config(cfg, "discriminator"))
-        disc.load_state_dict(electra.deberta_v3_to_hf_state_dict(sd, cfg), strict=True)
+        disc = transformers.DebertaV2Model(deberta_v3.deberta_v3_hf_config(cfg, "discriminator"))
+        disc.load_state_dict(deberta_v3.deberta_v3_to_hf_state_dict(sd, cfg), strict=True)
         V = cfg.discriminator.vocab_size
         with torch.no_grad():  # GDES: the discriminator's own word table is E_Delta
             disc.embeddings.word_embeddings.weight.copy_(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.errors import UserError
-from models import deberta, electra, roberta
+from models import deberta, deberta_v3, electra, roberta, rtd
 from models.config import DebertaConfig, ElectraConfig, RobertaConfig, pad_vocab_size
 from models.parallel import ParallelLayers
 
@@ -147,11 +147,11 @@ def backbone_from_native(name: str, config, state_dict: Dict[str, torch.Tensor])
             keep.pop("embeddings.position.weight", None)  # the EMD's table: no EMD in a classifier
         return "deberta", _without_emd(config), keep
     if name == "electra":
-        shared = () if config.embedding_sharing == "none" else electra.SHARED_TABLES
-        _, disc = electra.split_state_dict(state_dict, shared, config.embedding_sharing)
+        shared = () if config.embedding_sharing == "none" else rtd.SHARED_TABLES
+        _, disc = rtd.split_state_dict(state_dict, shared, config.embedding_sharing)
         return "electra", config.discriminator, {k: v for k, v in disc.items() if not k.startswith("head.")}
     if name == "deberta_v3":
-        _, backbone, _ = electra.deberta_v3_split_state_dict(state_dict, config)
+        _, backbone, _ = deberta_v3.deberta_v3_split_state_dict(state_dict, config)
         return "deberta", _without_emd(config.discriminator), backbone
     raise UserError(f"cannot fine-tune model {name!r}; one of roberta, deberta, electra, deberta_v3")
 

@@ -1,7 +1,8 @@
 """Models by (name, size): config class, builder, sizes and the Hugging Face key maps.
 
-Adding an architecture (deberta, electra) is one more `ModelSpec` in `MODELS`; callers only use
-`build_config`, `build_model` and `get_spec(name)`.
+Adding an architecture (deberta, electra) is one more `ModelSpec` in `MODELS` (an RTD backbone
+also needs its towers in `RTD_TOWERS`); callers only use `build_config`, `build_model` and
+`get_spec(name)`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, Callable
 from torch import nn
 
 from data.errors import UserError
-from models import deberta, electra, roberta
+from models import deberta, deberta_v3, electra, roberta, rtd
 from models.config import DebertaConfig, RobertaConfig, RTDConfig, pad_vocab_size
 from models.parallel import ParallelLayers
+from models.rtd import ReplacedTokenDetection
 
 
 def _roberta_positions(seq_length: int, pad_token_id: int) -> int:
@@ -109,7 +111,7 @@ ELECTRA_SIZES = {
 # discriminator has the DeBERTa-v3 shape, the generator the same width at half the depth, so they
 # share the word table. Attention defaults (256 log buckets over 512 distances, shared keys,
 # normalised relative table, c2p + p2c, no absolute input positions) are DebertaConfig's; the
-# generator keeps its EMD, the discriminator has none (electra.RTD_DEFAULTS, also GDES).
+# generator keeps its EMD, the discriminator has none (rtd.RTD_DEFAULTS, also GDES).
 DEBERTA_V3_SIZES = {
     "debug": {  # unit tests and CPU smoke runs
         "discriminator": _layout(2, 64, 4, 128),
@@ -120,6 +122,21 @@ DEBERTA_V3_SIZES = {
     "base": {"discriminator": _layout(12, 768, 12, 3072), "generator": _layout(6, 768, 12, 3072)},
     "large": {"discriminator": _layout(24, 1024, 16, 4096), "generator": _layout(12, 1024, 16, 4096)},
 }
+
+# RTDConfig.backbone -> (generator, discriminator) builders.
+RTD_TOWERS = {
+    "electra": (electra.ElectraGenerator, electra.ElectraDiscriminator),
+    "deberta": (deberta.DebertaForMaskedLM, deberta_v3.deberta_v3_discriminator),  # DeBERTaV3
+}
+
+
+def build_rtd(config: RTDConfig, layers: ParallelLayers) -> ReplacedTokenDetection:
+    """The RTD model of `config` (generator drawn first, then the discriminator, from the torch RNG)."""
+    make_generator, make_discriminator = RTD_TOWERS[config.backbone]
+    generator = make_generator(config.generator, layers)
+    discriminator = make_discriminator(config.discriminator, layers)
+    return ReplacedTokenDetection(generator, discriminator, config)
+
 
 MODELS: dict[str, ModelSpec] = {
     "roberta": ModelSpec(
@@ -141,23 +158,23 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "electra": ModelSpec(  # the HF functions export one tower (component=, the discriminator by default)
         config_class=RTDConfig,
-        builder=electra.build_rtd,
+        builder=build_rtd,
         sizes=ELECTRA_SIZES,
         hf_config=electra.hf_config,
         to_hf_state_dict=electra.to_hf_state_dict,
         from_hf_state_dict=electra.from_hf_state_dict,  # takes {"generator": ..., "discriminator": ...}
-        config_builder=electra.build_rtd_config,
+        config_builder=rtd.build_rtd_config,
     ),
     # RTDConfig as electra: build_model's first RTDConfig match is electra's, and build_rtd picks
     # the towers by config.backbone ("deberta" here), so one builder serves both.
     "deberta_v3": ModelSpec(  # HF: one tower by component=; the RTD head via deberta_v3_rtd_head_state_dict
         config_class=RTDConfig,
-        builder=electra.build_rtd,
+        builder=build_rtd,
         sizes=DEBERTA_V3_SIZES,
-        hf_config=electra.deberta_v3_hf_config,
-        to_hf_state_dict=electra.deberta_v3_to_hf_state_dict,
-        from_hf_state_dict=electra.deberta_v3_from_hf_state_dict,  # generator, discriminator, rtd_head
-        config_builder=functools.partial(electra.build_rtd_config, backbone="deberta"),
+        hf_config=deberta_v3.deberta_v3_hf_config,
+        to_hf_state_dict=deberta_v3.deberta_v3_to_hf_state_dict,
+        from_hf_state_dict=deberta_v3.deberta_v3_from_hf_state_dict,  # generator, discriminator, rtd_head
+        config_builder=functools.partial(rtd.build_rtd_config, backbone="deberta"),
     ),
 }
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {name: spec.sizes for name, spec in MODELS.items()}

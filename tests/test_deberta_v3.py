@@ -16,16 +16,10 @@ import transformers
 import yaml
 
 from data.errors import UserError
-from models import electra
+from models import deberta_v3
 from models.config import DebertaConfig, RTDConfig, pad_vocab_size
 from models.deberta import DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning
-from models.electra import (
-    DebertaV3DiscriminatorHead,
-    ReplacedTokenDetection,
-    RTDDiscriminator,
-    sample_replacements,
-    total_loss,
-)
+from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.layers import predicted_positions
 from models.parallel import (
     ParallelLayers,
@@ -35,6 +29,7 @@ from models.parallel import (
     shard_state_dict,
 )
 from models.registry import MODEL_SIZES, build_config, build_model
+from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
 
 SEQ = 16
 VOCAB = 99  # padded to 128: rows 99..127 are vocabulary padding
@@ -119,7 +114,7 @@ def test_registry_builds_debertav3_towers_at_debug():
     # position table is the EMD's.
     assert model.discriminator.embeddings.position is None
     assert model.generator.embeddings.position.weight.shape == (512, 64)
-    assert model.shared_tables == electra.deberta_v3_shared_tables(cfg) == ("word",)
+    assert model.shared_tables == deberta_v3.deberta_v3_shared_tables(cfg) == ("word",)
     assert model.discriminator_embeddings == "backbone.embeddings"
     names = set(dict(model.named_parameters()))
     assert "discriminator.backbone.embeddings.word.gdes_delta.weight" in names
@@ -276,11 +271,11 @@ def test_discriminator_exports_as_debertav2model_with_merged_embeddings():
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = mask.bool()
 
-    hf_sd = electra.deberta_v3_to_hf_state_dict(sd, cfg)  # the discriminator by default
+    hf_sd = deberta_v3.deberta_v3_to_hf_state_dict(sd, cfg)  # the discriminator by default
     e_g, e_delta = word_tables(model)
     torch.testing.assert_close(hf_sd["embeddings.word_embeddings.weight"], (e_g + e_delta)[:VOCAB].detach(),
                                atol=0, rtol=0)
-    hf = transformers.DebertaV2Model(electra.deberta_v3_hf_config(cfg)).eval()
+    hf = transformers.DebertaV2Model(deberta_v3.deberta_v3_hf_config(cfg)).eval()
     result = hf.load_state_dict(hf_sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
@@ -291,7 +286,7 @@ def test_discriminator_exports_as_debertav2model_with_merged_embeddings():
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=0)
 
     # The RTD head, exported apart, applied to Hugging Face's states gives our logits.
-    head = electra.deberta_v3_rtd_head_state_dict(sd, cfg)
+    head = deberta_v3.deberta_v3_rtd_head_state_dict(sd, cfg)
     assert set(head) == {f"mask_predictions.{m}.{p}" for m in ("LayerNorm", "dense", "classifer")
                          for p in ("weight", "bias")}
     x = F.layer_norm(theirs[:, :1] + theirs, (64,), head["mask_predictions.LayerNorm.weight"],
@@ -308,8 +303,8 @@ def test_generator_exports_as_debertav2formaskedlm():
     batch = rtd_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = mask.bool()
-    hf_sd = electra.deberta_v3_to_hf_state_dict(model.state_dict(), cfg, component="generator")
-    hf = transformers.DebertaV2ForMaskedLM(electra.deberta_v3_hf_config(cfg, "generator")).eval()
+    hf_sd = deberta_v3.deberta_v3_to_hf_state_dict(model.state_dict(), cfg, component="generator")
+    hf = transformers.DebertaV2ForMaskedLM(deberta_v3.deberta_v3_hf_config(cfg, "generator")).eval()
     result = hf.load_state_dict(hf_sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
@@ -321,7 +316,7 @@ def test_generator_exports_as_debertav2formaskedlm():
     # With the EMD (the default) Hugging Face has no place for its position table, and says so.
     emd = v3_model()
     with pytest.warns(DroppedOnExportWarning, match="embeddings.position.weight"):
-        electra.deberta_v3_to_hf_state_dict(emd.state_dict(), emd.config, component="generator")
+        deberta_v3.deberta_v3_to_hf_state_dict(emd.state_dict(), emd.config, component="generator")
 
 
 def _zero_vocab_padding(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -338,10 +333,10 @@ def test_hugging_face_round_trip(emd):
     with pytest.warns(DroppedOnExportWarning) if emd else warnings.catch_warnings():
         if not emd:
             warnings.simplefilter("error", DroppedOnExportWarning)
-        gen = electra.deberta_v3_to_hf_state_dict(sd, cfg, component="generator")
-    disc = electra.deberta_v3_to_hf_state_dict(sd, cfg, component="discriminator")
-    head = electra.deberta_v3_rtd_head_state_dict(sd, cfg)
-    back = electra.deberta_v3_from_hf_state_dict(
+        gen = deberta_v3.deberta_v3_to_hf_state_dict(sd, cfg, component="generator")
+    disc = deberta_v3.deberta_v3_to_hf_state_dict(sd, cfg, component="discriminator")
+    head = deberta_v3.deberta_v3_rtd_head_state_dict(sd, cfg)
+    back = deberta_v3.deberta_v3_from_hf_state_dict(
         {"generator": gen, "discriminator": disc, "rtd_head": head}, cfg)
     # Only the EMD's position table is lost (Hugging Face has no EMD).
     assert set(sd) - set(back) == ({"generator.embeddings.position.weight"} if emd else set())
@@ -352,10 +347,10 @@ def test_hugging_face_round_trip(emd):
     assert result.missing_keys == (["generator.embeddings.position.weight"] if emd else [])
 
     with pytest.raises(ValueError, match="differs from the generator's"):
-        electra.deberta_v3_from_hf_state_dict({"generator": gen, "discriminator": disc},
+        deberta_v3.deberta_v3_from_hf_state_dict({"generator": gen, "discriminator": disc},
                                               dataclasses.replace(cfg, embedding_sharing="es"))
     with pytest.raises(ValueError, match="must be a DebertaV2Model"):
-        electra.deberta_v3_from_hf_state_dict({"generator": gen, "discriminator": gen}, cfg)
+        deberta_v3.deberta_v3_from_hf_state_dict({"generator": gen, "discriminator": gen}, cfg)
 
 
 # ----------------------------------------------------------------------------------- TP = 2

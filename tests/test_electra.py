@@ -17,16 +17,8 @@ import yaml
 from data.errors import UserError
 from models import electra
 from models.config import ElectraConfig, RobertaConfig, RTDConfig, pad_vocab_size
-from models.electra import (
-    DebertaV3DiscriminatorHead,
-    ElectraDiscriminator,
-    ElectraGenerator,
-    ReplacedTokenDetection,
-    RTDDiscriminator,
-    build_rtd,
-    sample_replacements,
-    total_loss,
-)
+from models.deberta_v3 import DebertaV3DiscriminatorHead
+from models.electra import ElectraDiscriminator, ElectraGenerator
 from models.layers import predicted_positions, rows_at
 from models.parallel import (
     ParallelLayers,
@@ -35,8 +27,9 @@ from models.parallel import (
     partition_dims,
     shard_state_dict,
 )
-from models.registry import MODEL_SIZES, build_config, build_model
+from models.registry import MODEL_SIZES, build_config, build_model, build_rtd
 from models.roberta import RobertaForMaskedLM
+from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
 
 SEQ = 16
 VOCAB = 99

@@ -268,7 +268,7 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
     (output / RTD_HEAD_FILE).unlink(missing_ok=True)  # a stale head from an earlier export here
     if native.name == "deberta_v3" and component == "discriminator":
         from safetensors.torch import save_file
-        from models.electra import deberta_v3_rtd_head_state_dict
+        from models.deberta_v3 import deberta_v3_rtd_head_state_dict
         head = deberta_v3_rtd_head_state_dict(native.state_dict, native.config)
         save_file({k: v.contiguous() for k, v in head.items()}, str(output / RTD_HEAD_FILE))
         files.append(f"{RTD_HEAD_FILE} (RTD head, microsoft/DeBERTa's key names; not part of the HF model)")
@@ -354,7 +354,7 @@ def _rtd_head_from_file(head: torch.nn.Module, output: Path) -> torch.nn.Module:
     """A copy of our RTD head holding the weights of the exported RTD head file."""
     import copy
     from safetensors.torch import load_file
-    from models.electra import _DEBERTA_V3_HEAD
+    from models.deberta_v3 import _DEBERTA_V3_HEAD
 
     ours = {hf: our for our, hf in _DEBERTA_V3_HEAD.items()}
     sd = {}

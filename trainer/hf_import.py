@@ -177,7 +177,7 @@ def import_hf(path: str | Path, generator_dir: Optional[str | Path] = None, mode
                               intermediate_size=max(disc_fields["intermediate_size"] // 4, 1))
         gen_sd = None
         source = f"fresh generator (seed {seed}), its shared embeddings copied from the discriminator"
-    from models.electra import RTD_DEFAULTS
+    from models.rtd import RTD_DEFAULTS
     sharing = embedding_sharing or RTD_DEFAULTS[backbone].get("embedding_sharing", "es")
     config = RTDConfig(generator=gen_fields, discriminator=disc_fields, backbone=backbone,
                        embedding_sharing=sharing)

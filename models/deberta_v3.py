@@ -1,0 +1,150 @@
+"""DeBERTaV3 (He et al., 2021): replaced token detection over DeBERTa towers, its discriminator
+head and its map to Hugging Face transformers.
+
+The generator is models/deberta.py's `DebertaForMaskedLM` (EMD on); the discriminator is
+`deberta_v3_discriminator`: `DebertaModel` (no MLM head, no EMD) + `DebertaV3DiscriminatorHead`
+(microsoft/DeBERTa's RTD head) as a models/rtd.py `RTDDiscriminator`. The registry's "deberta_v3"
+builds them (backbone "deberta") with models/rtd.py's defaults for it: GDES, and no EMD in the
+discriminator. With position_biased_input false (V3) the discriminator has no absolute position
+table, so only the word table is shared: the generator's position table is the EMD's own.
+
+Shapes: B batch, T sequence, H hidden, V vocab_size.
+
+Decisions:
+- The RTD head adds the first token's state to every token's (LayerNorm(h_CLS + h_t)) before its
+  dense -> activation -> classifier, as microsoft/DeBERTa's: each decision sees the sequence.
+- Export reuses models/deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's position
+  table dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the discriminator as
+  DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head, so
+  `deberta_v3_rtd_head_state_dict` gives it apart, keyed as microsoft/DeBERTa's.
+- What is shared follows from the config (`deberta_v3_shared_tables`), as `share_embeddings`
+  decides it on the built model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models import deberta
+from models.config import DebertaConfig, RTDConfig
+from models.deberta import DebertaModel
+from models.layers import activation_fn
+from models.parallel import ParallelLayers
+from models.rtd import RTDDiscriminator, join_state_dicts, split_state_dict
+
+
+# ---------------------------------------------------------------------------------- discriminator
+class DebertaV3DiscriminatorHead(nn.Module):
+    """microsoft/DeBERTa's RTD head: LayerNorm(h_CLS + h_t) -> dense -> activation -> classifier.
+
+    Adding the first token's state gives every token's decision the sequence's context.
+    """
+
+    def __init__(self, config, layers: ParallelLayers):
+        super().__init__()
+        std = config.initializer_range
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = layers.linear(config.hidden_size, config.hidden_size, init_std=std)
+        self.activation = activation_fn(config.activation)
+        self.classifier = layers.linear(config.hidden_size, 1, init_std=std)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T) logits of "replaced"."""
+        x = self.norm(hidden[:, :1] + hidden)  # (B, T, H); h_CLS broadcast over T
+        return self.classifier(self.activation(self.dense(x))).squeeze(-1)
+
+
+def deberta_v3_discriminator(config: DebertaConfig, layers: ParallelLayers) -> RTDDiscriminator:
+    """DeBERTaV3's discriminator: the DeBERTa backbone (no MLM head, no EMD: RTDConfig rejects
+    enhanced_mask_decoder on it) + microsoft/DeBERTa's RTD head over the last layer's states."""
+    return RTDDiscriminator(DebertaModel(config, layers), DebertaV3DiscriminatorHead(config, layers))
+
+
+# ------------------------------------------------------------------- DeBERTaV3 and Hugging Face
+# The towers export through deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's
+# position table is dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the
+# discriminator as DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head,
+# so it goes apart, keyed as in microsoft/DeBERTa's ReplacedTokenDetectionModel
+# (`mask_predictions` = LMMaskPredictionHead; "classifer" is their spelling).
+DEBERTA_V3_COMPONENTS = {"generator": "mlm", "discriminator": "backbone"}  # -> deberta.py's
+_DEBERTA_V3_HEAD = {"norm": "mask_predictions.LayerNorm", "dense": "mask_predictions.dense",
+                    "classifier": "mask_predictions.classifer"}
+_DEBERTA_V3_BACKBONE = "backbone."  # RTDDiscriminator's prefix of the backbone's keys
+
+
+def _deberta_v3_component(component: str) -> str:
+    if component not in DEBERTA_V3_COMPONENTS:
+        raise ValueError(f"component must be generator or discriminator, got {component!r}")
+    return DEBERTA_V3_COMPONENTS[component]
+
+
+def deberta_v3_shared_tables(cfg: RTDConfig) -> tuple[str, ...]:
+    """What `share_embeddings` shares, from the config: the word table; the position table only
+    when the discriminator has one too (position_biased_input), never under DeBERTaV3's defaults."""
+    if cfg.embedding_sharing == "none":
+        return ()
+    both_positions = cfg.generator.absolute_positions and cfg.discriminator.position_biased_input
+    return ("word", "position") if both_positions else ("word",)
+
+
+def deberta_v3_hf_config(cfg: RTDConfig, component: str = "discriminator"):
+    """The transformers.DebertaV2Config of one tower (DebertaV2Model for the discriminator)."""
+    return deberta.hf_config(getattr(cfg, component), _deberta_v3_component(component))
+
+
+def deberta_v3_split_state_dict(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig):
+    """A full RTD state dict -> (generator's, discriminator backbone's, RTD head's) state dicts,
+    stand-alone: the backbone's word table is E_D (E_G + E_Delta under gdes)."""
+    gen, disc = split_state_dict(rtd_sd, deberta_v3_shared_tables(cfg), cfg.embedding_sharing,
+                                 _DEBERTA_V3_BACKBONE + "embeddings")
+    prefix = _DEBERTA_V3_BACKBONE
+    backbone = {k[len(prefix) :]: v for k, v in disc.items() if k.startswith(prefix)}
+    head = {k[len("head.") :]: v for k, v in disc.items() if k.startswith("head.")}
+    return gen, backbone, head
+
+
+def deberta_v3_to_hf_state_dict(
+    rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig, component: str = "discriminator"
+) -> dict[str, torch.Tensor]:
+    """A full RTD state dict -> DebertaV2Model's (discriminator, E_D merged) or
+    DebertaV2ForMaskedLM's (generator), vocabulary padding trimmed."""
+    kind = _deberta_v3_component(component)
+    gen, backbone, _ = deberta_v3_split_state_dict(rtd_sd, cfg)
+    return deberta.to_hf_state_dict(gen if component == "generator" else backbone,
+                                     getattr(cfg, component), kind)
+
+
+def deberta_v3_rtd_head_state_dict(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig) -> dict:
+    """The discriminator's RTD head alone (6 tensors), keyed as microsoft/DeBERTa's:
+    mask_predictions.{LayerNorm, dense, classifer}.{weight, bias}."""
+    _, _, head = deberta_v3_split_state_dict(rtd_sd, cfg)
+    out = {}
+    for key, value in head.items():
+        module, param = key.rsplit(".", 1)
+        out[f"{_DEBERTA_V3_HEAD[module]}.{param}"] = value
+    return out
+
+
+def deberta_v3_from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cfg: RTDConfig) -> dict:
+    """{"generator": DebertaV2ForMaskedLM's, "discriminator": DebertaV2Model's, optionally
+    "rtd_head": `deberta_v3_rtd_head_state_dict`'s} -> an RTD state dict (E_Delta = E_D - E_G
+    under gdes). What the inputs lack is absent: the RTD head without "rtd_head", the generator's
+    EMD position table unless its checkpoint carries one (our exports drop it). Load such a result
+    with strict=False over a freshly built model."""
+    missing = {"generator", "discriminator"} - set(hf_sds)
+    if missing:
+        raise KeyError(f"from_hf_state_dict needs both towers' state dicts; missing {sorted(missing)}")
+    gen = deberta.from_hf_state_dict(hf_sds["generator"], cfg.generator)
+    backbone = deberta.from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator)
+    if any(key.startswith("lm_head.") for key in backbone):
+        raise ValueError("the discriminator must be a DebertaV2Model's state dict (no MLM head)")
+    disc = {_DEBERTA_V3_BACKBONE + k: v for k, v in backbone.items()}
+    ours = {hf: our for our, hf in _DEBERTA_V3_HEAD.items()}
+    for key, value in hf_sds.get("rtd_head", {}).items():
+        module, param = key.rsplit(".", 1)
+        if module not in ours:
+            raise KeyError(f"from_hf_state_dict: unexpected RTD head key {key!r}")
+        disc[f"head.{ours[module]}.{param}"] = value
+    return join_state_dicts(gen, disc, deberta_v3_shared_tables(cfg), cfg.embedding_sharing,
+                            _DEBERTA_V3_BACKBONE + "embeddings")
