@@ -187,6 +187,10 @@ def test_finetune_config_rejects_mistakes():
         load_finetune_config("configs/finetune/debug.yaml", base + ["data.kind=regression", "eval.metric=mcc"])
     for recipe in Path("configs/finetune").glob("*.yaml"):
         load_finetune_config(str(recipe), base)  # every shipped recipe parses
+    # YAML reads CoLA's labels as numbers; class names are text
+    assert load_finetune_config("configs/finetune/debug.yaml", base + ["data.labels=[0, 1]"]).data.labels == ["0", "1"]
+    with pytest.raises(UserError, match="data.labels\\[0\\] must be of type str"):
+        load_finetune_config("configs/finetune/debug.yaml", base + ["data.labels=[true, 1]"])
 
 
 def test_build_demo_task_labels_docstrings_by_library(tmp_path):

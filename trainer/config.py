@@ -352,6 +352,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # YAML reads labels: [0, 1] or run.name=2024 as numbers; a name is text
     if tp is bool and not isinstance(value, bool):
         raise UserError(f"{key} must be true or false, got {value!r}")
     if tp is int and isinstance(value, bool):
