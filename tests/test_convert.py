@@ -124,6 +124,23 @@ def test_zero3_gathers_full_parameters(converted):
     assert all(v.abs().sum() > 0 for k, v in model.state_dict().items() if k.endswith("weight"))
 
 
+def test_zero3_with_tp2_and_dp2_merges_to_the_zero1_weights(prefix, tmp_path):
+    """4 ranks, TP=2 x DP=2: ZeRO-3 partitions every TP shard over the data-parallel pair. Merged,
+    its weights are those of the same run under ZeRO-1 (dropout off: the same arithmetic)."""
+    merged = {}
+    for stage in (3, 1):
+        name = f"z{stage}"
+        run(deepspeed_cmd(4, overrides(prefix, tmp_path, name, "deberta_v3", stage, 2, "fp32",
+                                       model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0}")))
+        merged[stage] = read_checkpoint(locate(tmp_path / name / "checkpoints"))
+    assert merged[3].meta["zero_stage"] == 3 and merged[3].meta["tp_size"] == 2
+    files = {p.name for p in locate(tmp_path / "z3" / "checkpoints").iterdir()}
+    assert "zero_pp_rank_1_mp_rank_01_model_states.pt" in files  # DP rank 1 of TP rank 1 holds a partition
+    assert set(merged[3].state_dict) == set(merged[1].state_dict)
+    for key, value in merged[1].state_dict.items():
+        torch.testing.assert_close(merged[3].state_dict[key], value, atol=1e-6, rtol=0, msg=key)
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 @pytest.mark.parametrize("name", list(RUNS))
 def test_hf_export_matches_ours(converted, exports, name):
