@@ -1,10 +1,14 @@
 """Fine-tuning: GLUE metrics, task files, user errors, classifier heads against Hugging Face, the
-demo task builder, and one 2-rank DeepSpeed launch of trainer.finetune (two seeds, SiFT on)."""
+demo task builder, and 2-rank DeepSpeed launches of trainer.finetune (two seeds, SiFT on), one of
+them preempted and continued."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,7 @@ import torch
 
 from data.errors import UserError
 from data.tasks import TaskFormat, collate, encode, label_ids, label_names, read_examples
-from launch import BIN, free_port, run
+from launch import BIN, ROOT, env, free_port, run
 from models.classification import (SequenceClassifier, backbone_from_native, config_from_hf, from_hf_state_dict,
                                    hf_config, to_hf_state_dict)
 from models.config import DebertaConfig
@@ -221,9 +225,9 @@ WORDS = {0: ["array", "matrix", "vector", "dtype", "axis"], 1: ["graph", "node",
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, spm_tokenizer):
-    """deepspeed --num_gpus 2 --module trainer.finetune on the debug recipe: a DeBERTaV3 native file,
-    two seeds, SiFT on, ZeRO-1, Hugging Face export."""
+def finetune_inputs(tmp_path_factory, spm_tokenizer):
+    """A DeBERTaV3 native file, a two-class task, and the overrides of the debug recipe for a 2-rank
+    run: two seeds, SiFT on, ZeRO-1, Hugging Face export (run.name is added by each user)."""
     root = tmp_path_factory.mktemp("finetune")
     cfg = build_config("deberta_v3", "debug", vocab_size=spm_tokenizer.vocab_size, seq_length=64,
                        pad_token_id=spm_tokenizer.pad_id)
@@ -239,14 +243,23 @@ def launched(tmp_path_factory, spm_tokenizer):
     (root / "validation.tsv").write_text(rows(24))
     overrides = [f"model.init={root / 'native'}", f"data.tokenizer={spm_tokenizer.path}",
                  f"data.train={root / 'train.tsv'}", f"data.validation={root / 'validation.tsv'}",
-                 f"run.dir={root / 'runs'}", "run.name=ft", "train.epochs=2", "train.micro_batch_size=8",
+                 f"run.dir={root / 'runs'}", "train.epochs=2", "train.micro_batch_size=8",
                  "train.global_batch_size=16", "train.seeds=[1,2]", "zero.stage=1", "sift.enabled=true",
                  "sift.weight=2.0", "log.every_steps=1", "optim.lr=2e-3"]
-    proc = run([BIN / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), "--module", "trainer.finetune",
-                "--config", "configs/finetune/debug.yaml", *overrides])
-    return root / "runs" / "ft", proc.stdout + proc.stderr
+    return root / "runs", overrides
 
 
+def finetune_cmd(overrides, name: str) -> list:
+    return [BIN / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), "--module", "trainer.finetune",
+            "--config", "configs/finetune/debug.yaml", *overrides, f"run.name={name}"]
+
+
+@pytest.fixture(scope="module")
+def launched(finetune_inputs):
+    """deepspeed --num_gpus 2 --module trainer.finetune, uninterrupted."""
+    runs, overrides = finetune_inputs
+    proc = run(finetune_cmd(overrides, "ft"))
+    return runs / "ft", proc.stdout + proc.stderr
 
 
 def _records(path: Path):
@@ -304,3 +317,49 @@ def test_exported_best_model_loads_in_transformers_with_our_logits(launched):
         got = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert hf.config.id2label == {0: "0", 1: "1"}
+
+
+@pytest.mark.distributed
+def test_preempted_finetune_continues_to_the_uninterrupted_result(finetune_inputs, launched):
+    """SIGUSR1 to both ranks (as srun delivers it) during seed 1: the seed saves last/ and the job exits
+    75. The same command again continues seed 1 from there and runs seed 2: every logged number
+    equals the uninterrupted run's. A third time, both seeds are recognised as finished."""
+    import psutil
+
+    runs, overrides = finetune_inputs
+    reference_dir, _ = launched
+    proc = subprocess.Popen(list(map(str, finetune_cmd(overrides, "pre"))), cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = runs / "pre" / "seed1" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "seed 1 did not reach step 3"
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "trainer.finetune" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=180)
+    assert "SIGUSR1 received: seed 1 saved at step" in output and "exits with return code = 75" in output, output[-3000:]
+    seed1 = runs / "pre" / "seed1"
+    assert (seed1 / "last" / "latest").is_file() and not (seed1 / "result.json").exists()
+    stopped = int((seed1 / "last" / "latest").read_text().removeprefix("global_step"))
+    assert 3 <= stopped < 8
+
+    again = run(finetune_cmd(overrides, "pre")).stdout
+    assert "seed 1: continuing from" in again and f"at step {stopped + 1}" in again
+    assert not (seed1 / "last").exists() and (seed1 / "result.json").is_file()
+    for seed in (1, 2):
+        ours, reference = _records(runs / "pre" / f"seed{seed}"), _records(reference_dir / f"seed{seed}")
+        assert [r["step"] for r in ours] == [r["step"] for r in reference], seed  # each step logged once
+        for mine, theirs in zip(ours, reference):
+            for key in ("loss", "loss_task", "loss_sift", "valid_accuracy", "valid_mcc"):
+                if key in theirs:
+                    assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (seed, mine["step"], key)
+    summary = json.loads((runs / "pre" / "summary.json").read_text())
+    assert summary["values"] == pytest.approx(json.loads((reference_dir / "summary.json").read_text())["values"])
+
+    third = run(finetune_cmd(overrides, "pre")).stdout
+    assert "seed 1: finished by an earlier run" in third and "seed 2: finished by an earlier run" in third
+    assert json.loads((runs / "pre" / "summary.json").read_text())["values"] == summary["values"]

@@ -5,9 +5,12 @@
 
 One command runs every seed of `train.seeds` one after the other. Each seed lives in
 {run.dir}/{run.name}/seed{S}/ (metrics.jsonl, tb/, best/ the best DeepSpeed checkpoint by
-eval.metric, hf/ its Hugging Face export); {run.dir}/{run.name}/ holds config.yaml, tokenizer/ and
-summary.json (the best metric of every seed, their mean and standard deviation). Exit statuses as
-pretraining: 0 done, 2 user error (one line), 3 too many consecutive non-finite losses.
+eval.metric, hf/ its Hugging Face export, result.json once finished, last/ while preempted);
+{run.dir}/{run.name}/ holds config.yaml, tokenizer/ and summary.json (the best metric of every seed,
+their mean and standard deviation). Running the same command again skips finished seeds and
+continues a preempted one (checkpoint.resume). Exit statuses as pretraining: 0 done, 2 user error
+(one line), 3 too many consecutive non-finite losses, 75 preempted (SIGTERM/SIGUSR1: the current
+seed saved; run the same command again), 76 that save did not finish in time.
 
 The data order of a seed is a permutation per epoch drawn from (seed, epoch); a global batch of
 `train.global_batch_size` examples is split over the data-parallel ranks and micro-batches, and
@@ -44,6 +47,8 @@ from trainer.finetune_config import FinetuneConfig, load_finetune_config
 
 logger = logging.getLogger("trainer.finetune")
 EPOCH_STREAM = 0x46544E45  # "FTNE": keeps the fine-tuning data order apart from other random streams
+SEED_CONFIG = "seed_config.json"  # what the seed was trained with (resume only under the same one)
+SEED_RESULT = "result.json"  # the seed's best validation metrics, written when it finishes
 
 
 # ----------------------------------------------------------------------------- the starting model
@@ -254,10 +259,47 @@ def predict(engine, task: EncodedTask, batch_size: int, pad_id: int, ctx) -> Tup
 
 
 # ----------------------------------------------------------------------------- one seed
+def seed_identity(cfg: FinetuneConfig) -> Dict:
+    """What a seed's training depends on: the config without the list of seeds and the resume switches."""
+    plain = cfg.to_dict()
+    plain["train"] = {k: v for k, v in plain["train"].items() if k != "seeds"}
+    plain["checkpoint"] = {k: v for k, v in plain["checkpoint"].items() if k not in ("resume", "preemption_timeout_s")}
+    return plain
+
+
+def _from_rank0(value):
+    """Global rank 0's value on every rank (a picklable object)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _earlier_attempt(cfg: FinetuneConfig, seed_dir: Path, is_main: bool) -> Optional[Dict]:
+    """Global rank 0 looks at seed_dir: {"result": ...} for a finished seed, {} for one to continue from
+    its last/ checkpoint, None to start over (no attempt, resume off, or another config)."""
+    found = None
+    if is_main and cfg.checkpoint.resume and (seed_dir / SEED_CONFIG).is_file():
+        if json.loads((seed_dir / SEED_CONFIG).read_text()) != seed_identity(cfg):
+            logger.warning("%s was trained with another config: it starts over", seed_dir.name)
+        elif (seed_dir / SEED_RESULT).is_file():
+            found = {"result": json.loads((seed_dir / SEED_RESULT).read_text())}
+        else:
+            found = {}
+    return _from_rank0(found)
+
+
 def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: InitialModel, tokenizer: Tokenizer,
-                  run_path: Path) -> Dict:
-    """Trains one seed; returns its best validation metrics (every rank gets the same dict)."""
-    from trainer.checkpoint import CheckpointManager, TrainState
+                  run_path: Path, preemption=None) -> Dict:
+    """Trains one seed; returns its best validation metrics (every rank gets the same dict).
+
+    A seed finished by an earlier run of the same config returns its recorded result; one that was
+    preempted continues from its last/ checkpoint. Steps are deterministic in (seed, step) (data
+    order, dropout, SiFT noise), so a continued seed is the uninterrupted one. On a stop request
+    (`preemption.requested` on any rank) the seed saves last/ and raises Preempted.
+    """
+    from trainer.checkpoint import CheckpointManager, TrainState, _write_atomic
     from trainer.config import CheckpointSection, deepspeed_config, trainer_clips_gradients
     from trainer.engine import _default_cuda_arch, warmup_linear_decay
     from trainer.glue_metrics import task_metrics
@@ -270,11 +312,20 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     from deepspeed.runtime.utils import clip_grad_norm_
 
     seed_dir = run_path / f"seed{seed}"
-    if ctx.is_main and seed_dir.exists():
-        shutil.rmtree(seed_dir)  # fine-tuning starts over (it is short); no stale best checkpoint
-    if ctx.is_main:
-        seed_dir.mkdir(parents=True)
-    _barrier()
+    earlier = _earlier_attempt(cfg, seed_dir, ctx.is_main)
+    if earlier and "result" in earlier:
+        logger.info("seed %d: finished by an earlier run, best %s %.4f (%s)", seed, cfg.best_metric,
+                    earlier["result"][cfg.best_metric], seed_dir / SEED_RESULT)
+        return earlier["result"]
+    last_dir = CheckpointManager(seed_dir / "last", CheckpointSection(every_steps=0, keep_last=1), ctx.rank)
+    resume_tag = last_dir.find_resume() if earlier is not None else None
+    if resume_tag is None:
+        if ctx.is_main:
+            if seed_dir.exists():
+                shutil.rmtree(seed_dir)  # no stale best checkpoint, export or metrics
+            seed_dir.mkdir(parents=True)
+            _write_atomic(seed_dir / SEED_CONFIG, json.dumps(seed_identity(cfg), indent=1) + "\n")
+        _barrier()
     G, D = cfg.train.global_batch_size, ctx.dp_size
     steps_per_epoch = len(task.train) // G
     if steps_per_epoch == 0:
@@ -295,18 +346,25 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
         mpu=MegatronMPU(), config=deepspeed_config(run_cfg, D, use_fused_adam=ctx.device.type == "cuda"))
     best_dir = CheckpointManager(seed_dir / "best", CheckpointSection(every_steps=0, keep_last=1), ctx.rank)
-    metrics = MetricsWriter(seed_dir, enabled=ctx.is_main)
+    best: Dict = {"seed": seed, cfg.best_metric: -math.inf}
+    first_step, skipped, bad_in_a_row = 1, 0, 0
+    if resume_tag is not None:
+        state = last_dir.load(engine, resume_tag)
+        first_step, skipped = state.step + 1, state.skipped_steps
+        best, bad_in_a_row = state.data["best"], state.data["bad_in_a_row"]
+        if sift is not None:
+            sift.skipped = state.data["sift_skipped"]
+        logger.info("seed %d: continuing from %s at step %d", seed, resume_tag, first_step)
+    metrics = MetricsWriter(seed_dir, enabled=ctx.is_main, resume_step=first_step - 1)
     flags = StepFlags(ctx.device)
     clip = cfg.train.grad_clip if trainer_clips_gradients(run_cfg) else None
     metric_name = cfg.best_metric
     logger.info("seed %d: %d examples, %d steps (%d per epoch, %d warmup), SiFT %s, best by %s", seed,
                 len(task.train), total, steps_per_epoch, warmup, "on" if sift else "off", metric_name)
 
-    best: Dict = {"seed": seed, metric_name: -math.inf}
-    best_state: Optional[Dict[str, torch.Tensor]] = None
     window = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    window_steps, window_all, bad_in_a_row, skipped, start = 0, 0, 0, 0, time.perf_counter()
-    for step in range(1, total + 1):
+    window_steps, window_all, start = 0, 0, time.perf_counter()
+    for step in range(first_step, total + 1):
         torch.manual_seed(dropout_seed(seed, step, ctx.dp_rank))  # dropout and SiFT's noise
         losses = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         micro = step_micro_batches(task.train, seed, step, steps_per_epoch, G, cfg.train.micro_batch_size,
@@ -320,7 +378,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
                     for p in engine.module.parameters():
                         p.grad = None  # no update, as DeepSpeed's overflow skip
             engine.step()
-        _, bad, _ = flags.exchange(False, losses.sum(), False)
+        stop, bad, _ = flags.exchange(preemption is not None and preemption.requested, losses.sum(), False)
         window_all += 1
         if bad:
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
@@ -333,7 +391,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
             window += losses
             window_steps += 1
 
-        if step == 1 or step % cfg.log.every_steps == 0 or step == total:
+        if step == first_step or step % cfg.log.every_steps == 0 or step == total:
             if D > 1:
                 dist.all_reduce(window, group=ctx.dp_group)
             task_loss, sift_loss = (window / max(window_steps * G, 1)).tolist()
@@ -356,18 +414,33 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
                         " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if scores[metric_name] > best[metric_name]:
                 best = {"seed": seed, "step": step, **scores}
-                best_state = _gathered_state(engine, cfg.zero.stage) if cfg.checkpoint.export != "none" else None
+                if cfg.checkpoint.export != "none":  # written now, so that a preempted seed has it too
+                    best_state = _gathered_state(engine, cfg.zero.stage)
+                    if ctx.is_main:
+                        export_hf(model, best_state, task, tokenizer, seed_dir / "hf")
+                    del best_state
                 if cfg.checkpoint.keep_best:
                     extra = {"config": cfg.to_dict(), "classifier": model.describe(), "labels": task.labels,
                              "validation": scores}
                     best_dir.save(engine, TrainState(step=step, consumed_samples=step * G), extra,
                                   {"world_size": ctx.world_size, "zero_stage": cfg.zero.stage, "seed": seed})
 
+        if stop and step < total:
+            state = TrainState(step=step, consumed_samples=step * G, skipped_steps=skipped,
+                               data={"best": best, "bad_in_a_row": bad_in_a_row,
+                                     "sift_skipped": sift.skipped if sift is not None else 0})
+            last_dir.save(engine, state, {"config": cfg.to_dict()},
+                          {"world_size": ctx.world_size, "zero_stage": cfg.zero.stage, "seed": seed})
+            metrics.close()
+            raise Preempted(f"{preemption.signal_name or 'stop request'} received: seed {seed} saved at step {step} "
+                            f"of {total} in {last_dir.directory}; run the same command again to continue")
+
     metrics.close()
     if sift is not None:
         sift.remove()
-    if best_state is not None and ctx.is_main:
-        export_hf(model, best_state, task, tokenizer, seed_dir / "hf")
+    if ctx.is_main:
+        _write_atomic(seed_dir / SEED_RESULT, json.dumps(best, indent=1) + "\n")
+        shutil.rmtree(seed_dir / "last", ignore_errors=True)  # finished: result.json replaces it
     _barrier()
     del engine
     gc.collect()
@@ -417,6 +490,10 @@ class TrainingDiverged(Exception):
     """Too many consecutive non-finite losses: exit status 3."""
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1: the current seed saved its state; exit EXIT_PREEMPTED (75)."""
+
+
 # ----------------------------------------------------------------------------- all seeds
 def summarize(results: List[Dict], metric: str) -> Dict:
     values = np.asarray([r[metric] for r in results], dtype=np.float64)
@@ -439,7 +516,21 @@ def finetune(cfg: FinetuneConfig) -> Tuple[int, Dict]:
     logger.info("fine-tuning a %s (%s) on %s: %d train / %d validation examples, %s%s", init.family, init.source,
                 cfg.data.train, len(task.train), len(task.validation), cfg.data.kind,
                 f" over {task.num_labels} classes" if not task.regression else "")
-    results = [finetune_seed(cfg, seed, ctx, task, init, tokenizer, run_path) for seed in cfg.train.seeds]
+    from trainer.preemption import PreemptionHandler
+
+    from trainer.preemption import StepFlags
+
+    preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
+    results = []
+    try:
+        for seed in cfg.train.seeds:
+            # a signal during the previous seed's last step: stop before the next one (all ranks agree)
+            if StepFlags(ctx.device).exchange(preemption.requested, torch.zeros(()), False)[0]:
+                raise Preempted(f"{preemption.signal_name or 'stop request'} received before seed {seed}; run the "
+                                f"same command again to continue")
+            results.append(finetune_seed(cfg, seed, ctx, task, init, tokenizer, run_path, preemption))
+    finally:
+        preemption.uninstall()
     summary = summarize(results, cfg.best_metric)
     if ctx.is_main:
         (run_path / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -466,7 +557,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from trainer.preemption import EXIT_DIVERGED
+    from trainer.preemption import EXIT_DIVERGED, EXIT_PREEMPTED
 
     args = parse_args(argv)
     cfg = load_finetune_config(args.config, args.overrides)
@@ -476,6 +567,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("fine-tuning stopped: %s", err)
         print(f"error: fine-tuning stopped: {err}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except Preempted as err:
+        logger.warning("%s (exit %d)", err, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     if dist.get_rank() == 0:
         print(summary_text(summary, Path(cfg.run.dir) / cfg.run.name), flush=True)
     return status

@@ -93,6 +93,12 @@ class FinetuneCheckpointSection:
     """Keep the best checkpoint by eval.metric (a DeepSpeed checkpoint under seedS/best/)."""
     export: str = "hf"
     """hf: also write the best model as a Hugging Face XForSequenceClassification directory (seedS/hf/); none."""
+    resume: bool = True
+    """Running the same command again (same run directory and config) skips the seeds already finished
+    (seedS/result.json) and continues a preempted seed from its checkpoint (seedS/last/); false starts
+    every seed over."""
+    preemption_timeout_s: float = 600.0
+    """After SIGTERM/SIGUSR1, exit with status 76 if the step and checkpoint take longer than this."""
 
 
 @dataclass
