@@ -52,7 +52,6 @@ from models.parallel import ParallelLayers
 RELATIVE_CACHE_SIZE = 8  # sequence lengths whose relative-position indices stay cached
 
 
-
 # --------------------------------------------------------------------------------------- modules
 class DebertaEmbeddings(nn.Module):
     """word (+ absolute position if position_biased_input) (+ token type row 0), LayerNorm,
@@ -371,7 +370,7 @@ class DebertaForMaskedLM(DebertaModel):
         positions = predicted_positions(labels)  # (N,)
         logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
         losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full MLM logits (B, T, V) (through the EMD if enabled): gathered over TP ranks, trimmed."""

@@ -156,7 +156,7 @@ class ElectraGenerator(ElectraBackbone):
         positions = predicted_positions(labels)  # (N,)
         logits = self.predicted_logits(input_ids, attention_mask, positions)
         losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""

@@ -20,7 +20,6 @@ from models.layers import TransformerLayer, attention_bias, predicted_positions,
 from models.parallel import ParallelLayers
 
 
-
 def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     """HF/fairseq RoBERTa positions: real tokens count from pad_token_id + 1, padding gets pad_token_id."""
     mask = (input_ids != pad_token_id).long()  # (B, T)
@@ -135,7 +134,7 @@ class RobertaForMaskedLM(nn.Module):
         hidden = self.encode(input_ids, attention_mask)  # (B, T, H)
         logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
         losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_tensor(positions.numel())}
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""

@@ -342,7 +342,7 @@ class ReplacedTokenDetection(nn.Module):
             guess = (rtd_logits.detach() > 0) & real  # (B, T) predicted "replaced"
             metrics = {
                 "mlm_correct": (generator_argmax == targets).sum(),
-                "mlm_predicted": positions.new_tensor(positions.numel()),
+                "mlm_predicted": positions.new_full((), positions.numel()),
                 "rtd_correct": ((guess == replaced) & real).sum(),
                 "rtd_tokens": real.sum(),
                 "rtd_true_positives": (guess & replaced).sum(),
