@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from data.errors import UserError
 from trainer.config import CheckpointSection
+from trainer.parallel import from_rank0
 
 logger = logging.getLogger(__name__)
 TAG = re.compile(r"^global_step(\d+)$")
@@ -78,15 +79,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _sync_error(message: str) -> str:
-    """Global rank 0's error (or '') as seen by every rank, so that all raise together."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _barrier() -> None:
@@ -159,7 +151,7 @@ class CheckpointManager:
             except OSError as err:
                 error = (f"cannot write checkpoints to {self.directory}: {err.strerror or err}; "
                          f"free space or fix permissions (the previous checkpoint is untouched)")
-        error = _sync_error(error)
+        error = from_rank0(error)
         if error:
             raise UserError(error)
 
@@ -231,10 +223,10 @@ class CheckpointManager:
                 chosen = str(self._choose() or "")
             except UserError as err:
                 message = str(err)
-        message = _sync_error(message)
+        message = from_rank0(message)
         if message:
             raise UserError(message)
-        chosen = _sync_error(chosen)
+        chosen = from_rank0(chosen)
         return Path(chosen) if chosen else None
 
     def _choose(self) -> Optional[Path]:

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
 
 from data.errors import UserError
 from trainer.checkpoint import read_manifest
 from trainer.config import PretrainConfig
-from trainer.parallel import ParallelContext
+from trainer.parallel import ParallelContext, from_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +62,7 @@ def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelCo
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             error = f"ds_to_universal failed on {tag_dir}: {proc.stderr.strip().splitlines()[-1:]}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = from_rank0(error)
     if error:
         raise UserError(error)
     return ResumePlan(target, universal=True)

@@ -44,6 +44,7 @@ from data.tasks import EncodedTask, collate, encode, label_ids, label_names, rea
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.classification import SequenceClassifier
 from trainer.finetune_config import FinetuneConfig, load_finetune_config
+from trainer.parallel import from_rank0
 
 logger = logging.getLogger("trainer.finetune")
 EPOCH_STREAM = 0x46544E45  # "FTNE": keeps the fine-tuning data order apart from other random streams
@@ -267,15 +268,6 @@ def seed_identity(cfg: FinetuneConfig) -> Dict:
     return plain
 
 
-def _from_rank0(value):
-    """Global rank 0's value on every rank (a picklable object)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _earlier_attempt(cfg: FinetuneConfig, seed_dir: Path, is_main: bool) -> Optional[Dict]:
     """Global rank 0 looks at seed_dir: {"result": ...} for a finished seed, {} for one to continue from
     its last/ checkpoint, None to start over (no attempt, resume off, or another config)."""
@@ -287,7 +279,7 @@ def _earlier_attempt(cfg: FinetuneConfig, seed_dir: Path, is_main: bool) -> Opti
             found = {"result": json.loads((seed_dir / SEED_RESULT).read_text())}
         else:
             found = {}
-    return _from_rank0(found)
+    return from_rank0(found)
 
 
 def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: InitialModel, tokenizer: Tokenizer,

@@ -20,6 +20,16 @@ from trainer.quiet import quiet_megatron_import
 logger = logging.getLogger(__name__)
 
 
+
+def from_rank0(value):
+    """Global rank 0's value (any picklable object) on every rank: decisions and errors that rank 0
+    alone makes (files it checked) then hold everywhere, so that all ranks act, or fail, together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
 @dataclass(frozen=True)
 class ParallelContext:
     rank: int

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
-import torch.distributed as dist
 
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer
 from trainer.config import PretrainConfig, save_config
 from trainer.metrics import first_and_last, read_metrics
-from trainer.parallel import ParallelContext
+from trainer.parallel import ParallelContext, from_rank0
 from trainer.quiet import quiet_libraries, quiet_megatron_import
 
 
@@ -59,7 +58,7 @@ class RunDirectory:
                 error = f"cannot write run directory {path}: {err.strerror or err}; check run.dir"
             except UserError as err:
                 error = str(err)
-        error = _broadcast_error(error)
+        error = from_rank0(error)
         if error:
             raise UserError(error)
         return cls(path=path, is_main=ctx.is_main)
@@ -98,15 +97,6 @@ def _copy_tokenizer(tokenizer: Tokenizer, dest: Path) -> None:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _broadcast_error(message: str) -> str:
-    """Rank 0's error, seen by every rank, so that all fail together rather than hang in a collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
