@@ -45,7 +45,7 @@ from torch import nn
 from models.config import DebertaConfig, hf_encoder_kwargs
 from models.disentangled_attention import disentangled_attention, flat_relative_indices, relative_position_buckets
 from models.layers import (
-    CheckpointedLayer, FeedForward, activation_fn, predicted_positions, rows_at,
+    CheckpointedLayer, FeedForward, activation_fn, masked_lm_metrics, predicted_positions, rows_at,
 )
 from models.parallel import ParallelLayers
 
@@ -366,11 +366,15 @@ class DebertaForMaskedLM(DebertaModel):
     ) -> dict[str, torch.Tensor]:
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
-        "num_predicted": number of predicted positions (long scalar)}."""
+        "num_predicted": number of predicted positions (long scalar),
+        "metrics": {"mlm_correct", "mlm_predicted"} long scalars (`masked_lm_metrics`)}."""
         positions = predicted_positions(labels)  # (N,)
+        targets = rows_at(labels, positions)  # (N,)
         logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
+        metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
+                "metrics": metrics}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full MLM logits (B, T, V) (through the EMD if enabled): gathered over TP ranks, trimmed."""

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ElectraConfig, RTDConfig, hf_encoder_kwargs
-from models.layers import TransformerLayer, activation_fn, attention_bias, predicted_positions, rows_at
+from models.layers import (TransformerLayer, activation_fn, attention_bias, masked_lm_metrics,
+                           predicted_positions, rows_at)
 from models.parallel import ParallelLayers
 from models.rtd import SHARED_TABLES, join_state_dicts, split_state_dict
 
@@ -152,11 +153,14 @@ class ElectraGenerator(ElectraBackbone):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """MLM alone, RobertaForMaskedLM's contract: {"loss_sum", "num_predicted"}."""
+        """MLM alone, RobertaForMaskedLM's contract: {"loss_sum", "num_predicted", "metrics"}."""
         positions = predicted_positions(labels)  # (N,)
+        targets = rows_at(labels, positions)  # (N,)
         logits = self.predicted_logits(input_ids, attention_mask, positions)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
+        metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
+                "metrics": metrics}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""

@@ -37,6 +37,27 @@ def rows_at(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return values.flatten(0, 1).index_select(0, positions)
 
 
+def global_argmax(local_scores: torch.Tensor, parallel: ParallelLayers) -> torch.Tensor:
+    """(N, Vp/tp) scores split by vocabulary -> (N,) global ids of the row maxima (ties: lowest id)."""
+    values, ids = local_scores.max(dim=-1)  # (N,)
+    ids = ids + parallel.tp_rank * local_scores.shape[-1]
+    if parallel.tp_size == 1:
+        return ids
+    all_values = parallel.gather_from_tp_region(values[:, None].contiguous())  # (N, tp)
+    all_ids = parallel.gather_from_tp_region(ids[:, None].contiguous())  # (N, tp)
+    best = all_values.argmax(dim=-1, keepdim=True)  # first maximum: the lowest rank, so lowest id
+    return all_ids.gather(-1, best).squeeze(-1)
+
+
+@torch.no_grad()
+def masked_lm_metrics(local_logits: torch.Tensor, targets: torch.Tensor, parallel: ParallelLayers) -> dict:
+    """(N, Vp/tp) local logits (padded vocabulary at finfo.min, so it never wins) and (N,) targets ->
+    long scalars mlm_correct (argmax over the whole vocabulary == target) and mlm_predicted (N).
+    Call before the vocab-parallel loss, which may work in place on the logits; no host sync."""
+    correct = (global_argmax(local_logits.detach(), parallel) == targets).sum()
+    return {"mlm_correct": correct, "mlm_predicted": targets.new_full((), targets.numel())}
+
+
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation a Hugging Face `hidden_act` name means."""
     if name == "gelu":

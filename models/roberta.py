@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import RobertaConfig, hf_encoder_kwargs
-from models.layers import TransformerLayer, attention_bias, predicted_positions, rows_at
+from models.layers import TransformerLayer, attention_bias, masked_lm_metrics, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
 
@@ -126,15 +126,19 @@ class RobertaForMaskedLM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
-        "num_predicted": number of predicted positions (long scalar)}.
+        "num_predicted": number of predicted positions (long scalar),
+        "metrics": {"mlm_correct", "mlm_predicted"} long scalars (`masked_lm_metrics`)}.
 
         The head runs only on the predicted positions (about 15% of them).
         """
         positions = predicted_positions(labels)  # (N,)
+        targets = rows_at(labels, positions)  # (N,)
         hidden = self.encode(input_ids, attention_mask)  # (B, T, H)
         logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
-        losses = self.parallel.vocab_parallel_cross_entropy(logits, rows_at(labels, positions))  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel())}
+        metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
+        losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
+        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
+                "metrics": metrics}
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""

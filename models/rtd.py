@@ -17,7 +17,8 @@ out = {
                    "rtd": sum of the discriminator's binary cross-entropy over real tokens},
   "loss_weights": {"mlm": 1.0, "rtd": rtd_weight},
   "normalizers":  {"mlm": "predicted", "rtd": "tokens"},
-  "metrics":      long scalars, sums over the micro-batch (see `ReplacedTokenDetection.forward`)}
+  "metrics":      long scalars or fixed-length long vectors (histograms), sums over the
+                  micro-batch (see `ReplacedTokenDetection.forward`)}
 The trainer sums loss_sums and metrics over micro-batches and data-parallel ranks and computes
     loss = sum_k loss_weights[k] * loss_sums[k] / global_count[normalizers[k]]
 where global_count["predicted"] counts labels != -100 and global_count["tokens"] counts
@@ -72,11 +73,12 @@ from torch import nn
 
 from data.errors import UserError
 from models.config import RTD_BACKBONE_CONFIGS, RTDConfig
-from models.layers import IGNORE_INDEX, predicted_positions, rows_at
+from models.layers import IGNORE_INDEX, global_argmax, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
 SAMPLING_STREAM = 0x47454E53  # "GENS": keeps the generator's sampling apart from masking's streams
 SHARED_TABLES = ("word", "position")  # embedding tables shared under es / gdes, where both have them
+AUC_BINS, AUC_LOGIT_RANGE = 256, 16.0  # histogram of the discriminator's logits: 256 bins over [-16, 16]
 
 
 # ------------------------------------------------------------ a discriminator from any backbone
@@ -96,8 +98,12 @@ class RTDDiscriminator(nn.Module):
     def embeddings(self) -> nn.Module:
         return self.backbone.embeddings
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> the backbone's final hidden states (B, T, H)."""
+        return self.backbone.encode(input_ids, attention_mask)
+
     def rtd_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.encode(input_ids, attention_mask))
+        return self.head(self.encode(input_ids, attention_mask))
 
     forward = rtd_logits
 
@@ -220,23 +226,23 @@ def join_state_dicts(
             **{f"discriminator.{k}": v for k, v in disc.items()}}
 
 
+# ------------------------------------------------------------------------------- diagnostics
+def logit_histogram(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(AUC_BINS,) long counts of the logits at `where` (a bool mask of their shape) in fixed bins of
+    width 2 * AUC_LOGIT_RANGE / AUC_BINS, the ends clamped: additive over micro-batches and ranks,
+    so the trainer can compute a ROC AUC from summed histograms. Scatter-add: no host sync."""
+    scaled = (logits.detach().float().nan_to_num(0.0).clamp(-AUC_LOGIT_RANGE, AUC_LOGIT_RANGE)
+              + AUC_LOGIT_RANGE) * (AUC_BINS / (2 * AUC_LOGIT_RANGE))
+    bins = scaled.long().clamp(0, AUC_BINS - 1).flatten()  # floor: the scaled logits are >= 0
+    counts = torch.zeros(AUC_BINS, dtype=torch.long, device=logits.device)
+    return counts.index_add_(0, bins, where.flatten().long())
+
+
 # ------------------------------------------------------------------------------------ sampling
 def sampling_seed(seed: int, sample_index: int) -> int:
     """The seed of one sample's sampling noise: from (run seed, global sample index) only."""
     state = np.random.SeedSequence([seed, sample_index, SAMPLING_STREAM]).generate_state(1, np.uint64)[0]
     return int(state) & (2**63 - 1)
-
-
-def global_argmax(local_scores: torch.Tensor, parallel: ParallelLayers) -> torch.Tensor:
-    """(N, Vp/tp) scores split by vocabulary -> (N,) global ids of the row maxima (ties: lowest id)."""
-    values, ids = local_scores.max(dim=-1)  # (N,)
-    ids = ids + parallel.tp_rank * local_scores.shape[-1]
-    if parallel.tp_size == 1:
-        return ids
-    all_values = parallel.gather_from_tp_region(values[:, None].contiguous())  # (N, tp)
-    all_ids = parallel.gather_from_tp_region(ids[:, None].contiguous())  # (N, tp)
-    best = all_values.argmax(dim=-1, keepdim=True)  # first maximum: the lowest rank, so lowest id
-    return all_ids.gather(-1, best).squeeze(-1)
 
 
 @torch.no_grad()
@@ -309,7 +315,9 @@ class ReplacedTokenDetection(nn.Module):
         mlm_correct / mlm_predicted: generator argmax == original, over predicted positions;
         rtd_correct / rtd_tokens: discriminator right (logit > 0 means "replaced"), real tokens;
         rtd_true_positives, rtd_predicted_positives, rtd_actual_positives (= the number of
-        replaced tokens): precision = TP / predicted positives, recall = TP / actual positives.
+        replaced tokens): precision = TP / predicted positives, recall = TP / actual positives;
+        rtd_replaced_histogram / rtd_original_histogram: (AUC_BINS,) long vectors, the
+        discriminator's logits on replaced / original real tokens (`logit_histogram`: the ROC AUC).
         """
         positions = predicted_positions(labels)  # (N,) flat; a host sync before any layer is queued
         # The sampler's per-sample loop needs its counts and indices on the host: read them now too.
@@ -348,6 +356,8 @@ class ReplacedTokenDetection(nn.Module):
                 "rtd_true_positives": (guess & replaced).sum(),
                 "rtd_predicted_positives": guess.sum(),
                 "rtd_actual_positives": replaced.sum(),
+                "rtd_replaced_histogram": logit_histogram(rtd_logits, replaced),
+                "rtd_original_histogram": logit_histogram(rtd_logits, real & ~replaced),
             }
         return {
             "loss_sums": {"mlm": mlm_losses.sum(), "rtd": rtd_losses.sum()},
@@ -355,6 +365,11 @@ class ReplacedTokenDetection(nn.Module):
             "normalizers": {"mlm": "predicted", "rtd": "tokens"},
             "metrics": metrics,
         }
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> the discriminator's final hidden states (B, T, H): the tower that
+        is handed to downstream tasks (an MLM model's `encode` is its encoder, the same contract)."""
+        return self.discriminator.encode(input_ids, attention_mask)
 
     @torch.no_grad()
     def merged_discriminator_embeddings(self) -> dict[str, torch.Tensor]:

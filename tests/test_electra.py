@@ -97,7 +97,11 @@ def has_grad(param: torch.nn.Parameter) -> bool:
 
 
 def metric_counts(out: dict) -> dict:
-    return {k: int(v) for k, v in out["metrics"].items()}
+    return {k: v.tolist() for k, v in out["metrics"].items()}  # ints; lists for the logit histograms
+
+
+def logit_histogram_by_hand(logits: torch.Tensor, where: torch.Tensor) -> list:
+    return torch.histc(logits[where].clamp(-16, 16), bins=256, min=-16, max=16).long().tolist()
 
 
 # ----------------------------------------------------------------------- parity with Hugging Face
@@ -418,6 +422,8 @@ def test_loss_terms_agree_with_a_hand_computation():
         "rtd_true_positives": int((guess & replaced).sum()),
         "rtd_predicted_positives": int(guess.sum()),
         "rtd_actual_positives": int(replaced.sum()),
+        "rtd_replaced_histogram": logit_histogram_by_hand(logits, replaced & real),
+        "rtd_original_histogram": logit_histogram_by_hand(logits, real & ~replaced),
     }
     assert metric_counts(out) == expected
     assert 0 < expected["mlm_correct"] < expected["mlm_predicted"]

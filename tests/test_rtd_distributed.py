@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launch import deepspeed_cmd, python_tool, run, torchrun_cmd, train_records
+from launch import deepspeed_cmd, metrics, python_tool, run, torchrun_cmd, train_records
 
 pytestmark = pytest.mark.distributed
 
@@ -59,9 +59,22 @@ def test_rtd_gdes_zero3_equals_zero1(data_prefix, tmp_path, recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES[1:])  # ELECTRA at TP=2: tests/test_electra.py's in-process spawn
 def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path, recipe):
-    run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1", recipe)])
-    run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2)))
-    assert_same_steps(train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2"))
+    """Also the learning diagnostics (trainer/diagnostics.py): logged, summarised, and equal under TP."""
+    evaluated = dict(data__valid_fraction=0.05, eval__every_steps=3, eval__samples=8)
+    out = run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1", recipe, **evaluated)])
+    run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2,
+                             **evaluated)))
+    tp1, tp2 = train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2")
+    assert_same_steps(tp1, tp2)
+    diagnostics = {"rtd_auc", "rtd_prior_loss", "rtd_loss_vs_prior", "generator_accuracy", "unigram_accuracy"}
+    assert diagnostics <= set(tp1[3]) and "mlm_accuracy" not in tp1[3]
+    valid = {name: [r for r in metrics(tmp_path / name) if "valid_loss" in r] for name in ("tp1", "tp2")}
+    assert [r["step"] for r in valid["tp1"]] == [3]
+    assert {f"valid_{k}" for k in diagnostics} <= set(valid["tp1"][0])
+    for key in ("valid_rtd_auc", "valid_rtd_prior_loss", "valid_generator_accuracy", "valid_unigram_accuracy"):
+        assert valid["tp1"][0][key] == pytest.approx(valid["tp2"][0][key], abs=1e-6), key
+    assert 0 < valid["tp1"][0]["valid_unigram_accuracy"] < 1 and 0 < valid["tp1"][0]["valid_rtd_prior_loss"] < 0.7
+    assert "last validation RTD loss" in out.stdout and "vs unigram accuracy" in out.stdout
 
 
 def _module_weights(run_dir, step):

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from data.errors import UserError
+from data.tasks import TaskFormat
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PACKINGS = ("full_sentences", "doc_sentences")
@@ -183,6 +184,47 @@ class EvalSection:
 
 
 @dataclass
+class ProbeSection(TaskFormat):
+    """A linear probe (trainer/probe.py): multinomial logistic regression on frozen pooled features of
+    the model being pretrained (an RTD model's discriminator, an MLM model's encoder), trained on
+    `train` and scored on `validation` (fine-tuning's task formats; `kind` must be classification),
+    logged as probe_accuracy. From TaskFormat: kind, format, columns, text_columns, label_column, labels."""
+    every_steps: int = 0
+    """Probe every N optimizer steps (and at the last step); 0 turns the probe off."""
+    train: str = ""
+    """Training file of the probe: .tsv, .csv or .jsonl with named columns (GLUE's layout works as is)."""
+    validation: str = ""
+    """Validation file, same layout: probe_accuracy is the accuracy on it."""
+    max_length: Optional[int] = None
+    """Tokens per example, special tokens included, cut longest-text-first; None: data.seq_length."""
+    max_examples: int = 2000
+    """At most this many examples of each file (a fixed random subset, the same in every run): the cost."""
+    pooling: str = "mean"
+    """mean: the last hidden layer averaged over real tokens; cls: its first token ([CLS] / <s>)."""
+    l2: float = 1e-3
+    """L2 penalty on the probe's weights (its features are standardised), added to the mean cross-entropy."""
+
+    def validate(self, seq_length: int) -> None:
+        """The files themselves are read (and their mistakes reported) when the run starts."""
+        _choice("probe.pooling", self.pooling, ("mean", "cls"))
+        if self.every_steps < 0:
+            raise UserError(f"probe.every_steps={self.every_steps} must not be negative (0: off)")
+        if not self.every_steps:
+            return
+        if not self.train or not self.validation:
+            raise UserError("probe.every_steps is set but probe.train or probe.validation is not: "
+                            "name the probe's task files (TSV/CSV/JSONL)")
+        if self.kind != "classification":
+            raise UserError(f"probe.kind={self.kind!r}: a linear probe needs a classification task")
+        if self.max_length is not None and not 3 <= self.max_length <= seq_length:
+            raise UserError(f"probe.max_length={self.max_length} must be in [3, data.seq_length={seq_length}]")
+        if self.max_examples < 2:
+            raise UserError(f"probe.max_examples={self.max_examples} must be at least 2")
+        if self.l2 < 0:
+            raise UserError(f"probe.l2={self.l2} must not be negative")
+
+
+@dataclass
 class DebugSection:
     """Fault injection for the fault-tolerance tests; leave empty in real runs."""
     nan_loss_steps: List[int] = field(default_factory=list)
@@ -205,6 +247,7 @@ class PretrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
     debug: DebugSection = field(default_factory=DebugSection)
 
     def validate(self) -> None:
@@ -256,6 +299,7 @@ class PretrainConfig:
                             f"(0: half of train.steps)")
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
             raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
+        self.probe.validate(self.data.seq_length)
         for key in ("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
                     "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps"):
             if get_key(self, key) < 0:

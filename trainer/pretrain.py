@@ -35,6 +35,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     """Runs (or resumes) pretraining; returns (exit status, summary)."""
     from trainer.checkpoint import CheckpointManager, TrainState
+    from trainer.diagnostics import PlateauWatch
     from trainer.elastic import prepare_resume
     from trainer import schedule
     from trainer.engine import build_engine
@@ -42,6 +43,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     from trainer.metrics import MetricsWriter
     from trainer.parallel import init_parallel
     from trainer.preemption import EXIT_PREEMPTED, PreemptionHandler, StepFlags
+    from trainer.probe import build_probe
     from trainer.step import dropout_seed, evaluate, train_step
     from data.loader import validation_batches
 
@@ -49,6 +51,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     setup_logging(ctx.is_main)
     cfg.check_batch(ctx.dp_size)
     tokenizer = resolve_tokenizer(cfg)
+    probe = build_probe(cfg, tokenizer)  # None when off; reads and checks its task files now
     run = RunDirectory.prepare(cfg, ctx, tokenizer)
     inputs = build_inputs(cfg, ctx, tokenizer)
     model, model_config = build_model_for(cfg, tokenizer, ctx)
@@ -73,13 +76,15 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     flags = StepFlags(ctx.device)
     clip = cfg.train.grad_clip if trainer_clips_gradients(cfg) else None
     window = _new_window()
+    plateau = PlateauWatch()  # warns when validation sits at the prior / unigram baselines
     unsynced_tokens, bad_in_a_row, status = 0.0, 0, 0
     for step in range(state.step + 1, cfg.train.steps + 1):
         batches = [{k: v for k, v in b.items() if k in accepted} for b in inputs.loader.next_step()]
         torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
         if two_stage_n:
             schedule.enter_step(engine, step, two_stage_n)
-        out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps)
+        out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps,
+                         vocab_size=tokenizer.vocab_size)
         stop, bad, save_due = flags.exchange(preemption.requested, out["acc"].total(),
                                              ctx.is_main and checkpoints.time_due())
         state.step, state.consumed_samples = step, inputs.loader.consumed_samples
@@ -127,9 +132,15 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             batches = validation_batches(inputs.valid, cfg.eval.samples, cfg.train.micro_batch_size,
                                          ctx.dp_rank, ctx.dp_size)
-            valid = evaluate(engine, [{k: v for k, v in b.items() if k in accepted} for b in batches], ctx)
+            valid = evaluate(engine, [{k: v for k, v in b.items() if k in accepted} for b in batches], ctx,
+                             vocab_size=tokenizer.vocab_size)
             metrics.log(step, valid)
             logger.info("step %d validation loss %.4f", step, valid["valid_loss"])
+            for message in plateau.update(step, valid) if ctx.is_main else ():
+                logger.warning(message)
+
+        if probe is not None and probe.due(step, cfg.train.steps):
+            metrics.log(step, probe.run(engine, ctx, step))  # every rank extracts features; rank 0 fits
 
         if checkpoints.due(step, cfg.train.steps) or save_due or stop:
             state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0

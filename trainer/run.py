@@ -81,7 +81,26 @@ class RunDirectory:
                 lines.append(f"last generator MLM loss {mlm:.4f}, RTD loss {rtd_loss:.4f}")
         if valid is not None:
             lines.append(f"valid loss:    {valid:.4f}")
+        lines += _baseline_lines(records)
         return {"text": "\n".join(lines), "first_loss": first, "last_loss": last, "valid_loss": valid}
+
+
+def _baseline_lines(records: list) -> list:
+    """The last validation (else training) diagnostics beside their baselines (trainer/diagnostics.py)."""
+    where = "valid_" if any("valid_loss" in r for r in records) else ""
+    last = lambda key: first_and_last(records, where + key)[1]
+    label, lines = ("validation" if where else "training"), []
+    loss, prior, auc = last("loss_rtd"), last("rtd_prior_loss"), last("rtd_auc")
+    if loss is not None and prior is not None:
+        auc_text = f", ROC AUC {auc:.3f}" if auc is not None else ""
+        lines.append(f"last {label} RTD loss {loss:.4f} vs prior loss {prior:.4f}"
+                     f" (always predicting the replaced share){auc_text}")
+    unigram = last("unigram_accuracy")
+    for key, name in (("generator_accuracy", "generator accuracy"), ("mlm_accuracy", "MLM accuracy")):
+        accuracy = last(key)
+        if accuracy is not None and unigram is not None:
+            lines.append(f"last {label} {name} {accuracy:.4f} vs unigram accuracy {unigram:.4f}")
+    return lines
 
 
 def _copy_tokenizer(tokenizer: Tokenizer, dest: Path) -> None:

@@ -11,7 +11,7 @@ ranks; the N_global counts are known on the host before any forward and cost one
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from data.masking import IGNORE_INDEX
+from trainer.diagnostics import binary_entropy, histogram_auc, target_counts, unigram_accuracy
 from trainer.parallel import ParallelContext
 
 Terms = Dict[str, Tuple[torch.Tensor, float, str]]  # name -> (sum, weight, normaliser)
@@ -52,7 +53,8 @@ def _counts(batches: Iterable[Dict[str, torch.Tensor]], ctx: ParallelContext) ->
 
 
 class Accumulator:
-    """Device-side sums of loss terms and metrics (no host sync until `reduce`)."""
+    """Device-side sums of loss terms and metrics (no host sync until `reduce`). A metric is a scalar
+    or a fixed-length vector (the RTD logit histograms; the target counts, a host tensor)."""
 
     def __init__(self):
         self.terms: Dict[str, torch.Tensor] = {}
@@ -69,6 +71,12 @@ class Accumulator:
             self.metrics[name] = self.metrics.get(name, 0.0) + value.detach().double()
         for name, value in (counts or {}).items():
             self.counts[name] = self.counts.get(name, 0.0) + value
+
+    def add_targets(self, batches: List[Dict[str, torch.Tensor]], vocab_size: Optional[int]) -> None:
+        """Counts the target ids of host batches, for the unigram accuracy (nothing if vocab_size is None)."""
+        if vocab_size:
+            counts = target_counts(batches, vocab_size)
+            self.metrics["target_counts"] = self.metrics.get("target_counts", 0.0) + counts
 
     def merge(self, other: "Accumulator") -> None:
         for name, value in other.terms.items():
@@ -90,56 +98,68 @@ class Accumulator:
             return {}
         names, metric_names = sorted(self.terms), sorted(self.metrics)
         count_names = sorted(self.counts)
-        flat = torch.stack([torch.as_tensor(self.terms[n], dtype=torch.float64, device=ctx.device) for n in names]
-                           + [torch.as_tensor(self.metrics[n], dtype=torch.float64, device=ctx.device)
-                              for n in metric_names]
-                           + [torch.as_tensor(self.counts[n], dtype=torch.float64, device=ctx.device)
-                              for n in count_names])
+        sums = [self.terms[n] for n in names] + [self.metrics[n] for n in metric_names]  # DP-reduced here
+        rows = [torch.as_tensor(v, dtype=torch.float64).to(ctx.device).reshape(-1)
+                for v in sums + [self.counts[n] for n in count_names]]
+        head, tail = torch.cat(rows[: len(sums)]), rows[len(sums):]
         if reduce_counts:
-            _all_reduce_dp(flat, ctx)
+            flat = _all_reduce_dp(torch.cat([head, *tail]), ctx)
         else:  # counts are already global; reduce the rest
-            head = flat[: len(names) + len(metric_names)]
-            _all_reduce_dp(head, ctx)
-            flat = torch.cat([head, flat[len(names) + len(metric_names):]])
-        values = flat.tolist()
+            flat = torch.cat([_all_reduce_dp(head, ctx), *tail])
+        pieces = np.split(flat.cpu().numpy(), np.cumsum([r.numel() for r in rows])[:-1])
+        vector = [torch.is_tensor(v) and v.dim() > 0 for v in sums] + [False] * len(tail)
+        values = [v if is_vector else float(v[0]) for v, is_vector in zip(pieces, vector)]
         terms = dict(zip(names, values[: len(names)]))
-        metrics = dict(zip(metric_names, values[len(names): len(names) + len(metric_names)]))
-        counts = dict(zip(count_names, values[len(names) + len(metric_names):]))
+        metrics = dict(zip(metric_names, values[len(names): len(sums)]))
+        counts = dict(zip(count_names, values[len(sums):]))
         record: Dict[str, float] = {}
-        total = 0.0
+        total, per_token = 0.0, {}
         for name in names:
-            per_token = terms[name] / max(counts[self.normalizers[name]], 1.0)
-            total += self.weights[name] * per_token
+            per_token[name] = terms[name] / max(counts[self.normalizers[name]], 1.0)
+            total += self.weights[name] * per_token[name]
             if len(names) > 1:
-                record[f"{prefix}loss_{name}"] = per_token
+                record[f"{prefix}loss_{name}"] = per_token[name]
         record[f"{prefix}loss"] = total
-        record.update({f"{prefix}{k}": v for k, v in derived_metrics(metrics).items()})
+        derived = derived_metrics(metrics)
+        if derived.get("rtd_prior_loss") and "rtd" in per_token:  # loss_rtd: per real token, without rtd_weight
+            derived["rtd_loss_vs_prior"] = per_token["rtd"] / derived["rtd_prior_loss"]
+        record.update({f"{prefix}{k}": v for k, v in derived.items()})
         return record
 
 
-def derived_metrics(sums: Dict[str, float]) -> Dict[str, float]:
-    """RTD diagnostics from summed counts (generator accuracy, RTD accuracy/precision/recall...)."""
+def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, float]:
+    """Metrics from summed counts (trainer/diagnostics.py says what each baseline means):
+    generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy; RTD accuracy,
+    precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc."""
     ratio = lambda a, b: sums[a] / sums[b] if sums.get(b) else None
+    rtd = "rtd_correct" in sums
     out = {}
     if "mlm_correct" in sums:
-        out["generator_accuracy"] = ratio("mlm_correct", "mlm_predicted")
-    if "rtd_correct" in sums:
+        out["generator_accuracy" if rtd else "mlm_accuracy"] = ratio("mlm_correct", "mlm_predicted")
+    if "target_counts" in sums:
+        out["unigram_accuracy"] = unigram_accuracy(sums["target_counts"])
+    if rtd:
         out["rtd_accuracy"] = ratio("rtd_correct", "rtd_tokens")
         out["rtd_precision"] = ratio("rtd_true_positives", "rtd_predicted_positives")
         out["rtd_recall"] = ratio("rtd_true_positives", "rtd_actual_positives")
         out["replaced_ratio"] = ratio("rtd_actual_positives", "mlm_predicted")
+        out["rtd_prior_loss"] = binary_entropy(sums["rtd_actual_positives"], sums["rtd_tokens"])
+        if "rtd_replaced_histogram" in sums:
+            out["rtd_auc"] = histogram_auc(sums["rtd_replaced_histogram"], sums["rtd_original_histogram"])
     return {k: v for k, v in out.items() if v is not None}
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
-               clip: Optional[float] = None, inject_nan: bool = False) -> Dict:
+               clip: Optional[float] = None, inject_nan: bool = False, vocab_size: Optional[int] = None) -> Dict:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
     Returns an Accumulator of device tensors (no host sync), the global token counts, and the
-    gradient norm when `clip` is given (the trainer clips: 0 measures only).
+    gradient norm when `clip` is given (the trainer clips: 0 measures only). With `vocab_size` the
+    Accumulator also counts the target ids (host labels), for `unigram_accuracy`.
     """
     counts = _counts(micro_batches, ctx)
     acc = Accumulator()
+    acc.add_targets(micro_batches, vocab_size)
     grad_norm = None
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
@@ -170,13 +190,14 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
 
 
 @torch.no_grad()
-def evaluate(engine, batches, ctx: ParallelContext) -> Dict[str, float]:
+def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = None) -> Dict[str, float]:
     """Validation losses and metrics over this rank's share of the held-out samples, all ranks reduced."""
     engine.eval()
     acc = Accumulator()
     for batch in batches:
         counts = {"predicted": (batch["labels"] != IGNORE_INDEX).sum().double().to(ctx.device),
                   "tokens": batch["attention_mask"].sum().double().to(ctx.device)}
+        acc.add_targets([batch], vocab_size)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         acc.add(engine(**batch), counts)
     engine.train()

@@ -1,0 +1,96 @@
+"""Is pretraining learning? Each diagnostic beside the baseline that a model learning nothing scores.
+
+- `rtd_auc`: ROC AUC of the discriminator's logits, replaced (positive) vs original real tokens,
+  from two summed fixed-bin histograms (models/rtd.py `logit_histogram`): P(replaced scores higher)
+  + 0.5 P(same bin). 0.5 is chance.
+- `rtd_prior_loss`: the binary cross-entropy of always predicting the replaced share p (replaced /
+  real tokens over the window), -(p ln p + (1-p) ln(1-p)): what `loss_rtd` (per real token,
+  without rtd_weight) is worth when the discriminator learns nothing but p.
+- `unigram_accuracy`: the accuracy of always predicting the window's most frequent target token,
+  the baseline of `generator_accuracy` (RTD) and `mlm_accuracy` (RoBERTa, DeBERTa).
+- `PlateauWatch`: a one-line warning when validation sits at those baselines for several evaluations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from data.masking import IGNORE_INDEX
+
+
+def histogram_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
+    """ROC AUC from two histograms over the same ordered bins (counts of positive / negative
+    scores): P(positive > negative) + 0.5 P(same bin); None when either class is empty."""
+    positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    n_pos, n_neg = positive.sum(), negative.sum()
+    if n_pos <= 0 or n_neg <= 0:
+        return None
+    below = np.cumsum(negative) - negative  # negatives in lower bins
+    return float((positive * (below + 0.5 * negative)).sum() / (n_pos * n_neg))
+
+
+def binary_entropy(positives: float, total: float) -> Optional[float]:
+    """-(p ln p + (1-p) ln(1-p)), p = positives / total (nats, as the BCE loss); None if total is 0."""
+    if not total:
+        return None
+    p = positives / total
+    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0)
+
+
+def target_counts(batches, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) float64 counts of the target ids (labels != IGNORE_INDEX) of host batches."""
+    targets = [b["labels"][b["labels"] != IGNORE_INDEX].flatten() for b in batches]
+    ids = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    return torch.bincount(ids.long(), minlength=vocab_size).double()
+
+
+def unigram_accuracy(counts: np.ndarray) -> Optional[float]:
+    """Accuracy of always predicting the most frequent target: max / sum of the target counts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return float(counts.max() / total) if total > 0 else None
+
+
+class PlateauWatch:
+    """Watches validation records for `patience` evaluations in a row at a baseline:
+    - the discriminator: `valid_loss_rtd` no lower than 1% (`loss_margin`) below `valid_rtd_prior_loss`;
+    - the generator / MLM: `valid_generator_accuracy` or `valid_mlm_accuracy` no higher than 1 point
+      (`accuracy_margin`, absolute) above `valid_unigram_accuracy`.
+    `update` returns one-line warnings, each once per streak (at its `patience`-th evaluation); an
+    evaluation away from the baseline, or without the metrics, resets the streak.
+    """
+
+    def __init__(self, patience: int = 3, loss_margin: float = 0.01, accuracy_margin: float = 0.01):
+        self.patience, self.loss_margin, self.accuracy_margin = patience, loss_margin, accuracy_margin
+        self.streaks = {"rtd": 0, "accuracy": 0}
+
+    def update(self, step: int, valid: Dict[str, Optional[float]]) -> List[str]:
+        messages = []
+        loss, prior = valid.get("valid_loss_rtd"), valid.get("valid_rtd_prior_loss")
+        rtd_flat = loss is not None and prior is not None and loss >= (1.0 - self.loss_margin) * prior
+        if self._count("rtd", rtd_flat):
+            messages.append(
+                f"step {step}: the discriminator is not learning: validation RTD loss {loss:.4f} within "
+                f"{self.loss_margin:.0%} of the prior loss {prior:.4f} (always predicting the replaced share) for "
+                f"{self.patience} evaluations; a generator too strong for it is the usual cause: lower "
+                f"optim.generator_lr or the generator's size (model.overrides generator), or train longer (train.steps)")
+        rtd_model = "valid_generator_accuracy" in valid
+        accuracy = valid.get("valid_generator_accuracy" if rtd_model else "valid_mlm_accuracy")
+        unigram = valid.get("valid_unigram_accuracy")
+        accuracy_flat = accuracy is not None and unigram is not None and accuracy <= unigram + self.accuracy_margin
+        if self._count("accuracy", accuracy_flat):
+            what, remedy = (("generator", "raise optim.generator_lr or the generator's size (model.overrides generator)")
+                            if rtd_model else ("MLM", "check optim.lr and its warmup"))
+            messages.append(
+                f"step {step}: the {what} predicts only token frequencies: validation accuracy {accuracy:.4f} "
+                f"within {self.accuracy_margin * 100:.0f} point of the unigram accuracy {unigram:.4f} for "
+                f"{self.patience} evaluations; {remedy}, or train longer (train.steps)")
+        return messages
+
+    def _count(self, name: str, flat: bool) -> bool:
+        """Counts the streak; True when it reaches `patience` (once per streak)."""
+        self.streaks[name] = self.streaks[name] + 1 if flat else 0
+        return self.streaks[name] == self.patience
