@@ -21,6 +21,8 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "scikit-learn>=1.3",  # the bag-of-words baseline printed beside the demo's context task
+        "matplotlib>=3.7",  # docs/ plots (tools/crossover.py)
     ],
     extras_require={"test": ["pytest>=8.0"]},
 )

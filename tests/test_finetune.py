@@ -197,6 +197,37 @@ def test_finetune_config_rejects_mistakes():
         load_finetune_config("configs/finetune/debug.yaml", base + ["data.labels=[true, 1]"])
 
 
+def test_random_init_keeps_the_architecture_and_draws_fresh_weights(tmp_path, spm_tokenizer):
+    from trainer.finetune import build_classifier, load_initial_model
+    from trainer.finetune_config import load_finetune_config
+
+    cfg_model = build_config("deberta_v3", "debug", vocab_size=spm_tokenizer.vocab_size, seq_length=64,
+                             pad_token_id=spm_tokenizer.pad_id)
+    torch.manual_seed(0)
+    pretrained = build_model(cfg_model).state_dict()
+    with torch.no_grad():
+        pretrained = {k: v + 0.5 for k, v in pretrained.items()}  # far from any fresh draw
+    save_native(tmp_path / "native", "deberta_v3", cfg_model, pretrained)
+    base = [f"model.init={tmp_path / 'native'}", "data.train=a.tsv", "data.validation=b.tsv"]
+    init = load_initial_model(str(tmp_path / "native"))
+    loaded = build_classifier(load_finetune_config("configs/finetune/debug.yaml", base), init, 3, seed=7)
+    fresh_cfg = load_finetune_config("configs/finetune/debug.yaml", base + ["model.random_init=true"])
+    fresh = build_classifier(fresh_cfg, init, 3, seed=7)
+    again = build_classifier(fresh_cfg, init, 3, seed=7)
+    other = build_classifier(fresh_cfg, init, 3, seed=8)
+    word = "backbone.embeddings.word.weight"
+    assert dict(fresh.named_parameters()).keys() == dict(loaded.named_parameters()).keys()  # same architecture
+    assert fresh.backbone.config == loaded.backbone.config
+    assert torch.equal(loaded.state_dict()[word], init.backbone["embeddings.word.weight"])
+    assert not torch.allclose(fresh.state_dict()[word], loaded.state_dict()[word])
+    assert abs(float(fresh.state_dict()[word].std()) - cfg_model.discriminator.initializer_range) < 0.005
+    for k, v in fresh.state_dict().items():  # drawn from the seed: reproducible, and another seed differs
+        assert torch.equal(v, again.state_dict()[k]), k
+    assert not torch.equal(fresh.state_dict()[word], other.state_dict()[word])
+    with pytest.raises(UserError, match="model.random_init=true needs model.init"):
+        load_finetune_config(None, ["data.train=a.tsv", "data.validation=b.tsv", "model.random_init=true"])
+
+
 def test_build_demo_task_labels_docstrings_by_library(tmp_path):
     from tools.build_demo_task import build_demo_task
 

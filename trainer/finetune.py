@@ -115,10 +115,13 @@ def resolve_tokenizer(cfg: FinetuneConfig, init: InitialModel) -> Tokenizer:
 
 def build_classifier(cfg: FinetuneConfig, init: InitialModel, num_labels: int, seed: int) -> SequenceClassifier:
     """The classifier with the backbone's weights; the head is fresh (drawn from `seed`) unless
-    model.init is a classifier with the same number of outputs."""
+    model.init is a classifier with the same number of outputs. With model.random_init every weight
+    is fresh, drawn from `seed` by the backbone's own initialisation."""
     config = dataclasses.replace(init.config, **cfg.model.overrides)
     torch.manual_seed(seed)
     model = SequenceClassifier(init.family, config, num_labels, cfg.model.classifier_dropout)
+    if cfg.model.random_init:
+        return model
     missing, unexpected = model.backbone.load_state_dict(init.backbone, strict=False)
     if missing or unexpected:
         raise UserError(f"model.init={cfg.model.init}: weights do not fit the {init.family} backbone "
@@ -505,7 +508,8 @@ def finetune(cfg: FinetuneConfig) -> Tuple[int, Dict]:
     tokenizer = resolve_tokenizer(cfg, init)
     task = load_task(cfg, tokenizer, init)
     run_path = RunDirectory.prepare(cfg, ctx, tokenizer).path
-    logger.info("fine-tuning a %s (%s) on %s: %d train / %d validation examples, %s%s", init.family, init.source,
+    logger.info("fine-tuning a %s (%s) on %s: %d train / %d validation examples, %s%s", init.family,
+                "random init" if cfg.model.random_init else init.source,
                 cfg.data.train, len(task.train), len(task.validation), cfg.data.kind,
                 f" over {task.num_labels} classes" if not task.regression else "")
     from trainer.preemption import PreemptionHandler

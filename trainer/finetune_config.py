@@ -25,6 +25,10 @@ class FinetuneModelSection:
     """Where the weights come from: a native model file or directory (models/native.py, written by
     tools/convert_checkpoint.py --format native) or a Hugging Face directory (RoBERTa, DeBERTa-v2/v3,
     ELECTRA; an exported classifier keeps its head). Required."""
+    random_init: bool = False
+    """The random-init baseline: keep model.init's architecture, sizes and tokenizer, but draw every
+    weight afresh from the seed (the backbone's own initialisation) instead of loading it. Run the same
+    recipe with and without it to see what pretraining is worth on the task."""
     classifier_dropout: Optional[float] = None
     """Dropout of the classification head; None uses the backbone's hidden dropout (Hugging Face's rule)."""
     overrides: Dict[str, Any] = field(default_factory=dict)
@@ -134,6 +138,9 @@ class FinetuneConfig:
         _choice("data.kind", self.data.kind, KINDS)
         _choice("data.format", self.data.format, ("auto",) + FORMATS)
         _choice("checkpoint.export", self.checkpoint.export, EXPORTS)
+        if self.model.random_init and not self.model.init:
+            raise UserError("model.random_init=true needs model.init (whose architecture, sizes and tokenizer it "
+                            "keeps): pass model.init=PATH")
         for key in ("model.init", "data.train", "data.validation"):
             if not get_key(self, key):
                 raise UserError(f"{key} is not set: pass {key}=PATH")
