@@ -30,6 +30,15 @@ if [[ ! -f "$PREFIX.idx" ]]; then
   python tools/preprocess_data.py --input demo/corpus/demo.jsonl --tokenizer "$TOK" --output-prefix "$PREFIX" --workers 2
 fi
 
+if [[ ! -f demo/word_order/validation.tsv ]]; then
+  step "a task that needs context: were two adjacent words of a sentence swapped? (word counts cannot tell)"
+  python tools/build_word_order_task.py --corpus demo/corpus/demo.jsonl --output demo/word_order
+fi
+if [[ ! -f demo/task/validation.tsv ]]; then
+  step "a second, easy task: which library is a docstring from? (word counts nearly solve it)"
+  python tools/build_demo_task.py --corpus demo/corpus/demo.jsonl --output demo/task
+fi
+
 step "pretraining a tiny $MODEL with DeepSpeed on 2 local processes"
 rm -rf "runs/${MODEL}_demo"
 deepspeed --num_gpus 2 --master_port "${DEMO_PORT:-29511}" --module trainer.pretrain \
@@ -39,12 +48,30 @@ step "converting the pretrained checkpoint (fp32 masters, TP merged) into one na
 python tools/convert_checkpoint.py --checkpoint "runs/${MODEL}_demo/checkpoints" --format native \
   --output "runs/${MODEL}_demo/native"
 
-if [[ ! -f demo/task/validation.tsv ]]; then
-  step "a labelled task from the corpus: which library is a docstring from?"
-  python tools/build_demo_task.py --corpus demo/corpus/demo.jsonl --output demo/task
-fi
+# Each task is fine-tuned twice over the same seeds: from the pretrained weights, and from random
+# weights of the same architecture and tokenizer (model.random_init=true), the baseline that says
+# whether pretraining paid.
+finetune() {  # finetune TASK_CONFIG RUN_NAME [overrides]
+  local config=$1 name=$2; shift 2
+  rm -rf "runs/$name"
+  deepspeed --num_gpus 2 --master_port "${DEMO_PORT:-29511}" --module trainer.finetune \
+    --config "$config" model.init="runs/${MODEL}_demo/native" run.name="$name" "$@"
+}
+step "fine-tuning on word order (3 seeds): from the pretrained ${MODEL}, then from random weights"
+finetune configs/finetune/word_order.yaml "${MODEL}_demo_word_order"
+finetune configs/finetune/word_order.yaml "${MODEL}_demo_word_order_random" model.random_init=true
 
-step "SiFT fine-tuning of the pretrained ${MODEL} on 2 local processes"
-rm -rf "runs/${MODEL}_demo_finetune"
-deepspeed --num_gpus 2 --master_port "${DEMO_PORT:-29511}" --module trainer.finetune \
-  --config configs/finetune/demo.yaml model.init="runs/${MODEL}_demo/native" run.name="${MODEL}_demo_finetune"
+step "SiFT fine-tuning on the library task (3 seeds): pretrained, then random weights"
+finetune configs/finetune/demo.yaml "${MODEL}_demo_finetune"
+finetune configs/finetune/demo.yaml "${MODEL}_demo_finetune_random" model.random_init=true
+
+step "summary"
+python tools/show_pretraining.py "runs/${MODEL}_demo"
+python tools/bow_baseline.py --train demo/word_order/train.tsv --validation demo/word_order/validation.tsv \
+  --tokenizer "runs/${MODEL}_demo/tokenizer" | sed 's/^/word order: /'
+python tools/compare_finetune.py --task "word order" --pretrained "runs/${MODEL}_demo_word_order" \
+  --random-init "runs/${MODEL}_demo_word_order_random"
+python tools/bow_baseline.py --train demo/task/train.tsv --validation demo/task/validation.tsv \
+  --tokenizer "runs/${MODEL}_demo/tokenizer" | sed 's/^/library: /'
+python tools/compare_finetune.py --task "library" --pretrained "runs/${MODEL}_demo_finetune" \
+  --random-init "runs/${MODEL}_demo_finetune_random"
