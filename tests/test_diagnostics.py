@@ -166,7 +166,8 @@ def test_plateau_watch_fires_on_the_third_evaluation_and_resets():
     watch = PlateauWatch()
     assert watch.update(1, flat) == [] and watch.update(2, flat) == []
     fired = watch.update(3, flat)
-    assert len(fired) == 1 and "optim.generator_lr" in fired[0] and "train.steps" in fired[0]
+    assert len(fired) == 1 and "discriminator is not learning" in fired[0] and "optim.lr" in fired[0]
+    assert "optim.generator_lr" in fired[0] and "train.steps" in fired[0]
     assert "\n" not in fired[0]
     assert watch.update(4, flat) == []  # once per streak
     assert watch.update(5, learning) == []  # reset
@@ -193,4 +194,10 @@ def test_plateau_watch_on_accuracy_at_the_unigram_baseline():
     generator = {"valid_generator_accuracy": 0.05, "valid_unigram_accuracy": 0.05}
     watch = PlateauWatch()
     watch.update(1, generator), watch.update(2, generator)
-    assert "generator" in watch.update(3, generator)[0]
+    fired = watch.update(3, generator)
+    assert "generator" in fired[0] and "still learns" not in fired[0]
+    learning = {**generator, "valid_loss_rtd": 0.36, "valid_rtd_prior_loss": 0.41}  # the demo's case
+    watch = PlateauWatch()
+    watch.update(1, learning), watch.update(2, learning)
+    fired = watch.update(3, learning)
+    assert len(fired) == 1 and "still learns" in fired[0] and "optim.generator_lr" in fired[0]
