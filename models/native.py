@@ -34,6 +34,9 @@ class NativeModel:
     config: Any
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    training_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The run's resolved pretraining config when read from a training checkpoint (its model card's
+    recipe); not saved in the native file."""
 
     def build(self, layers=None) -> torch.nn.Module:
         """The registry model with these weights (TP=1 unless `layers` says otherwise)."""

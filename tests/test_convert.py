@@ -7,6 +7,7 @@ file holds its TP shard of the module (fp32, or bf16 rounded from the fp32 maste
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from launch import ROOT, deepspeed_cmd, env, run
 from data.errors import UserError
@@ -160,6 +162,9 @@ def test_hf_export_matches_ours(converted, exports, name):
         assert (path / RTD_HEAD_FILE).is_file() == (native.name == "deberta_v3" and component == "discriminator")
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         assert tokenizer.pad_token_id == tower.pad_token_id
+        card = (path / "README.md").read_text()  # the model card
+        assert f"step 3 of run `{name}`" in card and f"transformers.{config.architectures[0]}" in card
+        assert ("rtd_head.safetensors" in card) == (path / RTD_HEAD_FILE).is_file()
 
 
 def test_verify_detects_a_wrong_export(converted, exports, tmp_path):
@@ -205,6 +210,7 @@ def test_native_file_round_trip(converted, tmp_path):
     path = write_native(native, tmp_path / "native", None)
     back = load_native(path)
     assert back.name == "deberta_v3" and back.config == native.config and back.meta["step"] == 3
+    assert "Exported from step 3 of run `deberta_v3_z0_tp2_bf16`" in (tmp_path / "native" / "README.md").read_text()
     assert set(back.state_dict) == set(native.state_dict)
     assert all(torch.equal(back.state_dict[k], v) for k, v in native.state_dict.items())
     assert any(k.startswith("generator.") for k in back.state_dict)  # both towers
@@ -297,6 +303,12 @@ def test_cli_exports_and_fails_in_one_line(runs, tmp_path):
                         capture_output=True, text=True, env=env(), cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert "ZeRO-2, TP=2" in ok.stdout and "ElectraForMaskedLM" in ok.stdout and "verify: MLM logits" in ok.stdout
+    # the model card: step 2's training record, not step 3's (logged after the exported checkpoint)
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "fill-mask"
+    records = {r["step"]: r for r in map(json.loads, (runs / "electra_z2_tp2" / "metrics.jsonl").open()) if "loss" in r}
+    assert "Exported from step 2 of run `electra_z2_tp2`" in card and "the generator tower" in card
+    assert f"| loss | {records[2]['loss']:.4f} |" in card and f"{records[3]['loss']:.4f}" not in card
     bad = subprocess.run(tool + ["--checkpoint", runs / "electra_z2_tp2", "--output", tmp_path / "x", "--step", "9"],
                          capture_output=True, text=True, env=env(), cwd=ROOT)
     assert bad.returncode == 2

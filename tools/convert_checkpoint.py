@@ -5,11 +5,11 @@
     python tools/convert_checkpoint.py --from-hf DIR --output native/NAME [--generator DIR] [--verify]
 
 Any ZeRO stage (0-3), TP degree and precision (fp32, bf16, fp16): TP shards are merged and the fp32
-master weights read (trainer/export.py). `--format hf` writes config.json, model.safetensors and the
-run's tokenizer: RoBERTa -> RobertaForMaskedLM, DeBERTa -> DebertaV2ForMaskedLM, ELECTRA ->
-ElectraForPreTraining (or ElectraForMaskedLM with --component generator), DeBERTaV3 -> DebertaV2Model
-(E_D = E_G + E_Delta; the RTD head beside it in rtd_head.safetensors) or DebertaV2ForMaskedLM for the
-generator. `--format native` writes models/native.py's file (model.pt), both towers included, which
+master weights read (trainer/export.py). `--format hf` writes config.json, model.safetensors, the
+run's tokenizer and a model card (README.md: recipe, data, diagnostics; trainer/model_card.py):
+RoBERTa -> RobertaForMaskedLM, DeBERTa -> DebertaV2ForMaskedLM, ELECTRA -> ElectraForPreTraining (or
+ElectraForMaskedLM with --component generator), DeBERTaV3 -> DebertaV2Model (E_D = E_G + E_Delta; the
+RTD head beside it in rtd_head.safetensors) or DebertaV2ForMaskedLM for the generator. `--format native` writes models/native.py's file (model.pt), both towers included, which
 fine-tuning and `model.init=` (continued pretraining) start from. `--verify` runs both models on one
 batch and fails above a max difference of 1e-4.
 """

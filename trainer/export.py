@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +34,7 @@ import torch
 from data.errors import UserError
 from models.native import NativeModel, config_from_dict, save_native
 from trainer.checkpoint import MANIFEST, TAG, read_manifest, step_of, verify
+from trainer.model_card import write_model_card
 
 Log = Callable[[str], None]
 RTD_HEAD_FILE = "rtd_head.safetensors"  # DeBERTaV3's RTD head beside a discriminator export
@@ -184,8 +186,11 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
                         f"describes: {str(err).splitlines()[0]}") from None
     full = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     provenance = {"source": str(tag_dir.resolve()), "step": step_of(tag_dir.name), "precision": meta["precision"],
-                  "zero_stage": meta["zero_stage"], "tp_size": meta["tp_size"], "dp_size": meta["dp_size"]}
-    return NativeModel(name=name, config=config, state_dict=full, meta=provenance)
+                  "zero_stage": meta["zero_stage"], "tp_size": meta["tp_size"], "dp_size": meta["dp_size"],
+                  "consumed_samples": first.get("consumed_samples"), "consumed_tokens": first.get("consumed_tokens"),
+                  "tokenizer_fingerprint": first.get("tokenizer_fingerprint")}
+    return NativeModel(name=name, config=config, state_dict=full, meta=provenance,
+                       training_config=first.get("config") or {})
 
 
 # ----------------------------------------------------------------------------- components
@@ -236,6 +241,9 @@ def write_native(native: NativeModel, output: Path, tokenizer_dir: Optional[Path
     path = save_native(output, native.name, native.config, native.state_dict, native.meta)
     if tokenizer_dir is not None and path.parent == Path(output):
         _copy_tokenizer(tokenizer_dir, path.parent / "tokenizer")
+    if native.training_config and path.parent == Path(output):  # from a training checkpoint: its model card
+        write_model_card(path.parent, {"model": native.name, "component": None, **native.meta}, native.training_config,
+                         {"name": native.name, **asdict(native.config)}, log, location=str(output))
     params = sum(v.numel() for v in native.state_dict.values())
     log(f"wrote {path}: {native.name}, {len(native.state_dict)} tensors, {params / 1e6:.2f}M parameters"
         f"{' (generator and discriminator)' if native.name in ('electra', 'deberta_v3') else ''}, "
@@ -250,7 +258,8 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
 
 def write_hf(native: NativeModel, output: Path, component: Optional[str], tokenizer_dir: Optional[Path],
              log: Optional[Log] = None) -> dict:
-    """A transformers directory (config.json, model.safetensors, tokenizer files) of one tower."""
+    """A transformers directory (config.json, model.safetensors, tokenizer files, README.md: the model
+    card of trainer/model_card.py, conversion.json) of one tower."""
     log = _quiet(log)
     component = check_component(native.name, component)
     hf_config, hf_sd, dropped = hf_export(native.name, native.config, native.state_dict, component)
@@ -275,9 +284,13 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
     if tokenizer_dir is not None:
         _copy_tokenizer(tokenizer_dir, output)
         files.append("tokenizer files")
-    (output / "conversion.json").write_text(json.dumps(
-        {"model": native.name, "component": component, **native.meta}, indent=1, default=str) + "\n")
+    conversion = {"model": native.name, "component": component, **native.meta}
     params = sum(p.numel() for p in model.parameters())
+    write_model_card(output, conversion, native.training_config, {"name": native.name, **asdict(native.config)}, log,
+                     hf_class=hf_config.architectures[0], parameters=params, location=str(output), notes=dropped,
+                     files=files + ["conversion.json"])
+    files.append("README.md (model card)")
+    (output / "conversion.json").write_text(json.dumps(conversion, indent=1, default=str) + "\n")
     log(f"wrote {output}: {hf_config.architectures[0]} ({native.name}"
         f"{' ' + component if component else ''}), {params / 1e6:.2f}M parameters, fp32, "
         f"vocabulary {hf_config.vocab_size} (padding trimmed), {_size(output)}: {', '.join(files)}")
