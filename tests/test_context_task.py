@@ -99,3 +99,25 @@ def test_bag_of_words_is_at_chance_on_word_order_and_solves_a_topic_task(tmp_pat
         (tmp_path / f"{side}.tsv").write_text("".join(rows))
     topic = bow_baseline(tmp_path / "train.tsv", tmp_path / "validation.tsv")
     assert topic["accuracy"] > 0.95  # the same baseline can learn: its chance level above is the task's
+
+
+def test_compare_finetune_says_whether_the_gap_beats_the_spread(tmp_path):
+    from tools.compare_finetune import comparison, read_summary
+
+    pre = {"metric": "accuracy", "mean": 0.605, "std": 0.011, "values": [0.596, 0.601, 0.617]}
+    rand = {"metric": "accuracy", "mean": 0.503, "std": 0.003, "values": [0.5, 0.506, 0.504]}
+    paid = comparison(pre, rand, "word order")
+    assert paid["pays"] and paid["gap"] == pytest.approx(0.102)
+    assert paid["line"] == ("word order: pretrained 0.6050 +- 0.0110 vs random init 0.5030 +- 0.0030 "
+                            "(accuracy, 3 seeds each): +0.1020")
+    close = comparison({**pre, "mean": 0.52, "std": 0.03}, {**rand, "std": 0.013})
+    assert not close["pays"] and "within the seeds' spread" in close["verdict"]
+    hurt = comparison({**pre, "mean": 0.40, "std": 0.01}, rand)
+    assert not hurt["pays"] and "hurt" in hurt["verdict"]
+    with pytest.raises(UserError, match="different metrics"):
+        comparison(pre, {**rand, "metric": "mcc"})
+    with pytest.raises(UserError, match="summary.json does not exist"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="not a fine-tuning summary"):
+        read_summary(tmp_path)
