@@ -286,10 +286,11 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
         files.append("tokenizer files")
     conversion = {"model": native.name, "component": component, **native.meta}
     params = sum(p.numel() for p in model.parameters())
-    write_model_card(output, conversion, native.training_config, {"name": native.name, **asdict(native.config)}, log,
-                     hf_class=hf_config.architectures[0], parameters=params, location=str(output), notes=dropped,
-                     files=files + ["conversion.json"])
-    files.append("README.md (model card)")
+    if native.training_config:  # from a training checkpoint (an imported model has no recipe or metrics)
+        write_model_card(output, conversion, native.training_config, {"name": native.name, **asdict(native.config)},
+                         log, hf_class=hf_config.architectures[0], parameters=params, location=str(output),
+                         notes=dropped, files=files + ["conversion.json"])
+        files.append("README.md (model card)")
     (output / "conversion.json").write_text(json.dumps(conversion, indent=1, default=str) + "\n")
     log(f"wrote {output}: {hf_config.architectures[0]} ({native.name}"
         f"{' ' + component if component else ''}), {params / 1e6:.2f}M parameters, fp32, "
