@@ -31,4 +31,4 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not distributed"
 
 clean-demo:
-	rm -rf demo runs/roberta_demo runs/deberta_v3_demo
+	rm -rf demo runs/roberta_demo* runs/deberta_v3_demo*
