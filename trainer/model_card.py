@@ -84,9 +84,9 @@ def diagnostics(records: Optional[Sequence[dict]], step: int, problem: str = "")
         value, at = found[key]
         return _number(value) + (f" (step {at})" if at != usual else "")
 
-    lines = [f"The last records of the run's metrics.jsonl at or before step {step}: training at step "
-             f"{train_step if train_step is not None else '-'}, validation at step "
-             f"{valid_step if valid_step is not None else '-'} (validation keys are `valid_*`).", "",
+    at = lambda what, s: f"{what} at step {s}" if s is not None else f"no {what} records"  # noqa: E731
+    lines = [f"The last records of the run's metrics.jsonl at or before step {step}: {at('training', train_step)}, "
+             f"{at('validation', valid_step)} (validation keys are `valid_*`).", "",
              "| metric | training | validation |", "|---|---|---|"]
     for key in METRIC_KEYS:
         if key in train or key in valid:
