@@ -138,8 +138,11 @@ def markdown(result: Dict) -> str:
                      f"{rnd['mean']:.4f} + {rnd['std']:.4f} = {rnd['mean'] + rnd['std']:.4f}.")
     if diag:
         lines.append("")
-        lines.append("Diagnostics: the pretraining run's validation record nearest each step (metrics.jsonl); "
-                     "compare valid_loss_rtd with valid_rtd_prior_loss and the accuracies with the unigram one.")
+        baselines = [k for k in ("valid_rtd_prior_loss", "valid_unigram_accuracy") if k in diag]
+        lines.append("Diagnostics: the pretraining run's validation record nearest each step (metrics.jsonl)"
+                     + (f"; read them beside their baselines ({', '.join(baselines)})." if baselines else
+                        "; the run logged no baselines (valid_rtd_prior_loss, valid_unigram_accuracy) to read them "
+                        "against."))
     lines.append("")
     lines.append("Made by `tools/crossover.py`; its work directory (native files, fine-tuning runs) is `work/` "
                  "beside this file, large and not committed.")
