@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -228,3 +230,19 @@ def collate(task: EncodedTask, indices: Sequence[int], pad_id: int) -> Dict[str,
         attention_mask[row, :n] = 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(task.labels[list(indices)])}
+
+
+def write_sentence_tsv(path: str | Path, rows: Sequence[str]) -> None:
+    """A task file in GLUE's single-sentence layout: the header `sentence<TAB>label`, then `rows`
+    (each "text<TAB>label\n"), written to a temporary file and renamed, so a failure leaves none."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("sentence\tlabel\n")
+            f.writelines(rows)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

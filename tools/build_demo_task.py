@@ -15,13 +15,12 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from data.errors import UserError
+from data.tasks import write_sentence_tsv
 from tools._cli import run_cli
 from tools.build_demo_corpus import _dedup_key, default_roots, file_docstrings, source_files
 
@@ -98,12 +97,7 @@ def build_demo_task(corpus: str | Path, output: str | Path, num_classes: int = 4
     for name, rows in splits.items():
         # ordered by the hash (not by class), so the file's head is no sample of one class
         rows.sort(key=lambda row: hashlib.sha1(row.encode()).digest())
-        fd, tmp = tempfile.mkstemp(dir=output, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output / f"{name}.tsv")
+        write_sentence_tsv(output / f"{name}.tsv", rows)
     return {"classes": sorted(ranked), "per_class": size, "train": len(splits["train"]),
             "validation": len(splits["validation"])}
 

@@ -19,15 +19,14 @@ appear on both sides. Files use GLUE's layout (`sentence`, `label`), as the fine
 import argparse
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from data.errors import UserError
+from data.tasks import write_sentence_tsv
 from tools._cli import run_cli
 
 LABELS = ("original", "swapped")
@@ -112,22 +111,9 @@ def build_word_order_task(corpus: str | Path, output: str | Path, train_size: in
                 words[j], words[j + 1] = words[j + 1], words[j]
             rows.append(f"{' '.join(words)}\t{LABELS[label]}\n")
         order = rng.permutation(len(rows))  # not in corpus order: a file's head is no run of one document
-        _write_tsv(output / f"{side}.tsv", [rows[i] for i in order])
+        write_sentence_tsv(output / f"{side}.tsv", [rows[i] for i in order])
         summary[side] = len(rows)
     return summary
-
-
-def _write_tsv(path: Path, rows: List[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
