@@ -3,7 +3,12 @@
 Layout: one item (sequence) per document, holding the document's token ids without special
 tokens, each followed by `end_document()`. So `dataset[i]` is document i and
 `dataset.document_indices == [0, 1, ..., N]`. The sidecar records the tokenizer (path and
-fingerprint), counts and inputs; the trainer takes the tokenizer from it.
+fingerprint), counts, inputs and the sha256 of the `.idx`; the trainer takes the tokenizer from it.
+
+`check_dataset` (run by `open_indexed`, and by the trainer's rank 0 before anything else) checks
+the three files agree before a sample is read: a `.bin` cut short, an `.idx` from another dataset
+or a sidecar of another tokenizer is a one-line `UserError`, not a crash at step 1 or silent garbage.
+It stats the `.bin` and reads the `.idx`, never the `.bin` itself.
 
 megatron-core is imported on first use: the import costs seconds and warns about Transformer
 Engine and Apex, which a CPU or plain-PyTorch user does not need to read. Preprocessing workers
@@ -12,16 +17,22 @@ builder, checked by tests/test_preprocess.py), and the main process merges the s
 with megatron-core's `IndexedDatasetBuilder.add_index`.
 """
 import gc
+import hashlib
 import json
 import os
 import struct
 import uuid
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data import jsonio
 from data.errors import UserError
+
+if TYPE_CHECKING:
+    from data.tokenizer import Tokenizer
 
 SIDECAR_FORMAT_VERSION = 1
 
@@ -51,23 +62,28 @@ def _indexed_dataset_module():
     return indexed_dataset
 
 
-def open_indexed(prefix: str | Path):
-    """The megatron-core `IndexedDataset` at prefix (memory-mapped)."""
+def open_indexed(prefix: str | Path, tokenizer: "Tokenizer | None" = None, check: bool = True):
+    """The megatron-core `IndexedDataset` at prefix (memory-mapped), checked first by `check_dataset`
+    unless `check=False` (a caller that has checked it already, such as the trainer's non-zero ranks)."""
+    if check:
+        check_dataset(prefix, tokenizer)
+    else:
+        _require_files(prefix)
+    return _indexed_dataset_module().IndexedDataset(str(prefix))
+
+
+def _require_files(prefix: str | Path) -> None:
     missing = [str(p) for p in (bin_path(prefix), idx_path(prefix)) if not p.is_file()]
     if missing:
         raise UserError(f"indexed dataset not found: {' and '.join(missing)} missing; "
                         f"run tools/preprocess_data.py --output-prefix {prefix}")
-    return _indexed_dataset_module().IndexedDataset(str(prefix))
 
 
 def read_sidecar(prefix: str | Path) -> dict:
     path = sidecar_path(prefix)
     if not path.is_file():
         raise UserError(f"{path} not found: {prefix} was not written by tools/preprocess_data.py; rerun it")
-    try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}); rerun tools/preprocess_data.py") from None
+    sidecar = jsonio.read_json_object(path, "rerun tools/preprocess_data.py")
     if sidecar.get("format_version") != SIDECAR_FORMAT_VERSION:
         raise UserError(f"{path}: format_version {sidecar.get('format_version')!r} is not "
                         f"{SIDECAR_FORMAT_VERSION}; rerun tools/preprocess_data.py")
@@ -77,7 +93,114 @@ def read_sidecar(prefix: str | Path) -> dict:
 # megatron-core's .idx layout (version 1): header, version, dtype code, sequence and document counts,
 # then int32 sequence lengths, int64 byte offsets of the sequences, int64 document indices.
 _IDX_HEADER = b"MMIDIDX\x00\x00"
+_IDX_FIXED_BYTES = len(_IDX_HEADER) + 8 + 1 + 8 + 8  # 34: what precedes the arrays
 _IDX_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+# every code megatron-core's DType knows (it writes others for other token types)
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+_CHECK_CHUNK = 1 << 22  # entries compared at a time: memory stays bounded for any .idx size
+_REDO = "rerun tools/preprocess_data.py"
+
+
+def idx_sha256(prefix: str | Path) -> str:
+    """sha256 of PREFIX.idx: the sidecar records it, `check_dataset` compares it."""
+    with open(idx_path(prefix), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_dataset(prefix: str | Path, tokenizer: "Tokenizer | None" = None) -> None:
+    """Raise a one-line `UserError` naming the file and what differs unless PREFIX.bin, PREFIX.idx
+    and PREFIX.json belong together (and PREFIX.json to `tokenizer`, when given).
+
+    The .idx must be well formed (header, version, dtype code, its size from its counts, sequences
+    back to back, document indices from 0 to the sequence count); the .bin as long as the .idx says;
+    the sidecar's documents, tokens, dtype and, when recorded, the .idx's sha256 (sidecars from before
+    it was recorded pass on the other checks) must match the .idx; the tokenizer's fingerprint and
+    vocabulary size those recorded, and the dtype must hold its ids.
+    """
+    _require_files(prefix)
+    sidecar = read_sidecar(prefix)
+    idx, data, side = idx_path(prefix), bin_path(prefix), sidecar_path(prefix)
+    try:
+        layout = _check_idx_and_bin(idx, data)
+        recorded_sha = sidecar.get("idx_sha256")
+        actual_sha = idx_sha256(prefix) if recorded_sha is not None else None
+    except OSError as err:
+        raise UserError(f"cannot read {err.filename or idx}: {err.strerror or err}") from None
+    dtype, documents, tokens = layout
+    for key, actual in (("documents", documents), ("tokens", tokens), ("dtype", dtype.name)):
+        if key in sidecar and sidecar[key] != actual:
+            raise UserError(f"{idx}: {actual} {key}, but {side.name} says {sidecar[key]} "
+                            f"(.idx from another dataset?); {_REDO}")
+    if recorded_sha is not None and actual_sha != recorded_sha:
+        raise UserError(f"{idx}: sha256 {actual_sha[:12]}..., but {side.name} recorded {str(recorded_sha)[:12]}... "
+                        f"(modified, or from another dataset?); {_REDO}")
+    recorded = sidecar.get("tokenizer", {})
+    vocab_size = recorded.get("vocab_size")
+    if tokenizer is not None:
+        fingerprint = recorded.get("fingerprint")
+        if fingerprint and fingerprint != tokenizer.fingerprint():
+            raise UserError(f"{side}: preprocessed with tokenizer {recorded.get('path')} (fingerprint "
+                            f"{fingerprint[:12]}...), not {tokenizer.path} ({tokenizer.fingerprint()[:12]}...); "
+                            f"use that tokenizer or preprocess again")
+        if vocab_size is not None and vocab_size != tokenizer.vocab_size:
+            raise UserError(f"{side}: preprocessed with a vocabulary of {vocab_size}, but tokenizer "
+                            f"{tokenizer.path} has {tokenizer.vocab_size}; use that tokenizer or preprocess again")
+        vocab_size = tokenizer.vocab_size
+    if vocab_size is not None and np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max < vocab_size - 1:
+        raise UserError(f"{data}: {dtype.name} tokens cannot hold the ids of a vocabulary of {vocab_size}; {_REDO}")
+
+
+def _check_idx_and_bin(idx: Path, data: Path) -> tuple[np.dtype, int, int]:
+    """(token dtype, documents, tokens) of a well-formed .idx whose .bin has the size it says."""
+    idx_bytes = idx.stat().st_size
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_FIXED_BYTES)
+    if len(head) < _IDX_FIXED_BYTES or head[:len(_IDX_HEADER)] != _IDX_HEADER:
+        raise UserError(f"{idx}: not a megatron-core index (no MMIDIDX header); {_REDO}")
+    version, code, sequences, doc_entries = struct.unpack("<QBQQ", head[len(_IDX_HEADER):])
+    if version != 1:
+        raise UserError(f"{idx}: index version {version}, only version 1 is read; {_REDO}")
+    if code not in _IDX_DTYPES:
+        raise UserError(f"{idx}: unknown dtype code {code} (corrupt?); {_REDO}")
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = _IDX_FIXED_BYTES + 12 * sequences + 8 * doc_entries  # int32 + int64 per sequence, int64 per entry
+    if idx_bytes != expected:
+        raise UserError(f"{idx}: {idx_bytes} bytes, but its header's {sequences} sequences and {doc_entries - 1} "
+                        f"documents need {expected} (truncated or corrupt?); {_REDO}")
+    if doc_entries < 1:
+        raise UserError(f"{idx}: no document index entries (corrupt?); {_REDO}")
+    def array(dtype, count: int, offset: int) -> np.ndarray:
+        return np.memmap(idx, dtype=dtype, mode="r", offset=offset, shape=(count,)) if count else np.zeros(0, dtype)
+
+    lengths = array(np.int32, sequences, _IDX_FIXED_BYTES)
+    pointers = array(np.int64, sequences, _IDX_FIXED_BYTES + 4 * sequences)
+    doc_index = array(np.int64, doc_entries, _IDX_FIXED_BYTES + 12 * sequences)
+    tokens, end = 0, 0  # end: where the next sequence must start in the .bin, in bytes
+    for start in range(0, sequences, _CHECK_CHUNK):
+        chunk_lengths = lengths[start:start + _CHECK_CHUNK].astype(np.int64)
+        if (chunk_lengths < 0).any():
+            i = start + int(np.flatnonzero(chunk_lengths < 0)[0])
+            raise UserError(f"{idx}: sequence {i} has negative length {int(lengths[i])} (corrupt?); {_REDO}")
+        ends = end + np.cumsum(chunk_lengths * dtype.itemsize)
+        starts = np.concatenate([[end], ends[:-1]])
+        bad = np.flatnonzero(pointers[start:start + _CHECK_CHUNK] != starts)
+        if len(bad):
+            i = start + int(bad[0])
+            raise UserError(f"{idx}: sequence {i} starts at byte {int(pointers[i])}, but the sequences before it "
+                            f"end at byte {int(starts[bad[0]])} (corrupt?); {_REDO}")
+        tokens += int(chunk_lengths.sum())
+        end = int(ends[-1])
+    falls = any((np.diff(doc_index[start:start + _CHECK_CHUNK + 1]) < 0).any()
+                for start in range(0, doc_entries, _CHECK_CHUNK))
+    if doc_index[0] != 0 or doc_index[-1] != sequences or falls:
+        raise UserError(f"{idx}: document indices do not rise from 0 to its {sequences} sequences (corrupt?); {_REDO}")
+    del lengths, pointers, doc_index  # close the memory maps
+    bin_bytes = data.stat().st_size
+    if bin_bytes != end:
+        raise UserError(f"{data}: {bin_bytes} bytes, but {idx.name} says {end} "
+                        f"(truncated or from another dataset?); {_REDO}")
+    return dtype, doc_entries - 1, tokens
 
 
 class ShardWriter:
@@ -195,6 +318,7 @@ class IndexedWriter:
                     "documents": self.documents,
                     "tokens": self.tokens,
                     "dtype": np.dtype(self.dtype).name,
+                    "idx_sha256": idx_sha256(self._tmp_prefix),  # check_dataset: this .idx, unmodified
                 })
                 # a stale sidecar must not vouch for new .bin/.idx while they are being swapped
                 sidecar_path(self.prefix).unlink(missing_ok=True)

@@ -18,7 +18,20 @@ it and writes its own shard (`data.indexed.ShardWriter`, no megatron-core import
 directory; the main process merges the shards in input order with megatron-core's
 `IndexedDatasetBuilder.add_index`. The output bytes do not depend on the number of workers or on
 the range size, and nothing is left at the output prefix (or beside it) when a run fails.
+
+Memory per document is bounded: a document longer than `max_document_bytes` (default 4 MiB) is
+tokenized in pieces, cut at a line break, else after a sentence, else before a word, else between
+characters, and its pieces' ids are joined into one document (counted as split in the summary and
+the sidecar). The tokenizer's state (~110 bytes per byte with byte-level BPE) then grows with the
+piece, not the document; the document's own text and ids are still held (a few bytes per byte).
+
+Failures of the machine: SIGTERM unwinds like SIGINT (workers stopped, temporary files removed,
+exit 143); a worker that dies (SIGKILL, out of memory) fails the run with a one-line error instead
+of waiting forever; a full disk or an unwritable output directory is a one-line `UserError`; and a
+run removes the shard directories that killed runs on this host left beside its output prefix.
 """
+import contextlib
+import errno
 import glob
 import gzip
 import itertools
@@ -28,10 +41,15 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +58,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from data import jsonio
 from data.errors import UserError
 from data.indexed import IndexedWriter, ShardWriter, bin_path, idx_path, token_dtype
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -179,6 +198,7 @@ class _Counts:
     skipped: Counter = field(default_factory=Counter)  # reason -> documents left out
     repaired: Counter = field(default_factory=Counter)  # reason -> documents kept after a repair
     examples: list = field(default_factory=list)  # (line in block, reason) of the first skipped bad lines
+    split: int = 0  # documents longer than max_document_bytes, tokenized in pieces
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped[reason] += 1
@@ -292,9 +312,9 @@ def _json_object(line: str):
         obj, end = _JSON_DECODER.raw_decode(line)
         if end == len(line):
             return obj
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         pass
-    return json.loads(line)  # surrounding whitespace, extra data, and the error message
+    return jsonio.loads(line)  # surrounding whitespace, extra data, too deep a nesting, and the error message
 
 
 def iter_texts(paths: Iterable[Path], options: ReadOptions = ReadOptions()) -> Iterator[str]:
@@ -308,6 +328,99 @@ def iter_texts(paths: Iterable[Path], options: ReadOptions = ReadOptions()) -> I
                 raise UserError(f"{path}:{lines_before + err.line}: {err.message}") from None
             lines_before += block.count(b"\n")
             at_start = False
+
+
+# -- long documents ------------------------------------------------------------------------------
+
+DEFAULT_MAX_DOCUMENT_BYTES = 4 << 20  # tokenizing holds ~110 bytes a byte (BPE): ~0.5 GB a piece
+MIN_MAX_DOCUMENT_BYTES = 64
+# Where a long document is cut, best first. Each cut falls on a whitespace character that ends a run
+# of whitespace (the next piece starts with it), where byte-level BPE's pre-tokenizer ends a token
+# anyway: the pieces then tokenize as the whole did. SentencePiece gives the same ids at a space; at
+# a line break it starts the next piece with its word marker, as at the start of any text.
+_CUTS = (
+    re.compile(rb"\n(?=\S)"),  # a line break
+    re.compile(rb"[.!?][\"')\]]*\s*?(\s)(?=\S)"),  # the whitespace after a sentence
+    re.compile(rb"\s(?=\S)"),  # the whitespace before a word
+)
+_CUT_SEARCH_BYTES = 1 << 12  # searched backwards from the limit in windows of 4 KiB, 8 KiB, ...
+
+
+def _last_cut(data: bytes, pattern: re.Pattern, low: int, high: int) -> Optional[int]:
+    """The last cut of `pattern` (its group 1, or its start) in low < cut <= high, or None."""
+    span = _CUT_SEARCH_BYTES
+    while True:
+        begin = max(low + 1, high - span)
+        found = None
+        for match in pattern.finditer(data, begin, min(len(data), high + 2)):  # + the lookahead's byte
+            cut = match.start(match.lastindex or 0)
+            if cut <= high:
+                found = cut
+        if found is not None or begin == low + 1:
+            return found
+        span *= 4
+
+
+def _pieces(text: str, max_bytes: int) -> list[str]:
+    """`text` itself, or when longer than max_bytes of UTF-8, cut into pieces of at most that many:
+    at the last line break, else sentence end, else word, else character within the limit (never
+    before half of it, so pieces stay large)."""
+    if len(text) * 4 <= max_bytes:  # short in any encoding: the common case, nothing encoded
+        return [text]
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return [text]
+    pieces, start = [], 0
+    while len(data) - start > max_bytes:
+        low, high = start + max_bytes // 2, start + max_bytes
+        cut = next((c for c in (_last_cut(data, p, low, high) for p in _CUTS) if c is not None), None)
+        if cut is None:  # no whitespace: between two characters
+            cut = high
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+        pieces.append(data[start:cut].decode("utf-8"))
+        start = cut
+    pieces.append(data[start:].decode("utf-8"))
+    return pieces
+
+
+def _encode_documents(tok: Tokenizer, texts: Iterable[str], max_bytes: int,
+                      counts: "_Counts") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, tokens per document) of the documents, a batch at a time; documents without
+    tokens are left out and counted. A document longer than max_bytes is tokenized a piece at a
+    time (see `_pieces`) and stays one document: its pieces' ids are joined. The tokenizer's memory
+    then grows with max_bytes (and BATCH_CHARS), not with the longest document."""
+    batch, size = [], 0
+    for text in texts:
+        pieces = _pieces(text, max_bytes)
+        if len(pieces) == 1:
+            batch.append(text)
+            size += len(text)
+            if size < BATCH_CHARS:
+                continue
+        if batch:
+            yield _encode_batch(tok, batch, counts)
+            batch, size = [], 0
+        if len(pieces) > 1:
+            counts.split += 1
+            ids = []
+            while pieces:  # a piece is let go once tokenized
+                ids.append(tok.encode_batch_flat([pieces.pop(0)])[0])
+            joined = np.concatenate(ids)
+            if len(joined):
+                yield joined, np.array([len(joined)], np.int64)
+            else:
+                counts.skipped["no tokens"] += 1
+    if batch:
+        yield _encode_batch(tok, batch, counts)
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str], counts: "_Counts") -> tuple[np.ndarray, np.ndarray]:
+    ids, lengths = tok.encode_batch_flat(texts)
+    kept = lengths[lengths > 0]
+    if len(kept) < len(lengths):
+        counts.skipped["no tokens"] += len(lengths) - len(kept)
+    return ids, kept
 
 
 # -- tokenizing (in workers) -----------------------------------------------------------------------
@@ -335,15 +448,18 @@ class _TaskResult:
 
 _worker_tokenizer: Optional[Tokenizer] = None
 _worker_options = ReadOptions()
+_worker_max_document_bytes = DEFAULT_MAX_DOCUMENT_BYTES
 
 
-def _init_worker(tokenizer_path: str, options: ReadOptions, threads: Optional[int]) -> None:
+def _init_worker(tokenizer_path: str, options: ReadOptions, threads: Optional[int],
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> None:
     """Load the tokenizer in this process. threads: encode_batch's threads (None: all cores)."""
-    global _worker_tokenizer, _worker_options
+    global _worker_tokenizer, _worker_options, _worker_max_document_bytes
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     if threads is not None:  # one process per core already keeps the cores busy
         _worker_tokenizer.limit_threads(threads)
     _worker_options = options
+    _worker_max_document_bytes = max_document_bytes
 
 
 def _run_task(task: _Task) -> _TaskResult:
@@ -359,25 +475,9 @@ def _run_task(task: _Task) -> _TaskResult:
     tok, counts = _worker_tokenizer, _Counts()
     documents = _documents(block, task.kind, _worker_options, task.at_file_start, counts)
     with ShardWriter(task.shard, token_dtype(tok.vocab_size)) as shard:
-        for batch in _batches(documents, BATCH_CHARS):
-            ids, lengths = tok.encode_batch_flat(batch)
-            kept = lengths[lengths > 0]
-            if len(kept) < len(lengths):
-                counts.skipped["no tokens"] += len(lengths) - len(kept)
-            shard.add(ids, kept)
+        for ids, lengths in _encode_documents(tok, documents, _worker_max_document_bytes, counts):
+            shard.add(ids, lengths)
     return _TaskResult(shard.documents, shard.tokens, block.count(b"\n"), len(block), counts)
-
-
-def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
@@ -394,6 +494,8 @@ class PreprocessSummary:
     dtype: str = ""
     seconds: float = 0.0
     workers: int = 1
+    split: int = 0  # documents longer than max_document_bytes, tokenized in pieces (still one document)
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
 
 
 def available_cpus() -> int:
@@ -427,6 +529,118 @@ def _tasks(paths: Sequence[Path], options: ReadOptions, chunk_bytes: int, shard_
                 yield _Task(str(path), kind, start == 0, start, end, None, end - start, next(shards))
 
 
+# -- temporary files beside the output -------------------------------------------------------------
+
+def _shard_dir_prefix(output_prefix: Path) -> str:
+    """The shard directory of a run names its host and pid, so that a later run can tell it is stale."""
+    return f".{output_prefix.name}.shards-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(output_prefix: Path) -> None:
+    """Remove what killed runs (SIGKILL, power loss) left beside `output_prefix`: shard directories
+    whose process on this host is gone and, when no run is writing this prefix any more (every run
+    holds a shard directory while its `IndexedWriter` writes), the writer's `.NAME.tmp-*` files.
+    Shard directories of live processes or other hosts, and their writers' files, are left alone."""
+    parent, name = output_prefix.parent, output_prefix.name
+    if not parent.is_dir():
+        return
+    owner = re.compile(rf"\.{re.escape(name)}\.shards-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{{8}}")
+    host, writing = socket.gethostname(), False
+    for path in parent.glob(f".{glob.escape(name)}.shards-*"):
+        match = owner.fullmatch(path.name)
+        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+            log.warning("removing %s, left by a killed run (pid %s)", path, match["pid"])
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            writing = True
+    if not writing:
+        for pattern in (f".{glob.escape(name)}.tmp-*", f"..{glob.escape(name)}.tmp-*"):
+            for path in parent.glob(pattern):
+                log.warning("removing %s, left by a killed run", path)
+                path.unlink(missing_ok=True)
+
+
+def _make_shard_dir(output_prefix: Path) -> Path:
+    """Check the output prefix can be written, clear a killed run's leftovers, and make the shard directory."""
+    if output_prefix.is_dir() or str(output_prefix).endswith(os.sep):
+        raise UserError(f"--output-prefix {output_prefix} names a directory; give a path prefix such as "
+                        f"{output_prefix / 'corpus'}")
+    try:
+        output_prefix.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output_prefix)
+        return Path(tempfile.mkdtemp(dir=output_prefix.parent, prefix=_shard_dir_prefix(output_prefix)))
+    except (FileExistsError, NotADirectoryError) as err:  # a file where a directory should be
+        raise UserError(f"--output-prefix {output_prefix}: {err.filename or output_prefix.parent} is not a "
+                        f"directory; choose another --output-prefix") from None
+    except OSError as err:
+        raise UserError(f"--output-prefix {output_prefix}: cannot write in {output_prefix.parent} "
+                        f"({err.strerror or err}); choose another --output-prefix") from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (disk quota exceeded)",
+                 errno.EFBIG: "choose another file system", errno.EROFS: "choose another --output-prefix"}
+
+
+def _write_error(err: OSError, output_prefix: Path) -> Optional[UserError]:
+    """A full disk (or quota) while writing the output, as a one-line error; None for other errors."""
+    if err.errno not in _WRITE_ERRNOS:
+        return None
+    return UserError(f"cannot write {err.filename or output_prefix.parent}: {err.strerror or os.strerror(err.errno)}; "
+                     f"{_WRITE_ERRNOS[err.errno]} and rerun (nothing was written to {output_prefix})")
+
+
+# -- signals and workers ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _machine_failures(output_prefix: Path) -> Iterator[None]:
+    """SIGTERM ends preprocessing as SIGINT does, by an exception in the main thread, so that the
+    workers are stopped and every temporary file removed on the way out (exit status 143). A worker
+    that died and a full disk become one-line errors."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup runs once, uninterrupted
+        log.warning("SIGTERM: stopping and removing temporary files")
+        raise SystemExit(128 + signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        yield
+    except BrokenProcessPool:
+        raise UserError(f"a preprocessing worker died (killed, or out of memory?); nothing was written to "
+                        f"{output_prefix}; rerun, with fewer --workers or a smaller --max-document-bytes") from None
+    except OSError as err:
+        raise _write_error(err, output_prefix) or err from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _init_pool_worker(*args) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    _init_worker(*args)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Stop the workers now, even mid-task, and wait for them: their shards may be removed after.
+    (ProcessPoolExecutor offers no terminate before Python 3.14; its process table is the way.)"""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     tokenizer: str | Path,
@@ -437,87 +651,95 @@ def preprocess(
     strict: bool = False,
     skip_bad_lines: bool = False,
     chunk_bytes: Optional[int] = None,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> PreprocessSummary:
     """Tokenize every document of `inputs` into `output_prefix`.bin/.idx/.json (see the module docstring).
 
     workers=1 tokenizes in this process (the tokenizer's own threads run each batch on all cores);
     workers>1 starts that many processes, sharing the cores' threads between them. chunk_bytes: the
     size of the ranges files are cut into (default: enough for 4 per worker, 1-64 MiB).
+    max_document_bytes: a longer document is tokenized in pieces of at most this many UTF-8 bytes
+    (cut at a line break, else a sentence end, else a word, else a character) and its ids joined,
+    so it stays one document while the tokenizer's memory is bounded by this size.
     """
     start = time.perf_counter()
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if max_document_bytes < MIN_MAX_DOCUMENT_BYTES:
+        raise UserError(f"--max-document-bytes must be at least {MIN_MAX_DOCUMENT_BYTES}, got {max_document_bytes}")
     options = ReadOptions(json_key=json_key, txt_docs=txt_docs, strict=strict, skip_bad_lines=skip_bad_lines)
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
     output_prefix = Path(output_prefix)
-    if output_prefix.is_dir() or str(output_prefix).endswith(os.sep):
-        raise UserError(f"--output-prefix {output_prefix} names a directory; give a path prefix such as "
-                        f"{output_prefix / 'corpus'}")
     total_bytes = sum(p.stat().st_size for p in paths)
     if chunk_bytes is None:
         chunk_bytes = min(max(total_bytes // (4 * workers), MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
     log.info("tokenizing %d file(s), %.1f MB, with %s, %d worker(s)", len(paths), total_bytes / 1e6, tok, workers)
 
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    shard_dir = Path(tempfile.mkdtemp(dir=output_prefix.parent, prefix=f".{output_prefix.name}.shards-"))
-    pool = None
-    skipped, repaired, examples, read_bytes = Counter(), Counter(), [], 0
-    try:
-        if workers > 1:
-            threads = max(1, available_cpus() // workers)
-            # spawn, not fork: the parent may hold Rust and OpenMP thread pools that fork would break
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tok.path), options, threads))
-            results = _ordered(pool, _tasks(paths, options, chunk_bytes, shard_dir), in_flight=2 * workers)
-        else:
-            _init_worker(str(tok.path), options, None)
-            results = ((task, _try(_run_task, task)) for task in _tasks(paths, options, chunk_bytes, shard_dir))
-        with tqdm(total=total_bytes, desc="preprocess", unit="B", unit_scale=True, leave=False) as progress, \
-                IndexedWriter(output_prefix, tok.vocab_size) as writer:
-            path, lines_before = None, 0  # results come in input order: lines of the file before this task
-            for task, result in results:
-                if task.path != path:
-                    path, lines_before = task.path, 0
-                if isinstance(result, _LineError):
-                    raise UserError(f"{path}:{lines_before + result.line}: {result.message}")
-                examples += [(path, lines_before + line, reason) for line, reason in result.counts.examples]
-                lines_before += result.newlines
-                writer.add_shard(task.shard, result.documents, result.tokens)
-                for suffix in (bin_path, idx_path):
-                    suffix(task.shard).unlink()
-                skipped.update(result.counts.skipped)
-                repaired.update(result.counts.repaired)
-                read_bytes += result.read_bytes
-                progress.update(task.disk_bytes)
-                elapsed = max(progress.format_dict["elapsed"], 1e-9)
-                progress.set_postfix_str(f"{writer.documents / elapsed:,.0f} doc/s, "
-                                         f"{writer.tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
-            if writer.documents == 0:
-                raise UserError(f"no documents in {', '.join(map(str, paths))} (skipped: {dict(skipped)}); "
-                                f"check the files, --json-key and --txt-docs")
-            writer.sidecar = {
-                "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint(),
-                              "type": tok.type, "vocab_size": tok.vocab_size},
-                "inputs": [str(p) for p in paths],
-                "json_key": json_key,
-                "txt_docs": txt_docs,
-                "strict": strict,
-                "skip_bad_lines": skip_bad_lines,
-                "skipped": dict(sorted(skipped.items())),
-                "repaired": dict(sorted(repaired.items())),
-                "tool": "preprocess_data",
-                "tool_version": _tool_version(),
-            }
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        shutil.rmtree(shard_dir, ignore_errors=True)
+    shard_dir = _make_shard_dir(output_prefix)
+    executor, finished = None, False
+    skipped, repaired, examples, read_bytes, split = Counter(), Counter(), [], 0, 0
+    with _machine_failures(output_prefix):
+        try:
+            if workers > 1:
+                threads = max(1, available_cpus() // workers)
+                # spawn, not fork: the parent may hold Rust and OpenMP thread pools that fork would break
+                executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_pool_worker,
+                                               (str(tok.path), options, threads, max_document_bytes))
+                results = _ordered(executor, _tasks(paths, options, chunk_bytes, shard_dir), in_flight=2 * workers)
+            else:
+                _init_worker(str(tok.path), options, None, max_document_bytes)
+                results = ((task, _try(_run_task, task)) for task in _tasks(paths, options, chunk_bytes, shard_dir))
+            with tqdm(total=total_bytes, desc="preprocess", unit="B", unit_scale=True, leave=False) as progress, \
+                    IndexedWriter(output_prefix, tok.vocab_size) as writer:
+                path, lines_before = None, 0  # results come in input order: lines of the file before this task
+                for task, result in results:
+                    if task.path != path:
+                        path, lines_before = task.path, 0
+                    if isinstance(result, _LineError):
+                        raise UserError(f"{path}:{lines_before + result.line}: {result.message}")
+                    examples += [(path, lines_before + line, reason) for line, reason in result.counts.examples]
+                    lines_before += result.newlines
+                    writer.add_shard(task.shard, result.documents, result.tokens)
+                    for suffix in (bin_path, idx_path):
+                        suffix(task.shard).unlink()
+                    skipped.update(result.counts.skipped)
+                    repaired.update(result.counts.repaired)
+                    split += result.counts.split
+                    read_bytes += result.read_bytes
+                    progress.update(task.disk_bytes)
+                    elapsed = max(progress.format_dict["elapsed"], 1e-9)
+                    progress.set_postfix_str(f"{writer.documents / elapsed:,.0f} doc/s, "
+                                             f"{writer.tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
+                if writer.documents == 0:
+                    raise UserError(f"no documents in {', '.join(map(str, paths))} (skipped: {dict(skipped)}); "
+                                    f"check the files, --json-key and --txt-docs")
+                writer.sidecar = {
+                    "tokenizer": {"path": str(tok.path), "fingerprint": tok.fingerprint(),
+                                  "type": tok.type, "vocab_size": tok.vocab_size},
+                    "inputs": [str(p) for p in paths],
+                    "json_key": json_key,
+                    "txt_docs": txt_docs,
+                    "strict": strict,
+                    "skip_bad_lines": skip_bad_lines,
+                    "skipped": dict(sorted(skipped.items())),
+                    "repaired": dict(sorted(repaired.items())),
+                    "max_document_bytes": max_document_bytes,
+                    "split_documents": split,
+                    "tool": "preprocess_data",
+                    "tool_version": _tool_version(),
+                }
+            finished = True
+        finally:
+            if executor is not None:
+                executor.shutdown() if finished else _stop_workers(executor)
+            shutil.rmtree(shard_dir, ignore_errors=True)
     for file, line, reason in examples[:MAX_EXAMPLES]:  # after the progress bar is gone
         log.warning("skipped %s:%d (%s)", file, line, reason)
     return PreprocessSummary(str(output_prefix), len(paths), writer.documents, writer.tokens,
                              dict(sorted(skipped.items())), dict(sorted(repaired.items())), read_bytes,
-                             np.dtype(writer.dtype).name, time.perf_counter() - start, workers)
+                             np.dtype(writer.dtype).name, time.perf_counter() - start, workers, split,
+                             max_document_bytes)
 
 
 def _try(fn, task):
@@ -528,15 +750,17 @@ def _try(fn, task):
         return err
 
 
-def _ordered(pool, tasks: Iterator[_Task], in_flight: int) -> Iterator[tuple[_Task, object]]:
+def _ordered(executor: ProcessPoolExecutor, tasks: Iterator[_Task],
+             in_flight: int) -> Iterator[tuple[_Task, object]]:
     """(task, result or _LineError) in task order, at most `in_flight` tasks queued: a gzip file is
-    not decompressed into memory faster than the workers tokenize it."""
+    not decompressed into memory faster than the workers tokenize it. A worker that dies (SIGKILL,
+    out of memory) raises BrokenProcessPool here rather than leaving its result to wait forever."""
     pending: deque = deque()
     for task in tasks:
-        pending.append((task, pool.apply_async(_try, (_run_task, task))))
+        pending.append((task, executor.submit(_try, _run_task, task)))
         if len(pending) >= in_flight:
-            done, result = pending.popleft()
-            yield done, result.get()
+            done, future = pending.popleft()
+            yield done, future.result()
     while pending:
-        done, result = pending.popleft()
-        yield done, result.get()
+        done, future = pending.popleft()
+        yield done, future.result()

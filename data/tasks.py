@@ -16,7 +16,6 @@ never trains a second segment row.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from data import jsonio
 from data.errors import UserError
 
 FORMATS = ("tsv", "csv", "jsonl")
@@ -86,7 +86,7 @@ def read_rows(path: Path, fmt: str, columns: Optional[Sequence[str]]) -> Iterato
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = jsonio.loads(line)
                 except ValueError as err:
                     raise UserError(f"{path}:{number}: not a JSON line ({err.args[0].split(':')[0]})") from None
                 if not isinstance(row, dict):

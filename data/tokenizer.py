@@ -21,7 +21,6 @@ sample builder places bos/eos itself.
 """
 import hashlib
 import itertools
-import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from data import jsonio
 from data.errors import UserError
 
 META_FILE = "tokenizer_meta.json"
@@ -284,10 +284,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not meta_path.is_file():
         raise UserError(f"{path} is not a tokenizer directory (no {META_FILE}); "
                         f"train one with tools/train_tokenizer.py")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{meta_path}: not valid JSON ({err}); retrain the tokenizer") from None
+    meta = jsonio.read_json_object(meta_path, "retrain the tokenizer")
     kind = meta.get("type")
     if kind not in BACKENDS:
         raise UserError(f"{meta_path}: unknown tokenizer type {kind!r}; expected one of {sorted(BACKENDS)}")

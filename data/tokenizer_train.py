@@ -39,15 +39,43 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _training_texts(files_or_iterator, read_options) -> Iterator[str]:
-    if isinstance(files_or_iterator, (str, os.PathLike)):
-        files_or_iterator = [files_or_iterator]
-    if isinstance(files_or_iterator, (list, tuple)) and all(
-            isinstance(f, (str, os.PathLike)) for f in files_or_iterator):
-        from data.preprocess import ReadOptions, iter_texts  # the readers live with the preprocessing pipeline
+# Ids are int32 in the data pipeline, but the BPE trainer allocates ~66 bytes per requested id up
+# front (2**31 asks for 141 GB and aborts the process): 4M ids is 16x the largest vocabularies in use.
+MAX_VOCAB_SIZE = 1 << 22
 
-        return iter_texts([Path(f) for f in files_or_iterator], read_options or ReadOptions())
-    return iter(files_or_iterator)
+
+def _check_vocab_size(vocab_size: int, smallest: int, kind: str, why: str) -> None:
+    if not smallest <= vocab_size <= MAX_VOCAB_SIZE:
+        size = "small" if vocab_size < smallest else "large"
+        raise UserError(f"vocab size {vocab_size} is too {size} for {kind}; use --vocab-size {smallest} to "
+                        f"{MAX_VOCAB_SIZE} ({why})")
+
+
+class _CountingTexts:
+    """The training documents, counting those with text: an empty corpus is an error, not a tokenizer."""
+
+    def __init__(self, files_or_iterator, read_options):
+        if isinstance(files_or_iterator, (str, os.PathLike)):
+            files_or_iterator = [files_or_iterator]
+        if isinstance(files_or_iterator, (list, tuple)) and all(
+                isinstance(f, (str, os.PathLike)) for f in files_or_iterator):
+            from data.preprocess import ReadOptions, iter_texts  # the readers live with the preprocessing pipeline
+
+            self.source = ", ".join(map(str, files_or_iterator)) or "no input files"
+            self._texts = iter_texts([Path(f) for f in files_or_iterator], read_options or ReadOptions())
+        else:
+            self.source, self._texts = "the given texts", iter(files_or_iterator)
+        self.documents = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self._texts:
+            if text.strip():
+                self.documents += 1
+            yield text
+
+    def empty_error(self) -> UserError:
+        return UserError(f"no text in {self.source}: every document is empty or skipped; "
+                         f"check the files, --json-key and --txt-docs")
 
 
 def train_bpe(
@@ -70,9 +98,7 @@ def train_bpe(
     from tokenizers import Tokenizer as HFTokenizer
 
     specials = list(ROBERTA_SPECIALS.values())
-    if vocab_size < len(specials) + 256:
-        raise UserError(f"vocab size {vocab_size} is too small for byte-level BPE; use at least "
-                        f"{len(specials) + 256} (5 specials + 256 bytes)")
+    _check_vocab_size(vocab_size, len(specials) + 256, "byte-level BPE", "5 specials + 256 bytes at least")
     if read_options is None:
         from data.preprocess import ReadOptions
 
@@ -90,7 +116,10 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    tok.train_from_iterator(_training_texts(files_or_iterator, read_options), trainer=trainer)
+    texts = _CountingTexts(files_or_iterator, read_options)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if texts.documents == 0:
+        raise texts.empty_error()
     # (sep, cls, trim_offsets, add_prefix_space); positional only in the Rust binding
     tok.post_processor = processors.RobertaProcessing(
         ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), True, False
@@ -223,16 +252,15 @@ def train_spm(
     if model_type not in ("unigram", "bpe"):
         raise UserError(f"SentencePiece model type {model_type!r} is not supported; use unigram or bpe")
     meta_pieces = 4 + 256 + 1  # [PAD] [CLS] [SEP] [UNK], the bytes, [MASK]
-    if vocab_size < meta_pieces + len(SPM_REQUIRED_CHARS):
-        raise UserError(f"vocab size {vocab_size} is too small for SentencePiece with byte fallback; use at "
-                        f"least {meta_pieces + len(SPM_REQUIRED_CHARS)} (specials, 256 bytes, printable ASCII)")
+    _check_vocab_size(vocab_size, meta_pieces + len(SPM_REQUIRED_CHARS), "SentencePiece with byte fallback",
+                      "specials, 256 bytes and printable ASCII at least")
     if sample_lines < 1:
         raise UserError(f"--sample-lines must be at least 1, got {sample_lines}")
     threads = threads or available_cpus()
-    lines = _spm_training_lines(_training_texts(files_or_iterator, read_options))
-    sample, lines_read = _reservoir_sample(lines, sample_lines, seed)
+    texts = _CountingTexts(files_or_iterator, read_options)
+    sample, lines_read = _reservoir_sample(_spm_training_lines(texts), sample_lines, seed)
     if not sample:
-        raise UserError("no text to train SentencePiece on: every input document is empty")
+        raise texts.empty_error()
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -8,11 +8,23 @@ NUL characters stripped (--strict rejects both); empty documents are skipped; a 
 or a missing key stops the run with file:line (--skip-bad-lines skips it). The summary counts every
 skipped or repaired document by reason; the sidecar PREFIX.json records them and the tokenizer.
 Workers share even a single file (it is cut into byte ranges); the output does not depend on --workers.
+
+Memory per document is bounded: a document longer than --max-document-bytes (default 4 MiB) is
+tokenized in pieces of at most that size, cut at a line break, else after a sentence, else before a
+word, else between characters, and its pieces' ids are joined: it stays one document. Byte-level BPE
+gives the ids of the whole at these cuts, but a cut between characters may change the tokens there,
+and with SentencePiece so may a cut at a line break (the next piece starts as a new text). The
+summary and the sidecar count the documents split. Tokenizing holds about 110 bytes per byte of a
+piece (BPE), about 0.5 GB per worker at the default.
+
+SIGINT and SIGTERM stop the workers and remove every temporary file; a later run on the same
+--output-prefix removes what a SIGKILLed run on this host left (.PREFIX.shards-*, .PREFIX.tmp-*).
+A full disk, or an --output-prefix that cannot be written, is a one-line error (exit 2).
 """
 import argparse
 from typing import Optional, Sequence
 
-from data.preprocess import TXT_DOCS, available_cpus, preprocess
+from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, TXT_DOCS, available_cpus, preprocess
 from tools._cli import run_cli
 
 
@@ -21,7 +33,10 @@ def _counts(counts: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the paragraphs from "Memory per document" on: what a user needs to know about limits and failures
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__[__doc__.index("Memory per document"):],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="files, directories or quoted globs")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory from tools/train_tokenizer.py")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
@@ -33,14 +48,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--strict", action="store_true", help="reject invalid UTF-8 and NUL characters")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip and count malformed JSON lines and missing keys instead of failing")
+    parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
+                        help=f"tokenize longer documents in pieces of at most this many UTF-8 bytes, cut at lines, "
+                             f"then sentences, words, characters (still one document each), so memory does not grow "
+                             f"with the longest document; default {DEFAULT_MAX_DOCUMENT_BYTES} (4 MiB), at least "
+                             f"{MIN_MAX_DOCUMENT_BYTES}")
     args = parser.parse_args(argv)
 
     s = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, json_key=args.json_key,
-                   txt_docs=args.txt_docs, strict=args.strict, skip_bad_lines=args.skip_bad_lines)
+                   txt_docs=args.txt_docs, strict=args.strict, skip_bad_lines=args.skip_bad_lines,
+                   max_document_bytes=args.max_document_bytes)
     print(f"wrote {s.prefix}.bin/.idx/.json: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
           f"from {s.files} file(s), {s.read_bytes / 1e6:.1f} MB, in {s.seconds:.1f} s with {s.workers} worker(s) "
           f"({s.tokens / max(s.seconds, 1e-9) / 1e6:.2f}M tokens/s, startup included)\n"
-          f"skipped: {_counts(s.skipped)}\nrepaired: {_counts(s.repaired)}")
+          f"skipped: {_counts(s.skipped)}\nrepaired: {_counts(s.repaired)}\n"
+          f"documents split: {s.split} (longer than --max-document-bytes {s.max_document_bytes})")
     return 0
 
 

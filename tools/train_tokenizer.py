@@ -11,6 +11,9 @@ reads them. The output directory appears only when complete.
 --type spm: SentencePiece, Unigram (or --spm-model-type bpe) with byte fallback and DeBERTa-v3's ids
   ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, [MASK] last), no Unicode normalisation (see data/tokenizer.py);
   trained on a uniform sample of --sample-lines lines, read in one streaming pass.
+
+--vocab-size outside its range (bpe: 261 to 4194304, spm: 355 to 4194304), and inputs without any
+text, are one-line errors (exit 2); nothing is written.
 """
 import argparse
 import time
@@ -46,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     files = expand_inputs(args.input)
     options = ReadOptions(json_key=args.json_key, txt_docs=args.txt_docs, skip_bad_lines=args.skip_bad_lines)
-    vocab_size = args.vocab_size or DEFAULT_VOCAB_SIZE[args.type]
+    vocab_size = DEFAULT_VOCAB_SIZE[args.type] if args.vocab_size is None else args.vocab_size
     start = time.perf_counter()
     if args.type == "bpe":
         tok = train_bpe(files, vocab_size, args.output, min_frequency=args.min_frequency, read_options=options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data.errors import UserError
-from data.indexed import open_indexed, read_sidecar
+from data.indexed import check_dataset, open_indexed, read_sidecar
 from pathlib import Path
 
 from data.blending import SampleStream
@@ -18,7 +18,7 @@ from data.packing import build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity
 from data.tokenizer import Tokenizer, load_tokenizer
 from trainer.config import PretrainConfig
-from trainer.parallel import ParallelContext
+from trainer.parallel import ParallelContext, from_rank0
 
 
 @dataclass
@@ -48,6 +48,21 @@ def resolve_tokenizer(cfg: PretrainConfig) -> Tokenizer:
     return tokenizer
 
 
+def check_corpora(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> None:
+    """Global rank 0 checks every corpus of data.prefix / data.blend (`data.indexed.check_dataset`:
+    .bin against .idx against sidecar and tokenizer) before anything is written; all ranks fail together."""
+    error = ""
+    if ctx.is_main:
+        try:
+            for _, prefix in cfg.data.corpora():
+                check_dataset(prefix, tokenizer)
+        except UserError as err:
+            error = str(err)
+    error = from_rank0(error)
+    if error:
+        raise UserError(error)
+
+
 def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> PretrainInputs:
     """Train/validation/test sample streams (each corpus split by its documents, then blended) and the loader.
 
@@ -59,7 +74,7 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     splits = {"train": [], "valid": [], "test": []}
     identities = []
     for _, prefix in corpora:
-        dataset = open_indexed(prefix)
+        dataset = open_indexed(prefix, check=False)  # check_corpora has checked it
         identity = {**dataset_identity(prefix), "prefix": Path(prefix).name}
         identities.append(identity)
         num_docs = len(dataset.document_indices) - 1
