@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,14 @@ def load_native(path: str | os.PathLike) -> NativeModel:
     if not path.is_file():
         raise UserError(f"{path}: no native model file here; write one with "
                         f"tools/convert_checkpoint.py --format native")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # tensors and containers only: a file from elsewhere is data, never code
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        what = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>|(Unsupported operand \d+)", str(err))
+        what = next((g for g in what.groups() if g), None) if what else str(err).strip().splitlines()[-1]
+        what = what.replace("Unsupported operand", "pickle opcode")
+        raise UserError(f"{path}: refused to load: it would build or call {what}, which a native model "
+                        f"file never holds (a file from elsewhere is data, never code)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not a native model file (no format {FORMAT!r})")
     if payload.get("version") != VERSION:

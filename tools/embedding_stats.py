@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from data.errors import UserError
+from trainer.safe_load import safe_torch_load
 
 GENERATOR = "generator.embeddings.word.weight"
 DELTA_SUFFIX = "embeddings.word.gdes_delta.weight"
@@ -39,7 +40,7 @@ def load_module_state(checkpoints: Path, tag: Optional[str]) -> tuple[Dict[str, 
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise UserError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    shards = [safe_torch_load(f) for f in files]
     module = shards[0]["module"]
     if module is None or not module:
         raise UserError(f"{tag_dir} has no module weights (ZeRO-3?): run zero_to_fp32.py first")

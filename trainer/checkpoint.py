@@ -12,10 +12,15 @@ hashes the files and writes `manifest.json` (temp file, fsync, rename), and only
 `latest` at the tag. A crash before the manifest leaves an uncommitted directory that resume
 ignores and the next save removes; the previous checkpoint stays the one to resume from.
 
-On resume the newest committed checkpoint is verified against its manifest (missing, truncated or
-corrupted files); a bad one is skipped with a warning naming the problem and the one before it is
-tried. The client state carries step, consumed samples and tokens, the data loader's state, the
-resolved config and the tokenizer fingerprint.
+Every manifest carries a commit sequence number. A plain resume loads the checkpoint `latest`
+names (the newest commit when `latest` is missing or names no committed checkpoint, with a warning),
+verified against its manifest (missing, truncated or corrupted files); a bad one is skipped with a
+warning naming the problem and the commit before it is tried. Retention counts commits, not step
+numbers: after a resume from an earlier step (`checkpoint.load=.../global_step200` with step 300 on
+disk) the first save removes the later steps of the abandoned timeline, so nothing resumes from them
+again. Export (trainer/export.py) picks its checkpoint with the same finder. The client state
+carries step, consumed samples and tokens, the data loader's state, the resolved config and the
+tokenizer fingerprint.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +42,15 @@ import torch.distributed as dist
 
 from data.errors import UserError
 from trainer.config import CheckpointSection
+from trainer.metrics import unique_temp
 from trainer.parallel import from_rank0
+from trainer.safe_load import safe_torch_load, weights_only_loads
 
 logger = logging.getLogger(__name__)
 TAG = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
+LATEST = "latest"
+COMMIT = "commit"  # the manifest's commit sequence number: retention and resume follow commit order
 
 
 @dataclass
@@ -73,12 +82,18 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` to `path` through a temporary file of a unique name in the same directory (two
+    writers never share one), fsynced, then renamed over `path`."""
+    tmp = unique_temp(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _barrier() -> None:
@@ -88,13 +103,13 @@ def _barrier() -> None:
 
 def verify(tag_dir: Path) -> Optional[str]:
     """None if the checkpoint matches its manifest, else what is wrong (one line)."""
-    manifest_path = tag_dir / MANIFEST
-    if not manifest_path.is_file():
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / MANIFEST).is_file():
         return f"{tag_dir} has no {MANIFEST} (the save did not finish)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        return f"{manifest_path} is unreadable: {err}"
+        manifest = read_manifest(tag_dir)
+    except UserError as err:
+        return str(err)
     for name, entry in manifest["files"].items():
         path = tag_dir / name
         if not path.is_file():
@@ -108,7 +123,96 @@ def verify(tag_dir: Path) -> Optional[str]:
 
 
 def read_manifest(tag_dir: Path) -> Dict[str, Any]:
-    return json.loads((Path(tag_dir) / MANIFEST).read_text())
+    """The checkpoint's manifest, its shape checked: UserError naming the file and the key at fault."""
+    path = Path(tag_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist (the save did not finish)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is unreadable: {getattr(err, 'strerror', None) or err}") from None
+    except (ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path} is not valid JSON: {reason}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object")
+    for key in ("files", "meta"):
+        if not isinstance(manifest.get(key), dict):
+            raise UserError(f"{path}: key '{key}' is {'missing' if key not in manifest else 'not an object'}")
+    for name, entry in manifest["files"].items():
+        for key, kind in (("size", int), ("sha256", str)):
+            if not isinstance(entry, dict) or not isinstance(entry.get(key), kind):
+                raise UserError(f"{path}: key 'files.{name}.{key}' is missing or not a{'n' if kind is int else ''} "
+                                f"{kind.__name__}")
+    if not isinstance(manifest.get(COMMIT, 0), int):
+        raise UserError(f"{path}: key '{COMMIT}' is not an integer")
+    return manifest
+
+
+def read_meta(tag_dir: Path, keys: Sequence[str]) -> Dict[str, Any]:
+    """The manifest's run meta (layout of the save), with `keys` required: UserError naming the file and key."""
+    meta = read_manifest(tag_dir)["meta"]
+    for key in keys:
+        if key not in meta:
+            raise UserError(f"{Path(tag_dir) / MANIFEST}: key 'meta.{key}' is missing")
+    return meta
+
+
+@dataclass(frozen=True)
+class Committed:
+    path: Path
+    step: int
+    commit: int
+    """The commit sequence number (1, 2, ...; 0 for checkpoints written before commits were numbered)."""
+
+
+def committed(directory: Path) -> List[Committed]:
+    """The committed checkpoints of a checkpoints directory in commit order, oldest first.
+
+    Commit order, not step order: after a resume from an earlier step (`checkpoint.load=...step200`
+    with step300 on disk) the new saves are the newer commits. A directory whose manifest is
+    unreadable or malformed counts as not committed, with a warning naming the file and what is wrong.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        if not (TAG.match(path.name) and (path / MANIFEST).is_file()):
+            continue
+        try:
+            manifest = read_manifest(path)
+        except UserError as err:
+            logger.warning("ignoring checkpoint %s: %s", path.name, err)
+            continue
+        found.append(Committed(path, step_of(path.name), manifest.get(COMMIT, 0)))
+    return sorted(found, key=lambda c: (c.commit, c.step))
+
+
+def resume_order(directory: Path) -> List[Path]:
+    """Where a plain resume (and a conversion of a run) looks, best first: the checkpoint `latest`
+    names, then the commits before it, newest first (tried in turn when one fails verification).
+
+    `latest` is the commit point; commits after the one it names (a save that died between its
+    manifest and `latest`) are not candidates. When `latest` is missing, unreadable or names no
+    committed checkpoint, every commit is a candidate, newest first, with a warning.
+    """
+    commits = committed(directory)
+    if not commits:
+        return []
+    tags = [c.path.name for c in commits]
+    latest = Path(directory) / LATEST
+    try:
+        named: Optional[str] = latest.read_text().strip()
+        problem = f"names {named!r}, which is not a committed checkpoint"
+    except FileNotFoundError:
+        named, problem = None, "is missing"
+    except (OSError, UnicodeDecodeError) as err:
+        named, problem = None, f"is unreadable ({getattr(err, 'strerror', None) or err})"
+    if named in tags:
+        return [c.path for c in reversed(commits[: tags.index(named) + 1])]
+    logger.warning("%s %s; using the newest committed checkpoint, %s", latest, problem, tags[-1])
+    return [c.path for c in reversed(commits)]
 
 
 class CheckpointManager:
@@ -128,12 +232,8 @@ class CheckpointManager:
         return minutes > 0 and time.monotonic() - self._last_save_time >= 60.0 * minutes
 
     def committed_tags(self) -> List[str]:
-        """Tags with a manifest, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p.name) for p in self.directory.iterdir()
-                 if (m := TAG.match(p.name)) and (p / MANIFEST).is_file()]
-        return [name for _, name in sorted(found)]
+        """Tags of the committed checkpoints in commit order, oldest first."""
+        return [c.path.name for c in committed(self.directory)]
 
     # ------------------------------------------------------------------ save
     def save(self, engine, state: TrainState, extra: Dict[str, Any], meta: Dict[str, Any]) -> str:
@@ -145,6 +245,7 @@ class CheckpointManager:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if tag_dir.exists():  # an uncommitted leftover, or a re-save of the same step
                     shutil.rmtree(tag_dir)
+                shutil.rmtree(self.directory / "universal" / tag, ignore_errors=True)  # converted from the old one
                 probe = self.directory / f".write_probe_{os.getpid()}"
                 probe.write_bytes(b"0")
                 probe.unlink()
@@ -195,24 +296,39 @@ class CheckpointManager:
         files = {}
         for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
             files[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format_version": 1, "tag": tag_dir.name, "created": time.time(), "meta": meta, "files": files}
+        number = max((c.commit for c in committed(self.directory) if c.path != tag_dir), default=0) + 1
+        manifest = {"format_version": 1, "tag": tag_dir.name, COMMIT: number, "created": time.time(), "meta": meta,
+                    "files": files}
         _write_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-        _write_atomic(self.directory / "latest", tag_dir.name)  # the commit point
+        _write_atomic(self.directory / LATEST, tag_dir.name)  # the commit point
 
     def _prune(self) -> None:
-        """Keep the newest `keep_last` and every `keep_every`-th step; drop uncommitted leftovers."""
-        tags = self.committed_tags()
-        keep = set(tags[-self.cfg.keep_last:]) if self.cfg.keep_last > 0 else set(tags)
+        """After a commit: keep the newest `keep_last` commits and every `keep_every`-th step of the
+        current timeline; drop the abandoned timeline and uncommitted leftovers.
+
+        The newest commit is the save just made. A checkpoint committed before it at a later step
+        belongs to a timeline this run abandoned by resuming from an earlier step: it is removed, so
+        that nothing resumes from it again (retention counts commits, not step numbers).
+        """
+        commits = committed(self.directory)
+        if not commits:
+            return
+        current = commits[-1]
+        abandoned = [c for c in commits if c.step > current.step]
+        timeline = [c for c in commits if c.step <= current.step]
+        keep = {c.path for c in (timeline[-self.cfg.keep_last:] if self.cfg.keep_last > 0 else timeline)}
         if self.cfg.keep_every > 0:
-            keep |= {t for t in tags if step_of(t) % self.cfg.keep_every == 0}
-        for tag in tags:
-            if tag not in keep:
-                shutil.rmtree(self.directory / tag, ignore_errors=True)
-        newest = step_of(tags[-1]) if tags else -1
+            keep |= {c.path for c in timeline if c.step % self.cfg.keep_every == 0}
+        for c in abandoned:
+            logger.warning("removing checkpoint %s: a later step of a timeline abandoned when this run resumed "
+                           "from an earlier step (the newest commit is %s)", c.path.name, current.path.name)
+        for c in commits:
+            if c.path not in keep:
+                shutil.rmtree(c.path, ignore_errors=True)
+                shutil.rmtree(self.directory / "universal" / c.path.name, ignore_errors=True)
         for path in self.directory.iterdir():
-            match = TAG.match(path.name)
-            if match and not (path / MANIFEST).is_file() and int(match.group(1)) < newest:
-                shutil.rmtree(path, ignore_errors=True)
+            if TAG.match(path.name) and not (path / MANIFEST).is_file():
+                shutil.rmtree(path, ignore_errors=True)  # uncommitted: a save that died before its manifest
 
     # ------------------------------------------------------------------ resume
     def find_resume(self) -> Optional[Path]:
@@ -235,14 +351,19 @@ class CheckpointManager:
             if (path / MANIFEST).is_file() or TAG.match(path.name):
                 candidates = [path]
             elif path.is_dir():
-                candidates = [path / t for t in reversed(CheckpointManager(path, self.cfg, 0).committed_tags())]
+                candidates = resume_order(path)
             else:
                 raise UserError(f"checkpoint.load={path} does not exist")
             if not candidates:
                 raise UserError(f"checkpoint.load={path} holds no committed checkpoint")
         elif self.cfg.resume:
-            candidates = [self.directory / t for t in reversed(self.committed_tags())]
+            candidates = resume_order(self.directory)
             if not candidates:
+                broken = sorted(p.name for p in self.directory.glob("global_step*") if (p / MANIFEST).is_file())
+                if broken:  # manifests there, none readable: an error, not a fresh start over a broken run
+                    raise UserError(f"no good checkpoint in {self.directory} (the manifests of {', '.join(broken)} "
+                                    f"are malformed); remove the broken ones or set checkpoint.resume=false to "
+                                    f"start over")
                 return None
         else:
             return None
@@ -255,13 +376,14 @@ class CheckpointManager:
                         f"remove the broken ones or set checkpoint.resume=false to start over")
 
     def load(self, engine, tag_dir: Path, universal: bool = False) -> TrainState:
-        path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                              load_module_strict=True)
+        with weights_only_loads(sorted(tag_dir.rglob("*.pt"))):  # DeepSpeed's own torch.loads (universal files)
+            path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                  load_module_strict=True)
         if path is None or client is None:
             raise UserError(f"DeepSpeed could not load {tag_dir}; set checkpoint.resume=false to start over")
         rng_file = tag_dir / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file() and not universal:
-            _set_rng_states(torch.load(rng_file, weights_only=False))
+            _set_rng_states(safe_torch_load(rng_file))
         logger.info("resumed from %s at step %d", tag_dir, client["step"])
         return TrainState(step=client["step"], consumed_samples=client["consumed_samples"],
                           consumed_tokens=client["consumed_tokens"],

@@ -7,6 +7,7 @@ wrong type is rejected with the key's dotted name. The DeepSpeed JSON is generat
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,10 @@ class TrainSection:
     (trainer/schedule.py)."""
     generator_steps: int = 0
     """two_stage: steps of the generator-only stage; 0 means half of `steps`."""
+    collective_timeout_s: float = 1800.0
+    """A collective (all-reduce, broadcast, barrier) that waits longer than this for a peer rank fails, and
+    the run exits non-zero naming it: a hung or stopped rank then ends the job instead of blocking it forever.
+    Raise it if a step, an evaluation or a checkpoint save on rank 0 can take longer."""
 
 
 @dataclass
@@ -275,6 +280,7 @@ class PretrainConfig:
             "train.micro_batch_size": self.train.micro_batch_size,
             "train.global_batch_size": self.train.global_batch_size, "parallel.tensor": self.parallel.tensor,
             "model.vocab_pad_multiple": self.model.vocab_pad_multiple, "log.every_steps": self.log.every_steps,
+            "train.collective_timeout_s": self.train.collective_timeout_s,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -389,13 +395,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float:
+        return _finite_float(value, key)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # YAML reads labels: [0, 1] or run.name=2024 as numbers; a name is text
     if tp is bool and not isinstance(value, bool):
@@ -404,6 +405,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise UserError(f"{key} must be an integer, got {value!r}")
     if not isinstance(value, tp):
         raise UserError(f"{key} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _finite_float(value: Any, key: str) -> float:
+    """Every float field is a finite number: NaN would pass every `<=` check below and inf would poison
+    the schedule, so both are refused here, once for all sections."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3, and an override reads nan or inf, as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, float):
+        raise UserError(f"{key} must be of type float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise UserError(f"{key}={value} must be a finite number (not NaN or infinity)")
     return value
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 
 from data.errors import UserError
-from trainer.checkpoint import read_manifest
+from trainer.checkpoint import read_meta
 from trainer.config import PretrainConfig
 from trainer.parallel import ParallelContext, from_rank0
 
@@ -39,7 +39,7 @@ class ResumePlan:
 def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelContext) -> Optional[ResumePlan]:
     if tag_dir is None:
         return None
-    saved = read_manifest(tag_dir)["meta"]
+    saved = read_meta(tag_dir, ("dp_size", "tp_size", "zero_stage"))  # UserError naming the file and key
     now = {"dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "zero_stage": cfg.zero.stage}
     changed = {k: (saved[k], v) for k, v in now.items() if saved[k] != v}
     if not changed:
@@ -57,7 +57,8 @@ def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelCo
     target = tag_dir.parent / "universal" / tag_dir.name
     error = ""
     if ctx.rank == 0 and not (target / "zero").is_dir():
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+        cmd = [sys.executable, "-m", "trainer.safe_load", str(tag_dir),  # its torch.loads: weights only
+               "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -9,6 +9,7 @@ import torch
 from trainer import schedule
 from trainer.config import PretrainConfig, deepspeed_config
 from trainer.parallel import MegatronMPU, ParallelContext
+from trainer.safe_load import install_checkpoint_engine
 
 
 warmup_linear_decay = schedule.warmup_linear_decay
@@ -49,4 +50,5 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelConte
         mpu=MegatronMPU(),
         config=ds_config,
     )
+    install_checkpoint_engine(engine)  # resume reads model and optimizer states as data, never code
     return engine

@@ -1,6 +1,6 @@
 """Training checkpoint -> one fp32 model: TP shards merged, ZeRO partitions gathered, fp32 masters read.
 
-    locate(path, step)        the committed `global_stepN` directory (latest by default)
+    locate(path, step)        the committed `global_stepN` directory (default: what `latest` names, as a resume)
     read_checkpoint(tag_dir)  -> NativeModel (the full TP=1 fp32 state dict of the registry model)
     write_native / write_hf   the project's native file / a Hugging Face directory
     verify_hf                 our model and the exported one on one batch, max |difference|
@@ -33,8 +33,9 @@ import torch
 
 from data.errors import UserError
 from models.native import NativeModel, config_from_dict, save_native
-from trainer.checkpoint import MANIFEST, TAG, read_manifest, step_of, verify
+from trainer.checkpoint import MANIFEST, TAG, committed, read_meta, resume_order, step_of, verify
 from trainer.model_card import write_model_card
+from trainer.safe_load import safe_torch_load, weights_only_loads
 
 Log = Callable[[str], None]
 RTD_HEAD_FILE = "rtd_head.safetensors"  # DeBERTaV3's RTD head beside a discriminator export
@@ -57,20 +58,17 @@ def locate(path: str | os.PathLike, step: Optional[int] = None) -> Path:
         return path
     if (path / "checkpoints").is_dir() and not any(TAG.match(p.name) for p in path.iterdir()):
         path = path / "checkpoints"
-    committed = sorted((step_of(p.name), p) for p in path.iterdir() if TAG.match(p.name) and (p / MANIFEST).is_file())
-    if not committed:
+    commits = sorted((c.step, c.path) for c in committed(path))
+    if not commits:
         raise UserError(f"{path} holds no committed checkpoint (no global_stepN/{MANIFEST}); "
                         f"pass a run's checkpoints directory")
     if step is not None:
-        found = dict(committed).get(step)
+        found = dict(commits).get(step)
         if found is None:
             raise UserError(f"{path} has no checkpoint of step {step}; "
-                            f"steps there: {', '.join(str(s) for s, _ in committed)}")
+                            f"steps there: {', '.join(str(s) for s, _ in commits)}")
         return found
-    latest = path / "latest"
-    if latest.is_file() and (path / latest.read_text().strip() / MANIFEST).is_file():
-        return path / latest.read_text().strip()
-    return committed[-1][1]
+    return resume_order(path)[0]  # what `latest` names: the checkpoint a plain resume would load
 
 
 def _rank_files(tag_dir: Path, meta: dict) -> tuple[list[Path], list[list[Path]]]:
@@ -103,7 +101,8 @@ def _zero_partitions_fp32(tag_dir: Path, tp_rank: int, files: list[Path]) -> dic
         rank_dir.mkdir()
         for path in files:
             (rank_dir / path.name).symlink_to(path.resolve())
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                weights_only_loads(files):
             sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
     return {k: v.detach().clone().float() for k, v in sd.items()}
 
@@ -150,7 +149,7 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
 
     log = _quiet(log)
     tag_dir = Path(tag_dir)
-    meta = read_manifest(tag_dir)["meta"]
+    meta = read_meta(tag_dir, ("tp_size", "dp_size", "zero_stage", "precision"))
     models, optims = _rank_files(tag_dir, meta)
     if check_files:
         problem = verify(tag_dir)
@@ -158,7 +157,7 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
             raise UserError(f"checkpoint {tag_dir} failed verification: {problem}")
     log(f"reading {tag_dir}: ZeRO-{meta['zero_stage']}, TP={meta['tp_size']}, DP={meta['dp_size']}, "
         f"{meta['precision']}")
-    first = torch.load(models[0], map_location="cpu", weights_only=False)
+    first = safe_torch_load(models[0])
     if "model_config" not in first:
         raise UserError(f"{models[0]} has no model_config: not a checkpoint of trainer/pretrain.py")
     info = dict(first["model_config"])
@@ -167,7 +166,7 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
     model = build_model(config)
     rank_sds = []
     for t in range(meta["tp_size"]):
-        states = first if t == 0 else torch.load(models[t], map_location="cpu", weights_only=False)
+        states = first if t == 0 else safe_torch_load(models[t])
         if optims[t]:
             rank_files = optims[t] + sorted(tag_dir.glob(f"*mp_rank_{t:02d}_model_states.pt"))
             sd = _zero_partitions_fp32(tag_dir, t, rank_files)

@@ -40,11 +40,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.errors import UserError
+from data.jsonio import read_json_object
 from data.tasks import EncodedTask, collate, encode, label_ids, label_names, read_examples
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.classification import SequenceClassifier
 from trainer.finetune_config import FinetuneConfig, load_finetune_config
 from trainer.parallel import from_rank0
+from trainer.safe_load import WEIGHTS_ONLY, install_checkpoint_engine, safe_torch_load
 
 logger = logging.getLogger("trainer.finetune")
 EPOCH_STREAM = 0x46544E45  # "FTNE": keeps the fine-tuning data order apart from other random streams
@@ -86,13 +88,14 @@ def _load_hf(path: Path) -> InitialModel:
     import transformers
     from models.classification import config_from_hf, from_hf_state_dict
 
+    read_json_object(path / "config.json", "fix the file or download the model again")  # file:line, not transformers' OSError
     hf_config = transformers.AutoConfig.from_pretrained(path)
     family, config = config_from_hf(hf_config)
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
         state = load_file(str(path / "model.safetensors"))
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = safe_torch_load(path / "pytorch_model.bin", allowed=WEIGHTS_ONLY)
     else:
         raise UserError(f"model.init={path}: no model.safetensors or pytorch_model.bin (sharded checkpoints: "
                         f"save them as one file first)")
@@ -119,7 +122,7 @@ def build_classifier(cfg: FinetuneConfig, init: InitialModel, num_labels: int, s
     is fresh, drawn from `seed` by the backbone's own initialisation."""
     config = dataclasses.replace(init.config, **cfg.model.overrides)
     torch.manual_seed(seed)
-    model = SequenceClassifier(init.family, config, num_labels, cfg.model.classifier_dropout)
+    model = SequenceClassifier(init.family, config, num_labels, cfg.model.classifier_dropout, cfg.model.pooling)
     if cfg.model.random_init:
         return model
     missing, unexpected = model.backbone.load_state_dict(init.backbone, strict=False)
@@ -266,7 +269,7 @@ def predict(engine, task: EncodedTask, batch_size: int, pad_id: int, ctx) -> Tup
 def seed_identity(cfg: FinetuneConfig) -> Dict:
     """What a seed's training depends on: the config without the list of seeds and the resume switches."""
     plain = cfg.to_dict()
-    plain["train"] = {k: v for k, v in plain["train"].items() if k != "seeds"}
+    plain["train"] = {k: v for k, v in plain["train"].items() if k not in ("seeds", "collective_timeout_s")}
     plain["checkpoint"] = {k: v for k, v in plain["checkpoint"].items() if k not in ("resume", "preemption_timeout_s")}
     return plain
 
@@ -340,6 +343,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
                                                          cfg.optim.layer_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
         mpu=MegatronMPU(), config=deepspeed_config(run_cfg, D, use_fused_adam=ctx.device.type == "cuda"))
+    install_checkpoint_engine(engine)  # resume reads model and optimizer states as data, never code
     best_dir = CheckpointManager(seed_dir / "best", CheckpointSection(every_steps=0, keep_last=1), ctx.rank)
     best: Dict = {"seed": seed, cfg.best_metric: -math.inf}
     first_step, skipped, bad_in_a_row = 1, 0, 0
@@ -501,7 +505,7 @@ def finetune(cfg: FinetuneConfig) -> Tuple[int, Dict]:
     from trainer.parallel import init_parallel
     from trainer.run import RunDirectory, setup_logging
 
-    ctx = init_parallel(1)
+    ctx = init_parallel(1, cfg.train.collective_timeout_s)
     setup_logging(ctx.is_main)
     cfg.check_batch(ctx.dp_size)
     init = load_initial_model(cfg.model.init)
@@ -557,8 +561,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     cfg = load_finetune_config(args.config, args.overrides)
+    from trainer.parallel import exit_if_a_peer_hangs
     try:
-        status, summary = finetune(cfg)
+        with exit_if_a_peer_hangs(cfg.train.collective_timeout_s):
+            status, summary = finetune(cfg)
     except TrainingDiverged as err:
         logger.error("fine-tuning stopped: %s", err)
         print(f"error: fine-tuning stopped: {err}", file=sys.stderr, flush=True)

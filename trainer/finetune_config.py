@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from data.errors import UserError
 from data.tasks import FORMATS, KINDS, TaskFormat
+from models.classification import POOLINGS
 from trainer.config import PRECISIONS, LogSection, ParallelSection, RunSection, ZeroSection, _choice, _plain, get_key
 from trainer.config import load_config as _load_config
 
@@ -31,6 +32,11 @@ class FinetuneModelSection:
     recipe with and without it to see what pretraining is worth on the task."""
     classifier_dropout: Optional[float] = None
     """Dropout of the classification head; None uses the backbone's hidden dropout (Hugging Face's rule)."""
+    pooling: str = "cls"
+    """What the classification head reads: cls, the first token's last hidden state (the papers' and
+    Hugging Face's classifiers); mean, the mean over the real tokens, for small or briefly pretrained
+    RTD models whose [CLS] state carries little (docs/pretraining_pays.md). mean has no Hugging Face
+    class: it needs checkpoint.export=none."""
     overrides: Dict[str, Any] = field(default_factory=dict)
     """Dropout fields of the backbone config to change for fine-tuning: hidden_dropout, attention_dropout."""
 
@@ -64,6 +70,9 @@ class FinetuneTrainSection:
     grad_clip: float = 1.0
     max_bad_steps: int = 10
     """A step whose loss is NaN/Inf is skipped; this many in a row stop the run (exit 3)."""
+    collective_timeout_s: float = 1800.0
+    """A collective that waits longer than this for a peer rank fails and the run exits non-zero naming
+    it (a hung or stopped rank ends the job instead of blocking it forever)."""
     steps: int = 0
     """Set by the trainer from epochs (read by the DeepSpeed config and the schedule); leave 0."""
 
@@ -138,6 +147,10 @@ class FinetuneConfig:
         _choice("data.kind", self.data.kind, KINDS)
         _choice("data.format", self.data.format, ("auto",) + FORMATS)
         _choice("checkpoint.export", self.checkpoint.export, EXPORTS)
+        _choice("model.pooling", self.model.pooling, POOLINGS)
+        if self.model.pooling != "cls" and self.checkpoint.export == "hf":
+            raise UserError(f"model.pooling={self.model.pooling} has no Hugging Face classifier to export to "
+                            f"(they read the first token): set checkpoint.export=none, or model.pooling=cls")
         if self.model.random_init and not self.model.init:
             raise UserError("model.random_init=true needs model.init (whose architecture, sizes and tokenizer it "
                             "keeps): pass model.init=PATH")
@@ -151,7 +164,8 @@ class FinetuneConfig:
                     "train.global_batch_size": self.train.global_batch_size, "train.epochs": self.train.epochs,
                     "data.max_length": self.data.max_length, "eval.batch_size": self.eval.batch_size,
                     "log.every_steps": self.log.every_steps, "optim.lr": self.optim.lr,
-                    "optim.layer_decay": self.optim.layer_decay}
+                    "optim.layer_decay": self.optim.layer_decay,
+                    "train.collective_timeout_s": self.train.collective_timeout_s}
         for key, value in positive.items():
             if value <= 0:
                 raise UserError(f"{key}={value} must be positive")

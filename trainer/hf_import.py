@@ -24,7 +24,9 @@ from typing import Callable, Optional
 import torch
 
 from data.errors import UserError
+from data.jsonio import read_json_object
 from models.native import NativeModel, load_native
+from trainer.safe_load import WEIGHTS_ONLY, safe_torch_load
 
 Log = Callable[[str], None]
 RTD_HEAD_FILE = "rtd_head.safetensors"
@@ -37,14 +39,14 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json_object(path / "config.json", "fix the file or download the model again")
     from safetensors.torch import load_file
 
     sd: dict[str, torch.Tensor] = {}
     for index, single, load in (
         ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
         ("pytorch_model.bin.index.json", "pytorch_model.bin",
-         lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+         lambda f: safe_torch_load(f, allowed=WEIGHTS_ONLY)),
     ):
         if (path / index).is_file():
             for shard in sorted(set(json.loads((path / index).read_text())["weight_map"].values())):

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
-        """On resume, records after `resume_step` (logged by a run that died after its last checkpoint)
-        are dropped from metrics.jsonl and purged from TensorBoard: the files hold one history."""
+        """On resume, records after `resume_step` (logged by a run that died after its last checkpoint,
+        or by a timeline abandoned by a resume from an earlier step) are dropped from metrics.jsonl and
+        purged from TensorBoard: the files hold one history."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -19,11 +24,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
             path = Path(run_dir) / "metrics.jsonl"
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
-                tmp = path.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, path)
+                cut_history(path, resume_step)
             self._jsonl = open(path, "a", buffering=1)
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"),
                                      purge_step=resume_step + 1 if resume_step else None)
@@ -41,6 +42,43 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def unique_temp(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer uses (process id and a random part): two
+    processes writing the same file never share a temporary file (open it with mode "x")."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def cut_history(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= `last_step` (and drop a line cut short by a kill), atomically:
+    the new text goes to a temporary file of a unique name beside `path`, then replaces it."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            logger.warning("%s: dropping a malformed line (%.60s)", path, line)
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        logger.info("%s: dropped %d records after step %d (one history from the resumed step on)", path,
+                    dropped, last_step)
+    tmp = unique_temp(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _clean(value: Any) -> Any:

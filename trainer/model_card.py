@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from trainer.metrics import unique_temp
+
 CARD_FILE = "README.md"
 # Diagnostics, in the card's order: each loss beside its baseline (DESIGN.md, "How we know
 # pretraining works"): RTD loss and AUC beside the prior's loss, accuracies beside the unigram's.
@@ -217,7 +219,11 @@ def write_model_card(output: Path, conversion: dict, config: dict, model_config:
         log(f"WARNING: {problem}; the model card has no diagnostics")
     text = model_card(conversion, config, model_config, records, metrics_problem=problem, **card)
     path = Path(output) / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = unique_temp(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

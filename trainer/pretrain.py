@@ -39,7 +39,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     from trainer.elastic import prepare_resume
     from trainer import schedule
     from trainer.engine import build_engine
-    from trainer.inputs import build_inputs, resolve_tokenizer
+    from trainer.inputs import build_inputs, check_corpora, resolve_tokenizer
     from trainer.metrics import MetricsWriter
     from trainer.parallel import init_parallel
     from trainer.preemption import EXIT_PREEMPTED, PreemptionHandler, StepFlags
@@ -47,10 +47,11 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     from trainer.step import dropout_seed, evaluate, train_step
     from data.loader import validation_batches
 
-    ctx = init_parallel(cfg.parallel.tensor)
+    ctx = init_parallel(cfg.parallel.tensor, cfg.train.collective_timeout_s)
     setup_logging(ctx.is_main)
     cfg.check_batch(ctx.dp_size)
     tokenizer = resolve_tokenizer(cfg)
+    check_corpora(cfg, ctx, tokenizer)  # every .bin/.idx/.json, before anything is written
     probe = build_probe(cfg, tokenizer)  # None when off; reads and checks its task files now
     run = RunDirectory.prepare(cfg, ctx, tokenizer)
     inputs = build_inputs(cfg, ctx, tokenizer)
@@ -185,9 +186,11 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from trainer.parallel import exit_if_a_peer_hangs
     from trainer.preemption import EXIT_DIVERGED
     try:
-        status, summary = train(cfg)
+        with exit_if_a_peer_hangs(cfg.train.collective_timeout_s):
+            status, summary = train(cfg)
     except TrainingDiverged as err:
         logger.error("training stopped: %s", err)
         print(f"error: training stopped: {err}", file=sys.stderr, flush=True)

@@ -5,18 +5,30 @@
     tb/             TensorBoard events
     checkpoints/    DeepSpeed checkpoints, `latest` names the newest
     tokenizer/      a copy of the tokenizer the run was trained with
+    run.lock        the lock of the run that owns the directory: host, pid and start time (empty when free)
+
+One run per run directory: global rank 0 takes an exclusive `flock` on run.lock before anything
+is written and holds it until the process exits (the kernel releases it if the process dies). A
+second launch on the same directory exits 2 at once naming the holder, and writes nothing. A lock
+file left with a holder in it (the holder was killed) is taken over with a warning.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import errno
+import fcntl
+import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -26,6 +38,10 @@ from trainer.config import PretrainConfig, save_config
 from trainer.metrics import first_and_last, read_metrics
 from trainer.parallel import ParallelContext, from_rank0
 from trainer.quiet import quiet_libraries, quiet_megatron_import
+
+
+logger = logging.getLogger(__name__)
+LOCK_FILE = "run.lock"
 
 
 def setup_logging(is_main: bool) -> None:
@@ -45,13 +61,14 @@ class RunDirectory:
 
     @classmethod
     def prepare(cls, cfg, ctx: ParallelContext, tokenizer: Tokenizer) -> "RunDirectory":
-        """Global rank 0 creates the directory, saves the config (pretraining or fine-tuning) and copies
-        the tokenizer; others wait."""
+        """Global rank 0 creates the directory, takes its lock (one run per directory), saves the config
+        (pretraining or fine-tuning) and copies the tokenizer; others wait, and fail with it."""
         path = Path(cfg.run.dir) / cfg.run.name
         error = ""
         if ctx.is_main:
             try:
                 path.mkdir(parents=True, exist_ok=True)
+                acquire_run_lock(path)  # first: a second launch on this directory stops here, having written nothing
                 save_config(cfg, path / "config.yaml")
                 _copy_tokenizer(tokenizer, path / "tokenizer")
             except OSError as err:
@@ -83,6 +100,105 @@ class RunDirectory:
             lines.append(f"valid loss:    {valid:.4f}")
         lines += _baseline_lines(records)
         return {"text": "\n".join(lines), "first_loss": first, "last_loss": last, "valid_loss": valid}
+
+
+@dataclass
+class RunLock:
+    """The exclusive lock of one run directory, held by this process until it exits."""
+    path: Path
+    fd: int
+    pid: int
+
+    def release(self) -> None:
+        """At a clean exit: empty the file (no holder: the next run takes it without a warning) and unlock."""
+        if self.fd < 0 or self.pid != os.getpid():  # a forked child inherits the object, not the lock's ownership
+            return
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        os.close(self.fd)  # releases the flock
+        self.fd = -1
+        _HELD.pop(self.path, None)
+
+
+_HELD: Dict[Path, RunLock] = {}
+
+
+def acquire_run_lock(run_dir: Path) -> RunLock:
+    """Take `run_dir`'s exclusive lock for the life of this process (again in the same process: the
+    held one). Another live holder: UserError naming its host, pid and start time, with nothing written.
+    A lock file that still names a holder which no longer holds the lock is taken over with a warning."""
+    path = (Path(run_dir) / LOCK_FILE).resolve()
+    held = _HELD.get(path)
+    if held is not None and held.pid == os.getpid() and held.fd >= 0:
+        return held
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot open the run lock {path}: {err.strerror or err}; check run.dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UserError(f"run directory {run_dir} is in use by another run ({_describe(holder)}; lock file "
+                            f"{path}); wait for it to end or choose another run.name") from None
+        raise UserError(f"cannot lock {path}: {err.strerror or err}; run.dir must be on a file system "
+                        f"that supports flock") from None
+    previous = _read_holder(fd)
+    if previous is not None:
+        logger.warning("run directory %s: taking over the lock left by %s, which no longer holds it "
+                       "(killed?)", run_dir, _describe(previous, holds=False))
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as err:
+        os.close(fd)
+        raise UserError(f"cannot write the run lock {path}: {err.strerror or err}; check run.dir") from None
+    lock = _HELD[path] = RunLock(path, fd, os.getpid())
+    atexit.register(lock.release)
+    return lock
+
+
+def _read_holder(fd: int) -> Optional[Dict[str, Any]]:
+    """What the lock file says of its holder; None when it is empty (free, or never held)."""
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return {}
+    if not text:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: Optional[Dict[str, Any]], holds: bool = True) -> str:
+    """The holder in words; `holds`: it holds the lock now (a gone pid then means a child of it does)."""
+    if not holder:
+        return "holder not recorded yet" if holds else "an unrecorded holder"
+    host, pid = holder.get("host", "?"), holder.get("pid", "?")
+    text = f"host {host}, pid {pid}, started {holder.get('started', '?')}"
+    if holds and host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+        text += f"; pid {pid} is gone, a child process of it still holds the lock"
+    return text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _baseline_lines(records: list) -> list:
