@@ -33,6 +33,7 @@ from models.parallel import ParallelLayers
 FAMILIES = {"roberta": RobertaConfig, "deberta": DebertaConfig, "electra": ElectraConfig}
 HF_CLASSES = {"roberta": "RobertaForSequenceClassification", "deberta": "DebertaV2ForSequenceClassification",
               "electra": "ElectraForSequenceClassification"}
+POOLINGS = ("cls", "mean")
 HF_BACKBONE_PREFIX = {"roberta": "roberta.", "deberta": "deberta.", "electra": "electra."}
 
 
@@ -49,8 +50,8 @@ class ClassificationHead(nn.Module):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(hidden[:, 0])  # (B, H): <s> / [CLS]
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(summary)  # (B, H): <s> / [CLS], or the mean of the tokens
         x = self.dropout(self.activation(self.dense(x)))
         return self.out_proj(x)  # (B, C)
 
@@ -67,8 +68,8 @@ class PoolerHead(nn.Module):
             nn.init.normal_(linear.weight, std=std)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pooled = F.gelu(self.pooler(hidden[:, 0]))  # (B, H)
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        pooled = F.gelu(self.pooler(summary))  # (B, H)
         return self.classifier(self.dropout(pooled))  # (B, C)
 
 
@@ -86,15 +87,33 @@ def build_backbone(family: str, config, layers: ParallelLayers | None = None) ->
     raise UserError(f"no classifier for model family {family!r}; use one of {', '.join(FAMILIES)}")
 
 
-class SequenceClassifier(nn.Module):
-    """backbone -> head -> logits (B, C); C = 1 for regression."""
+def summarize(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, H) last hidden states -> (B, H): the first token's ([CLS] / <s>, what every Hugging Face
+    sequence classifier reads), or the mean over the real tokens (attention_mask nonzero)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = (attention_mask != 0).to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
-    def __init__(self, family: str, config, num_labels: int, classifier_dropout: float | None = None):
+
+class SequenceClassifier(nn.Module):
+    """backbone -> summary of the sequence (pooling) -> head -> logits (B, C); C = 1 for regression.
+
+    pooling "cls" is the papers' and Hugging Face's classifier; "mean" feeds the same head the mean of
+    the last layer over real tokens. A small RTD discriminator early in pretraining keeps what it
+    learned in the tokens' states, not in [CLS] (which pretraining only ever labels "original"):
+    docs/pretraining_pays.md measures linear probes and fine-tuning both ways.
+    """
+
+    def __init__(self, family: str, config, num_labels: int, classifier_dropout: float | None = None,
+                 pooling: str = "cls"):
         super().__init__()
         if family not in FAMILIES or not isinstance(config, FAMILIES[family]):
             raise UserError(f"a {family} classifier needs a {FAMILIES.get(family, object).__name__}, "
                             f"got {type(config).__name__}")
-        self.family, self.config, self.num_labels = family, config, num_labels
+        if pooling not in POOLINGS:
+            raise UserError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.family, self.config, self.num_labels, self.pooling = family, config, num_labels, pooling
         self.backbone = build_backbone(family, config)
         dropout = config.hidden_dropout if classifier_dropout is None else classifier_dropout
         self.classifier_dropout = dropout
@@ -111,7 +130,8 @@ class SequenceClassifier(nn.Module):
         return self.backbone.embeddings.norm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.encode(input_ids, attention_mask))
+        hidden = self.backbone.encode(input_ids, attention_mask)
+        return self.head(summarize(hidden, attention_mask, self.pooling))
 
     def num_layers(self) -> int:
         return self.config.num_layers
@@ -130,7 +150,7 @@ class SequenceClassifier(nn.Module):
     def describe(self) -> Dict[str, Any]:
         """What rebuilds this classifier (saved with checkpoints)."""
         return {"family": self.family, "num_labels": self.num_labels, "classifier_dropout": self.classifier_dropout,
-                "config": dataclasses.asdict(self.config)}
+                "pooling": self.pooling, "config": dataclasses.asdict(self.config)}
 
 
 # ------------------------------------------------------------------------- from our native files
@@ -163,6 +183,9 @@ def _without_emd(config: DebertaConfig) -> DebertaConfig:
 # ------------------------------------------------------------------------------- Hugging Face
 def hf_config(model: SequenceClassifier, label_names=None, regression: bool = False):
     """transformers config of the matching XForSequenceClassification."""
+    if model.pooling != "cls":
+        raise UserError(f"a classifier with pooling {model.pooling!r} has no Hugging Face equivalent "
+                        f"(transformers' sequence classifiers read the first token)")
     cfg = model.config
     if model.family == "roberta":
         hf = roberta.hf_config(cfg)

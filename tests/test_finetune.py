@@ -255,6 +255,52 @@ def test_build_demo_task_labels_docstrings_by_library(tmp_path):
 WORDS = {0: ["array", "matrix", "vector", "dtype", "axis"], 1: ["graph", "node", "edge", "path", "tree"]}
 
 
+@pytest.mark.parametrize("family", ["roberta", "deberta_v3", "electra"])
+def test_mean_pooling_reads_every_real_token_and_ignores_padding(family):
+    from models.classification import SequenceClassifier, backbone_from_native
+
+    cfg = build_config(family, "debug", vocab_size=120, seq_length=32, pad_token_id=0)
+    torch.manual_seed(0)
+    name, backbone_cfg, _ = backbone_from_native(family, cfg, build_model(cfg).state_dict())
+    mean = SequenceClassifier(name, backbone_cfg, 3, 0.0, pooling="mean").eval()
+    cls = SequenceClassifier(name, backbone_cfg, 3, 0.0, pooling="cls").eval()
+    cls.load_state_dict(mean.state_dict())  # the same weights: only what the head reads differs
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2, 0, 0], [1, 9, 10, 11, 12, 13, 14, 2]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = mean.backbone.encode(ids, mask)
+        expected = torch.stack([hidden[0, :6].mean(0), hidden[1].mean(0)])
+        torch.testing.assert_close(mean(ids, mask), mean.head(expected), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cls(ids, mask), cls.head(hidden[:, 0]), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(mean(ids, mask), cls(ids, mask))
+        # more padding changes nothing
+        padded = torch.cat([ids, torch.zeros(2, 4, dtype=ids.dtype)], dim=1)
+        torch.testing.assert_close(mean(padded, (padded != 0).long()), mean(ids, mask), rtol=1e-5, atol=1e-6)
+        # a change in a middle token moves the mean-pooled logits
+        moved = ids.clone()
+        moved[0, 3] = 30
+        assert not torch.allclose(mean(moved, mask)[0], mean(ids, mask)[0])
+    assert mean.describe()["pooling"] == "mean"
+    with pytest.raises(UserError, match="pooling 'max' is not one of cls, mean"):
+        SequenceClassifier(name, backbone_cfg, 3, pooling="max")
+    from models.classification import hf_config
+    with pytest.raises(UserError, match="no Hugging Face equivalent"):
+        hf_config(mean)
+
+
+def test_mean_pooling_config_needs_an_export_that_can_hold_it():
+    from trainer.finetune_config import load_finetune_config
+
+    base = ["model.init=x", "data.train=a.tsv", "data.validation=b.tsv"]
+    cfg = load_finetune_config("configs/finetune/debug.yaml", base + ["model.pooling=mean", "checkpoint.export=none"])
+    assert cfg.model.pooling == "mean"
+    assert load_finetune_config("configs/finetune/debug.yaml", base).model.pooling == "cls"
+    with pytest.raises(UserError, match="model.pooling=mean has no Hugging Face classifier to export to"):
+        load_finetune_config("configs/finetune/debug.yaml", base + ["model.pooling=mean", "checkpoint.export=hf"])
+    with pytest.raises(UserError, match="model.pooling"):
+        load_finetune_config("configs/finetune/debug.yaml", base + ["model.pooling=max", "checkpoint.export=none"])
+
+
 @pytest.fixture(scope="module")
 def finetune_inputs(tmp_path_factory, spm_tokenizer):
     """A DeBERTaV3 native file, a two-class task, and the overrides of the debug recipe for a 2-rank

@@ -194,3 +194,46 @@ def test_two_rank_zero3_rtd_run_logs_the_probe(probe_inputs):
     assert sorted(records) == [2, 3]
     assert all(0.0 <= r["probe_accuracy"] <= 1.0 and r["probe_train_accuracy"] >= 0.5 for r in records.values())
     assert sorted(train_records(probe_inputs / "runs" / "rtd_z3")) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- tools/probe_model.py
+def test_average_cosine_matches_all_pairs():
+    from tools.probe_model import average_cosine
+
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    pairs = [float(unit[i] @ unit[j]) for i in range(7) for j in range(7) if i != j]
+    assert abs(average_cosine(x) - sum(pairs) / len(pairs)) < 1e-12
+    assert abs(average_cosine(torch.ones(4, 3)) - 1.0) < 1e-12  # collapsed: one direction
+
+
+def test_probe_model_reports_both_poolings_beside_random_init(probe_inputs, spm_tokenizer, tmp_path, capsys):
+    from models.native import save_native
+    from models.registry import build_config, build_model
+    from tools.probe_model import main, probe_model
+
+    cfg = build_config("deberta_v3", "debug", vocab_size=spm_tokenizer.vocab_size, seq_length=32,
+                       pad_token_id=spm_tokenizer.pad_id)
+    torch.manual_seed(11)
+    native = save_native(tmp_path / "native", "deberta_v3", cfg, build_model(cfg).state_dict())
+    train, valid = probe_inputs / "train.tsv", probe_inputs / "validation.tsv"
+    results = probe_model(native, train, valid, max_length=32, seeds=(11, 12), tokenizer_dir=spm_tokenizer.path)
+    for pooling in ("mean", "cls"):
+        rows = results[pooling]["random_init"]
+        assert [r["seed"] for r in rows] == [11, 12]
+        # random init from seed 11 is the very model saved: same features, same probe
+        assert rows[0] == {"seed": 11, **results[pooling]["pretrained"]}
+        assert rows[1]["accuracy"] != rows[0]["accuracy"] or rows[1]["cosine"] != rows[0]["cosine"]
+        for r in rows:
+            assert 0.0 <= r["accuracy"] <= 1.0 and -1.0 <= r["cosine"] <= 1.0
+    assert results["mean"]["pretrained"]["cosine"] < results["cls"]["pretrained"]["cosine"]  # [CLS] barely varies
+    assert main(["--model", str(native), "--train", str(train), "--validation", str(valid), "--max-length", "32",
+                 "--tokenizer", str(spm_tokenizer.path), "--pooling", "mean", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| mean |" in out and "| cls |" not in out and "majority class" in out
+    with pytest.raises(UserError, match="--pooling 'max' is not one of mean, cls"):
+        probe_model(native, train, valid, poolings=("max",), tokenizer_dir=spm_tokenizer.path)
+    with pytest.raises(UserError, match="no tokenizer in"):
+        probe_model(native, train, valid)  # nothing beside the saved file
+    with pytest.raises(UserError, match="--seeds"):
+        main(["--model", str(native), "--train", str(train), "--validation", str(valid), "--seeds", "a,b"])

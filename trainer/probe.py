@@ -81,11 +81,8 @@ def load_probe_task(probe: ProbeSection, tokenizer, max_length: int, pair_separa
 # ----------------------------------------------------------------------------- features
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, H) hidden states, (B, T) mask -> (B, H) float32: mean over real tokens, or the first token."""
-    hidden = hidden.float()
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask.to(hidden)[..., None]  # (B, T, 1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    from models.classification import summarize  # the same pooling fine-tuning's model.pooling uses
+    return summarize(hidden.float(), attention_mask, pooling)
 
 
 @torch.no_grad()
