@@ -29,6 +29,7 @@ EXIT_PEER_TIMEOUT = 69  # sysexits EX_UNAVAILABLE: a collective waited past trai
 _ROOT = Path(__file__).resolve().parents[1]
 _peer_hung = False  # set when a collective timed out: shutdown_parallel then leaves the groups alone
 
+
 def from_rank0(value):
     """Global rank 0's value (any picklable object) on every rank: decisions and errors that rank 0
     alone makes (files it checked) then hold everywhere, so that all ranks act, or fail, together."""
