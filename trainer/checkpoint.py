@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from data.errors import UserError
 from trainer.config import CheckpointSection
-from trainer.metrics import unique_temp
+from trainer.metrics import write_atomic as _write_atomic
 from trainer.parallel import from_rank0
 from trainer.safe_load import safe_torch_load, weights_only_loads
 
@@ -79,21 +79,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file of a unique name in the same directory (two
-    writers never share one), fsynced, then renamed over `path`."""
-    tmp = unique_temp(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _barrier() -> None:

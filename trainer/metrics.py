@@ -50,6 +50,21 @@ def unique_temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file of a unique name in the same directory (two
+    writers never share one), fsynced, then renamed over `path`."""
+    tmp = unique_temp(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def cut_history(path: Path, last_step: int) -> None:
     """Keep the records of steps <= `last_step` (and drop a line cut short by a kill), atomically:
     the new text goes to a temporary file of a unique name beside `path`, then replaces it."""
@@ -69,16 +84,7 @@ def cut_history(path: Path, last_step: int) -> None:
     if dropped:
         logger.info("%s: dropped %d records after step %d (one history from the resumed step on)", path,
                     dropped, last_step)
-    tmp = unique_temp(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _clean(value: Any) -> Any:
