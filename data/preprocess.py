@@ -31,7 +31,6 @@ of waiting forever; a full disk or an unwritable output directory is a one-line 
 run removes the shard directories that killed runs on this host left beside its output prefix.
 """
 import contextlib
-import errno
 import glob
 import gzip
 import itertools
@@ -42,8 +41,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import tempfile
 import threading
 import time
 import zlib
@@ -60,7 +57,9 @@ from tqdm import tqdm
 
 from data import jsonio
 from data.errors import UserError
+from data.document_pieces import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, pieces as document_pieces
 from data.indexed import IndexedWriter, ShardWriter, bin_path, idx_path, token_dtype
+from data.output_staging import make_shard_dir, write_error
 from data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -330,69 +329,15 @@ def iter_texts(paths: Iterable[Path], options: ReadOptions = ReadOptions()) -> I
             at_start = False
 
 
-# -- long documents ------------------------------------------------------------------------------
-
-DEFAULT_MAX_DOCUMENT_BYTES = 4 << 20  # tokenizing holds ~110 bytes a byte (BPE): ~0.5 GB a piece
-MIN_MAX_DOCUMENT_BYTES = 64
-# Where a long document is cut, best first. Each cut falls on a whitespace character that ends a run
-# of whitespace (the next piece starts with it), where byte-level BPE's pre-tokenizer ends a token
-# anyway: the pieces then tokenize as the whole did. SentencePiece gives the same ids at a space; at
-# a line break it starts the next piece with its word marker, as at the start of any text.
-_CUTS = (
-    re.compile(rb"\n(?=\S)"),  # a line break
-    re.compile(rb"[.!?][\"')\]]*\s*?(\s)(?=\S)"),  # the whitespace after a sentence
-    re.compile(rb"\s(?=\S)"),  # the whitespace before a word
-)
-_CUT_SEARCH_BYTES = 1 << 12  # searched backwards from the limit in windows of 4 KiB, 8 KiB, ...
-
-
-def _last_cut(data: bytes, pattern: re.Pattern, low: int, high: int) -> Optional[int]:
-    """The last cut of `pattern` (its group 1, or its start) in low < cut <= high, or None."""
-    span = _CUT_SEARCH_BYTES
-    while True:
-        begin = max(low + 1, high - span)
-        found = None
-        for match in pattern.finditer(data, begin, min(len(data), high + 2)):  # + the lookahead's byte
-            cut = match.start(match.lastindex or 0)
-            if cut <= high:
-                found = cut
-        if found is not None or begin == low + 1:
-            return found
-        span *= 4
-
-
-def _pieces(text: str, max_bytes: int) -> list[str]:
-    """`text` itself, or when longer than max_bytes of UTF-8, cut into pieces of at most that many:
-    at the last line break, else sentence end, else word, else character within the limit (never
-    before half of it, so pieces stay large)."""
-    if len(text) * 4 <= max_bytes:  # short in any encoding: the common case, nothing encoded
-        return [text]
-    data = text.encode("utf-8")
-    if len(data) <= max_bytes:
-        return [text]
-    pieces, start = [], 0
-    while len(data) - start > max_bytes:
-        low, high = start + max_bytes // 2, start + max_bytes
-        cut = next((c for c in (_last_cut(data, p, low, high) for p in _CUTS) if c is not None), None)
-        if cut is None:  # no whitespace: between two characters
-            cut = high
-            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
-                cut -= 1
-        pieces.append(data[start:cut].decode("utf-8"))
-        start = cut
-    pieces.append(data[start:].decode("utf-8"))
-    return pieces
-
-
 def _encode_documents(tok: Tokenizer, texts: Iterable[str], max_bytes: int,
                       counts: "_Counts") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(token ids, tokens per document) of the documents, a batch at a time; documents without
     tokens are left out and counted. A document longer than max_bytes is tokenized a piece at a
-    time (see `_pieces`) and stays one document: its pieces' ids are joined. The tokenizer's memory
-    then grows with max_bytes (and BATCH_CHARS), not with the longest document."""
+    time (`data.document_pieces`) and stays one document: its pieces' ids are joined. The tokenizer's
+    memory then grows with max_bytes (and BATCH_CHARS), not with the longest document."""
     batch, size = [], 0
     for text in texts:
-        pieces = _pieces(text, max_bytes)
+        pieces = document_pieces(text, max_bytes)
         if len(pieces) == 1:
             batch.append(text)
             size += len(text)
@@ -529,76 +474,6 @@ def _tasks(paths: Sequence[Path], options: ReadOptions, chunk_bytes: int, shard_
                 yield _Task(str(path), kind, start == 0, start, end, None, end - start, next(shards))
 
 
-# -- temporary files beside the output -------------------------------------------------------------
-
-def _shard_dir_prefix(output_prefix: Path) -> str:
-    """The shard directory of a run names its host and pid, so that a later run can tell it is stale."""
-    return f".{output_prefix.name}.shards-{socket.gethostname()}-{os.getpid()}-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_stale_temporaries(output_prefix: Path) -> None:
-    """Remove what killed runs (SIGKILL, power loss) left beside `output_prefix`: shard directories
-    whose process on this host is gone and, when no run is writing this prefix any more (every run
-    holds a shard directory while its `IndexedWriter` writes), the writer's `.NAME.tmp-*` files.
-    Shard directories of live processes or other hosts, and their writers' files, are left alone."""
-    parent, name = output_prefix.parent, output_prefix.name
-    if not parent.is_dir():
-        return
-    owner = re.compile(rf"\.{re.escape(name)}\.shards-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]{{8}}")
-    host, writing = socket.gethostname(), False
-    for path in parent.glob(f".{glob.escape(name)}.shards-*"):
-        match = owner.fullmatch(path.name)
-        if match and match["host"] == host and not _pid_alive(int(match["pid"])):
-            log.warning("removing %s, left by a killed run (pid %s)", path, match["pid"])
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            writing = True
-    if not writing:
-        for pattern in (f".{glob.escape(name)}.tmp-*", f"..{glob.escape(name)}.tmp-*"):
-            for path in parent.glob(pattern):
-                log.warning("removing %s, left by a killed run", path)
-                path.unlink(missing_ok=True)
-
-
-def _make_shard_dir(output_prefix: Path) -> Path:
-    """Check the output prefix can be written, clear a killed run's leftovers, and make the shard directory."""
-    if output_prefix.is_dir() or str(output_prefix).endswith(os.sep):
-        raise UserError(f"--output-prefix {output_prefix} names a directory; give a path prefix such as "
-                        f"{output_prefix / 'corpus'}")
-    try:
-        output_prefix.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(output_prefix)
-        return Path(tempfile.mkdtemp(dir=output_prefix.parent, prefix=_shard_dir_prefix(output_prefix)))
-    except (FileExistsError, NotADirectoryError) as err:  # a file where a directory should be
-        raise UserError(f"--output-prefix {output_prefix}: {err.filename or output_prefix.parent} is not a "
-                        f"directory; choose another --output-prefix") from None
-    except OSError as err:
-        raise UserError(f"--output-prefix {output_prefix}: cannot write in {output_prefix.parent} "
-                        f"({err.strerror or err}); choose another --output-prefix") from None
-
-
-_WRITE_ERRNOS = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there (disk quota exceeded)",
-                 errno.EFBIG: "choose another file system", errno.EROFS: "choose another --output-prefix"}
-
-
-def _write_error(err: OSError, output_prefix: Path) -> Optional[UserError]:
-    """A full disk (or quota) while writing the output, as a one-line error; None for other errors."""
-    if err.errno not in _WRITE_ERRNOS:
-        return None
-    return UserError(f"cannot write {err.filename or output_prefix.parent}: {err.strerror or os.strerror(err.errno)}; "
-                     f"{_WRITE_ERRNOS[err.errno]} and rerun (nothing was written to {output_prefix})")
-
-
 # -- signals and workers ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -619,7 +494,7 @@ def _machine_failures(output_prefix: Path) -> Iterator[None]:
         raise UserError(f"a preprocessing worker died (killed, or out of memory?); nothing was written to "
                         f"{output_prefix}; rerun, with fewer --workers or a smaller --max-document-bytes") from None
     except OSError as err:
-        raise _write_error(err, output_prefix) or err from None
+        raise write_error(err, output_prefix) or err from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -676,7 +551,7 @@ def preprocess(
         chunk_bytes = min(max(total_bytes // (4 * workers), MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
     log.info("tokenizing %d file(s), %.1f MB, with %s, %d worker(s)", len(paths), total_bytes / 1e6, tok, workers)
 
-    shard_dir = _make_shard_dir(output_prefix)
+    shard_dir = make_shard_dir(output_prefix)
     executor, finished = None, False
     skipped, repaired, examples, read_bytes, split = Counter(), Counter(), [], 0, 0
     with _machine_failures(output_prefix):

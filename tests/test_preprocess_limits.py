@@ -16,7 +16,8 @@ import pytest
 
 from data.errors import UserError
 from data.indexed import ShardWriter, open_indexed, read_sidecar
-from data.preprocess import _pieces, preprocess
+from data.document_pieces import pieces as _pieces
+from data.preprocess import preprocess
 from data.tokenizer_train import MAX_VOCAB_SIZE, train_bpe, train_spm
 from tools import train_tokenizer
 
