@@ -95,23 +95,22 @@ def write(path: Path, text: str) -> str:
 def test_bad_task_files_name_file_and_line(tmp_path):
     good = write(tmp_path / "good.tsv", "sentence\tlabel\na b\t0\nc d\t1\n")
     missing = str(tmp_path / "missing.tsv")
-    with pytest.raises(UserError, match=f"{missing}: no such task file; check probe.train / probe.validation"):
-        load_probe_task(ProbeSection(every_steps=1, train=missing, validation=good), None, 16)
     keyish = str(tmp_path / "data.train")  # a file name that looks like a key keeps its name
-    with pytest.raises(UserError, match=f"{keyish}: cannot tell the format .* set probe.format to one of"):
-        load_probe_task(ProbeSection(every_steps=1, train=write(Path(keyish), "x"), validation=good), None, 16)
     malformed = write(tmp_path / "bad.tsv", "sentence\tlabel\na b\t0\nc d\t1\textra\n")
-    with pytest.raises(UserError, match=f"{malformed}:3: 3 fields, the header has 2"):
-        load_probe_task(ProbeSection(every_steps=1, train=good, validation=malformed), None, 16)
     not_json = write(tmp_path / "bad.jsonl", '{"sentence": "a", "label": 0}\n{"sentence": \n')
-    with pytest.raises(UserError, match=f"{not_json}:2: not a JSON line"):
-        load_probe_task(ProbeSection(every_steps=1, train=not_json, validation=good), None, 16)
     one = write(tmp_path / "one.tsv", "sentence\tlabel\na b\t0\nc d\t0\n")
-    with pytest.raises(UserError, match=f"{one}: only one class \\(0\\); a linear probe needs two or more"):
-        load_probe_task(ProbeSection(every_steps=1, train=one, validation=good), None, 16)
     unknown = write(tmp_path / "unknown.tsv", "sentence\tlabel\na b\t2\n")
-    with pytest.raises(UserError, match=f"{unknown}:2: label '2' is not one of the classes 0, 1; .* probe.labels"):
-        load_probe_task(ProbeSection(every_steps=1, train=good, validation=unknown), None, 16)
+    cases = [  # (probe.train, probe.validation, the error)
+        (missing, good, f"{missing}: no such task file; check probe.train / probe.validation"),
+        (write(Path(keyish), "x"), good, f"{keyish}: cannot tell the format .* set probe.format to one of"),
+        (good, malformed, f"{malformed}:3: 3 fields, the header has 2"),
+        (not_json, good, f"{not_json}:2: not a JSON line"),
+        (one, good, f"{one}: only one class \\(0\\); a linear probe needs two or more"),
+        (good, unknown, f"{unknown}:2: label '2' is not one of the classes 0, 1; .* probe.labels"),
+    ]
+    for train, validation, error in cases:
+        with pytest.raises(UserError, match=error):
+            load_probe_task(ProbeSection(every_steps=1, train=train, validation=validation), None, 16)
 
 
 def test_config_rejects_an_incomplete_probe():
