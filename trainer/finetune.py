@@ -297,7 +297,8 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     order, dropout, SiFT noise), so a continued seed is the uninterrupted one. On a stop request
     (`preemption.requested` on any rank) the seed saves last/ and raises Preempted.
     """
-    from trainer.checkpoint import CheckpointManager, TrainState, _write_atomic
+    from trainer.checkpoint import CheckpointManager, TrainState
+    from trainer.metrics import write_atomic
     from trainer.config import CheckpointSection, deepspeed_config, trainer_clips_gradients
     from trainer.engine import _default_cuda_arch, warmup_linear_decay
     from trainer.glue_metrics import task_metrics
@@ -322,7 +323,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
             if seed_dir.exists():
                 shutil.rmtree(seed_dir)  # no stale best checkpoint, export or metrics
             seed_dir.mkdir(parents=True)
-            _write_atomic(seed_dir / SEED_CONFIG, json.dumps(seed_identity(cfg), indent=1) + "\n")
+            write_atomic(seed_dir / SEED_CONFIG, json.dumps(seed_identity(cfg), indent=1) + "\n")
         _barrier()
     G, D = cfg.train.global_batch_size, ctx.dp_size
     steps_per_epoch = len(task.train) // G
@@ -438,7 +439,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     if sift is not None:
         sift.remove()
     if ctx.is_main:
-        _write_atomic(seed_dir / SEED_RESULT, json.dumps(best, indent=1) + "\n")
+        write_atomic(seed_dir / SEED_RESULT, json.dumps(best, indent=1) + "\n")
         shutil.rmtree(seed_dir / "last", ignore_errors=True)  # finished: result.json replaces it
     _barrier()
     del engine
