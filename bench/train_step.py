@@ -301,31 +301,11 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------- parent
 def train_flops(model: str, cfg, batch_size: int, seq: int) -> float:
-    """Model FLOPs of one training step (3 x forward): generator + discriminator, attention
-    included (q.k, probs.v and, for DeBERTa, the c2p/p2c score tables over 2k positions), MLM head
-    on the predicted positions only, embeddings and softmax/LayerNorm not counted."""
-    tokens = batch_size * seq
-    predicted = tokens * SELECT
+    """Model FLOPs of one training step: trainer/flops.py's count (generator + discriminator, attention
+    included, MLM head on the predicted positions only) times the step's tokens."""
+    from trainer.flops import training_flops_per_token
 
-    def tower(c, emd_passes: int = 0) -> float:
-        H, I, L = c.hidden_size, c.intermediate_size, c.num_layers + emd_passes
-        per_token = 2 * (4 * H * H + 2 * H * I) + 4 * seq * H
-        if getattr(c, "relative_attention", False):
-            k2 = 2 * c.relative_span
-            per_token += 2 * 2 * k2 * H  # q x P_k and k x P_q score tables (c2p, p2c)
-        return L * per_token * tokens
-
-    def mlm_head(c) -> float:
-        return predicted * 2 * (c.hidden_size * c.hidden_size + c.hidden_size * c.padded_vocab_size)
-
-    if model == "deberta_v3_rtd":
-        g, d = cfg.generator, cfg.discriminator
-        emd = g.emd_layers if g.enhanced_mask_decoder else 0
-        fwd = tower(g, emd) + mlm_head(g) + tower(d) + tokens * 2 * (d.hidden_size ** 2 + d.hidden_size)
-    else:
-        emd = cfg.emd_layers if getattr(cfg, "enhanced_mask_decoder", False) else 0
-        fwd = tower(cfg, emd) + mlm_head(cfg)
-    return 3 * fwd
+    return batch_size * seq * training_flops_per_token(cfg, seq, SELECT)
 
 
 def _spawn(side: str, model: str, seq: int, args) -> subprocess.Popen:

@@ -1,0 +1,732 @@
+"""The papers' ablations on your own data, one command per study.
+
+    python tools/ablate.py STUDY --out DIR [--scale tiny|small] [--corpus JSONL] [--data DIR]
+                           [key=value ...] [ARM:key=value ...]
+
+STUDY is one of (arms; the paper whose table it checks):
+
+    input-formats      segment_pair+nsp, sentence_pair+nsp, full_sentences, doc_sentences (RoBERTa Table 2)
+    static-masking     static x10 vs dynamic masking (RoBERTa Table 1)
+    rtd-vs-mlm         ELECTRA vs an MLM model of the discriminator's shape, at equal FLOPs (ELECTRA 3.2)
+    embedding-sharing  none / ES / GDES, with the embedding-similarity diagnostic (DeBERTaV3 Table 2)
+    generator-size     generator 1/4, 1/2, 1 of the discriminator, at equal FLOPs (ELECTRA Figure 3)
+    schedule           joint vs two-stage training (ELECTRA Figure 3)
+    weight-sharing     none / embeddings / all, same-size towers (ELECTRA 3.2)
+
+Each arm is pretrained (DeepSpeed, `--scale small`: 2 local ranks; `tiny`: one process, a CI-sized
+smoke run) on the same corpus with the same tokens (token-budget steps, so packings with short samples
+see as many tokens), and where arms differ in size with the same estimated FLOPs (trainer/flops.py: the
+reference is the first arm, the others get steps in proportion); the budget is printed. Then each arm's
+last checkpoint is converted to a native file, probed (a linear probe on frozen mean-pooled features,
+tools/probe_model.py, beside the same architecture with random weights) and fine-tuned over 3 seeds on
+the word-order task (tools/build_word_order_task.py: needs context, word counts cannot solve it),
+and each architecture of the study is fine-tuned from random weights over the same seeds.
+
+Writes DIR/results.md (arm, steps, tokens, FLOPs, pretraining losses, RTD AUC or MLM accuracy, probe,
+fine-tuned accuracy mean +- std and per seed, the random-init rows, the paper's finding),
+DIR/results.json, DIR/loss.png (training loss against tokens or FLOPs) and DIR/downstream.png; they are
+rewritten after every finished arm. DIR/arms/ (runs, native files, fine-tuning) and DIR/data/ are large
+and excluded from git by DIR/.gitignore. Running the same command again resumes: finished arms are
+skipped, an unfinished pretraining continues from its last checkpoint, an unfinished fine-tuning from
+its finished seeds. A DIR made by another study, scale, set of overrides or version of this tool is
+refused, not mixed.
+
+Data: --corpus (JSONL, one {"text": ...} per line; default: the embedded docstring corpus, built on first
+use) is tokenized (byte-level BPE for roberta/electra, SentencePiece for deberta_v3) and preprocessed into
+--data (default DIR/data; `--data demo` reuses `make demo`'s), with static masks (x10) where the study
+needs them, and the word-order task is built from it.
+
+Overrides: `key=value` applies to every arm's pretraining config (trainer/config.py keys); `ARM:key=value`
+to one arm. Keys a study varies between its arms cannot be overridden for all arms, and keys that set an
+arm's compute (steps, batch, tokens, sequence length, model size) cannot be overridden for one arm:
+both are refused naming the key.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data.errors import UserError  # noqa: E402
+
+VERSION = 1  # of the study layout and recipes: a DIR from another version is refused
+SEEDS = (1, 2, 3)
+RANDOM_INIT = "random-init"
+
+
+# ----------------------------------------------------------------------------------- what a study is
+@dataclass(frozen=True)
+class Scale:
+    seq_length: int
+    steps: int
+    samples_per_step: int  # x seq_length = tokens per step (a token budget)
+    micro_batch: int
+    ranks: int
+    corpus_mb: float
+    vocab_size: int
+    finetune_epochs: int
+    task_train: int
+    task_validation: int
+    probe_examples: int
+    log_every: int
+    eval_samples: int
+
+
+SCALES = {
+    # a smoke run of the whole path in CI time: nothing is learned
+    "tiny": Scale(seq_length=64, steps=6, samples_per_step=8, micro_batch=8, ranks=1, corpus_mb=0.3,
+                  vocab_size=1000, finetune_epochs=1, task_train=96, task_validation=64, probe_examples=96,
+                  log_every=2, eval_samples=16),
+    # the demo's models and data (make demo): a few minutes per arm on 2 CPU cores
+    "small": Scale(seq_length=128, steps=400, samples_per_step=32, micro_batch=16, ranks=2, corpus_mb=8.0,
+                   vocab_size=8000, finetune_epochs=3, task_train=4000, task_validation=1000, probe_examples=2000,
+                   log_every=10, eval_samples=128),
+}
+
+# Each model's recipe at these scales (the demo's, tuned in docs/pretraining_pays.md); the scale sets the
+# lengths, steps and batches.
+RECIPES = {
+    "roberta": {"model": {"name": "roberta", "size": "debug"},
+                "optim": {"lr": 5.0e-3}},
+    "electra": {"model": {"name": "electra", "size": "debug"},
+                "data": {"mask_token_prob": 1.0, "random_token_prob": 0.0},
+                "optim": {"lr": 1.0e-3, "generator_lr": None}},
+    "deberta_v3": {"model": {"name": "deberta_v3", "size": "debug",
+                             "overrides": {"hidden_dropout": 0.0, "attention_dropout": 0.0}},
+                   "data": {"mask_token_prob": 1.0, "random_token_prob": 0.0},
+                   "optim": {"lr": 1.0e-3, "generator_lr": 1.0e-3}},
+}
+TOKENIZER_OF = {"roberta": "bpe", "electra": "bpe", "deberta_v3": "spm"}
+STATIC_COPIES = 10  # BERT's dupe factor
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    model: str
+    settings: Dict = field(default_factory=dict)
+    """Deep-merged into the model's recipe."""
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    arms: Tuple[Arm, ...]
+    varies: Tuple[str, ...]
+    """Dotted keys (or prefixes) the arms set: refused as overrides for all arms."""
+    paper: str
+    equal_flops: bool = False
+    static_masks: bool = False
+
+    @property
+    def models(self) -> List[str]:
+        return list(dict.fromkeys(a.model for a in self.arms))
+
+
+def _gen(hidden: int, heads: int, ffn: int) -> Dict:
+    return {"hidden_size": hidden, "num_heads": heads, "intermediate_size": ffn}
+
+
+SAME_SIZE_GENERATOR = _gen(64, 4, 128)  # ELECTRA debug's discriminator shape (2 x 64, FFN 128)
+
+STUDIES: Dict[str, Study] = {s.name: s for s in (
+    Study("input-formats", tuple(Arm(n, "roberta", {"data": {"packing": p}}) for n, p in (
+        ("segment_pair+nsp", "segment_pair"), ("sentence_pair+nsp", "sentence_pair"),
+        ("full_sentences", "full_sentences"), ("doc_sentences", "doc_sentences"))),
+          varies=("data.packing",),
+          paper="RoBERTa (Liu et al. 2019, Table 2; BERT-base, SQuAD 1.1/2.0, MNLI-m, SST-2, RACE): "
+                "SEGMENT-PAIR+NSP 90.4/78.7/84.0/92.9/64.2, SENTENCE-PAIR+NSP 88.7/76.2/82.9/92.1/63.0, "
+                "FULL-SENTENCES 90.4/79.1/84.7/92.5/64.8, DOC-SENTENCES 90.6/79.7/84.7/92.7/65.6: single "
+                "sentences hurt (no long-range context), dropping NSP matches or helps, DOC >= FULL."),
+    Study("static-masking", (Arm("static_x10", "roberta", {"data": {"masking": "static"}}),
+                             Arm("dynamic", "roberta", {"data": {"masking": "dynamic"}})),
+          varies=("data.masking",), static_masks=True,
+          paper="RoBERTa (Table 1; BERT-base, SQuAD 2.0 F1 / MNLI-m / SST-2): static 78.3/84.3/92.5, dynamic "
+                "78.7/84.0/92.9: dynamic masking is comparable or slightly better, and cheaper to store."),
+    Study("rtd-vs-mlm", (Arm("electra_rtd", "electra", {"model": {"overrides": {
+                             "discriminator": {"embedding_size": 64}, "generator": {"embedding_size": 64}}}}),
+                         Arm("mlm", "roberta")),
+          varies=("model.name", "model.overrides"), equal_flops=True,
+          paper="ELECTRA (Clark et al. 2020, Table 1/8): at comparable compute ELECTRA-Small 79.9 vs "
+                "BERT-Small 75.1 GLUE; ELECTRA-Base 85.1 vs BERT-Base 82.2: learning from all tokens beats "
+                "learning from the 15% masked."),
+    Study("embedding-sharing", tuple(Arm(m, "deberta_v3", {"model": {"overrides": {"embedding_sharing": m}}})
+                                     for m in ("none", "es", "gdes")),
+          varies=("model.overrides.embedding_sharing",),
+          paper="DeBERTaV3 (He et al. 2021, section 3 and its embedding-sharing tables): GDES fine-tunes best; "
+                "NES loses the benefit of sharing; under ES the MLM and RTD gradients pull one table in "
+                "opposite directions (a tug-of-war), which the average cosine similarity of the word "
+                "embeddings shows: RTD pushes similar tokens apart, MLM pulls them together."),
+    Study("generator-size", tuple(Arm(n, "electra", {"model": {"overrides": {"generator": g}}}) for n, g in (
+        ("gen_1/4", _gen(16, 1, 32)), ("gen_1/2", _gen(32, 2, 64)), ("gen_1", SAME_SIZE_GENERATOR))),
+          varies=("model.overrides.generator",), equal_flops=True,
+          paper="ELECTRA (Figure 3 left; base discriminator, GLUE): generators 1/4-1/2 of the discriminator "
+                "are best; a generator as large as the discriminator is worse (too strong a task, and twice "
+                "the compute per step)."),
+    Study("schedule", (Arm("joint", "electra", {"train": {"rtd_schedule": "joint"}}),
+                       Arm("two_stage", "electra", {"train": {"rtd_schedule": "two_stage"}})),
+          varies=("train.rtd_schedule", "train.generator_steps"),
+          paper="ELECTRA (Figure 3 right; GLUE against FLOPs): joint training beats two-stage training "
+                "(generator alone, then the discriminator initialised from it with the generator frozen); "
+                "adversarial training is worse than both."),
+    Study("weight-sharing", tuple(Arm(n, "electra", {"model": {"overrides": {
+        "embedding_sharing": m, "generator": SAME_SIZE_GENERATOR}}}) for n, m in (
+            ("none", "none"), ("embeddings", "es"), ("all", "all"))),
+          varies=("model.overrides.embedding_sharing",),
+          paper="ELECTRA (section 3.2; same-size generator and discriminator, 500k steps, GLUE): no sharing "
+                "83.6, shared embeddings 84.3, all weights shared 84.4: embeddings gain most (the generator's "
+                "softmax updates every token's embedding), sharing all adds little."),
+)}
+
+# Keys that set an arm's compute: never overridden for one arm only.
+COMPUTE_KEYS = ("train.steps", "train.tokens_per_step", "train.global_batch_size", "data.seq_length",
+                "model.name", "model.size", "model.overrides.generator", "model.overrides.discriminator",
+                "model.overrides.num_layers", "model.overrides.hidden_size", "model.overrides.intermediate_size",
+                "model.overrides.num_heads", "model.overrides.embedding_size", "train.rtd_schedule",
+                "train.generator_steps")
+
+
+# ----------------------------------------------------------------------------------- configs
+def deep_merge(base: Dict, extra: Dict) -> Dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _covers(prefix: str, key: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".") or prefix.startswith(key + ".")
+
+
+def split_overrides(study: Study, overrides: Sequence[str]) -> Tuple[List[str], Dict[str, List[str]]]:
+    """(overrides for all arms, {arm: its own overrides}); refuses what would unbalance the study."""
+    names = [a.name for a in study.arms]
+    common, per_arm = [], {n: [] for n in names}
+    for text in overrides:
+        if "=" not in text:
+            raise UserError(f"override {text!r} is not key=value (or ARM:key=value)")
+        key = text.split("=", 1)[0]
+        arm = None
+        if ":" in key:
+            arm, key = key.split(":", 1)
+            if arm not in per_arm:
+                raise UserError(f"override {text!r}: {study.name} has no arm {arm!r}; its arms: {', '.join(names)}")
+        if key.startswith("run."):
+            raise UserError(f"override {key} is set by this tool (each arm's run lives in --out DIR); drop it")
+        if arm is None:
+            for varied in study.varies:
+                if _covers(varied, key):
+                    raise UserError(f"override {key}: {study.name} varies {varied} between its arms; an override "
+                                    f"for all arms would erase the comparison (use ARM:{key}=... for one arm)")
+            common.append(text)
+        else:
+            for compute in COMPUTE_KEYS:
+                if _covers(compute, key):
+                    raise UserError(f"override {arm}:{key} would make the arms unequal in compute ({compute} "
+                                    f"sets an arm's tokens or FLOPs); set it for all arms, without {arm}:")
+            per_arm[arm].append(f"{key}={text.split('=', 1)[1]}")
+    return common, per_arm
+
+
+def scale_settings(scale: Scale, steps: int, run_dir: Path, name: str, data: "DataFiles", model: str) -> Dict:
+    """The scale's lengths, steps, batches, logging and checkpoints, and where the arm's run lives."""
+    prefix = data.static_prefix(model) if data.static else data.prefix(model)
+    return {
+        "run": {"dir": str(run_dir), "name": name},
+        "data": {"prefix": str(prefix), "seq_length": scale.seq_length, "valid_fraction": 0.02},
+        "train": {"steps": steps, "micro_batch_size": scale.micro_batch,
+                  "global_batch_size": scale.micro_batch * scale.ranks,
+                  "tokens_per_step": scale.samples_per_step * scale.seq_length, "seed": 1234},
+        "optim": {"warmup_steps": max(1, steps // 10)},
+        "zero": {"stage": 1 if scale.ranks > 1 else 0},
+        "precision": "fp32",
+        "checkpoint": {"every_steps": max(1, steps // 4), "keep_last": 1},
+        "log": {"every_steps": scale.log_every},
+        "eval": {"every_steps": max(1, steps // 4), "samples": scale.eval_samples},
+    }
+
+
+def arm_config(study: Study, arm: Arm, scale: Scale, steps: int, run_dir: Path, data: "DataFiles",
+               common: Sequence[str], own: Sequence[str]) -> Dict:
+    from trainer.config import apply_overrides
+
+    config = deep_merge(RECIPES[arm.model], scale_settings(scale, steps, run_dir, "run", data, arm.model))
+    config = deep_merge(config, arm.settings)
+    return apply_overrides(config, list(common) + list(own))
+
+
+def matched_steps(study: Study, base_steps: int, flops: Dict[str, float]) -> Dict[str, int]:
+    """Steps of each arm for the FLOPs of the first arm's `base_steps` (equal tokens per step)."""
+    reference = flops[study.arms[0].name] * base_steps
+    return {a.name: max(1, round(reference / flops[a.name])) for a in study.arms}
+
+
+def checked_config(path: Path):
+    from trainer.config import load_config
+
+    return load_config(str(path))
+
+
+def flops_per_token(config_path: Path, vocab_size: int) -> float:
+    """trainer/flops.py's estimate for the arm's model at its sequence length and masking rate."""
+    from models.registry import build_config
+    from trainer.flops import training_flops_per_token
+
+    cfg = checked_config(config_path)
+    model = build_config(cfg.model.name, cfg.model.size, vocab_size, cfg.data.seq_length,
+                         vocab_pad_multiple=cfg.model.vocab_pad_multiple, **cfg.model.overrides)
+    return training_flops_per_token(model, cfg.data.seq_length, cfg.data.mask_prob)
+
+
+# ----------------------------------------------------------------------------------- data
+class DataFiles:
+    """The study's corpus, tokenizers, indexed datasets and word-order task (built when missing)."""
+
+    def __init__(self, root: Path, corpus: Optional[Path], scale: Scale, static: bool):
+        self.root, self.scale, self.static = root, scale, static
+        self.corpus = corpus or root / "corpus" / "demo.jsonl"
+        self.task = root / f"word_order_{scale.task_train}"
+
+    def tokenizer(self, model: str) -> Path:
+        return self.root / ("tok" if TOKENIZER_OF[model] == "bpe" else "spm")
+
+    def prefix(self, model: str) -> Path:
+        return self.root / "bin" / ("corpus" if TOKENIZER_OF[model] == "bpe" else "spm_corpus")
+
+    def static_prefix(self, model: str) -> Path:
+        return Path(f"{self.prefix(model)}_static{STATIC_COPIES}")
+
+    def build(self, models: Sequence[str], log: Path) -> None:
+        py = [sys.executable]
+        if not self.corpus.is_file():
+            if self.corpus != self.root / "corpus" / "demo.jsonl":
+                raise UserError(f"--corpus {self.corpus} does not exist")
+            _step(f"building the embedded corpus ({self.scale.corpus_mb} MB of docstrings)")
+            _tool(py + [ROOT / "tools/build_demo_corpus.py", "--output", self.corpus,
+                        "--max-mb", self.scale.corpus_mb], log)
+        for model in models:
+            kind, tok = TOKENIZER_OF[model], self.tokenizer(model)
+            if not (tok / "tokenizer_meta.json").is_file():
+                _step(f"training a {kind} tokenizer")
+                _tool(py + [ROOT / "tools/train_tokenizer.py", "--input", self.corpus, "--type", kind,
+                            "--vocab-size", self.scale.vocab_size, "--output", tok], log)
+            prefix = self.prefix(model)
+            if not Path(f"{prefix}.idx").is_file():
+                _step(f"preprocessing into {prefix}")
+                _tool(py + [ROOT / "tools/preprocess_data.py", "--input", self.corpus, "--tokenizer", tok,
+                            "--output-prefix", prefix, "--workers", "2"], log)
+            if self.static:
+                recipe = RECIPES[model].get("data", {})
+                static = self.static_prefix(model)
+                if not Path(f"{static}.static_masks.idx").is_file():
+                    _step(f"preprocessing with {STATIC_COPIES} static masks into {static}")
+                    _tool(py + [ROOT / "tools/preprocess_data.py", "--input", self.corpus, "--tokenizer", tok,
+                                "--output-prefix", static, "--workers", "2", "--static-masks", STATIC_COPIES,
+                                "--mask-prob", 0.15, "--mask-token-prob", recipe.get("mask_token_prob", 0.8),
+                                "--random-token-prob", recipe.get("random_token_prob", 0.1)], log)
+        if not (self.task / "validation.tsv").is_file():
+            _step("building the word-order task")
+            _tool(py + [ROOT / "tools/build_word_order_task.py", "--corpus", self.corpus, "--output", self.task,
+                        "--train-size", self.scale.task_train, "--validation-size", self.scale.task_validation], log)
+
+
+def _step(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def _tool(cmd: Sequence, log: Path, what: Optional[str] = None) -> None:
+    """Runs cmd with its output appended to log; a failure names the log's last line."""
+    cmd = [str(c) for c in cmd]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        status = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT).returncode
+    if status != 0:
+        lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+        errors = [l for l in lines if l.startswith("error:")]
+        tail = (errors or lines or ["(no output)"])[-1].strip()
+        message = f"{what or Path(cmd[1]).name} exited with status {status}: {tail} (log: {log})"
+        if status == 2:
+            raise UserError(message)
+        raise RuntimeError(message + ("; run the same command again to continue" if status == 75 else ""))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------- one arm
+def pretrain(config_path: Path, run: Path, ranks: int, log: Path) -> None:
+    if ranks > 1:
+        launcher = Path(sys.executable).parent / "deepspeed"
+        cmd = [launcher if launcher.exists() else "deepspeed", "--num_gpus", ranks, "--master_port", _free_port(),
+               "--module", "trainer.pretrain", "--config", config_path]
+    else:
+        cmd = [sys.executable, "-m", "trainer.pretrain", "--config", config_path]
+    _tool(cmd, log, what=f"pretraining {run}")
+
+
+def last_checkpoint(run: Path, steps: int) -> Optional[Path]:
+    """The committed checkpoint of the last step, or None when the run has not finished."""
+    from trainer.checkpoint import MANIFEST, TAG, step_of
+
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return None
+    for tag in folder.iterdir():
+        if TAG.match(tag.name) and step_of(tag.name) == steps and (tag / MANIFEST).is_file():
+            return tag
+    return None
+
+
+def read_metrics(run: Path) -> List[Dict]:
+    from tools.crossover import read_metrics as read
+
+    return read(run)
+
+
+def last_value(records: List[Dict], key: str) -> Optional[float]:
+    values = [r[key] for r in records if key in r and r[key] is not None]
+    return float(values[-1]) if values else None
+
+
+def run_arm(study: Study, arm: Arm, config_path: Path, steps: int, flops: float, data: DataFiles,
+            scale: Scale, arm_dir: Path) -> Dict:
+    from tools.crossover import convert, finetune
+    from tools.probe_model import probe_model
+
+    began = time.perf_counter()
+    run = arm_dir / "run"
+    if last_checkpoint(run, steps) is None:
+        _step(f"{study.name} / {arm.name}: pretraining {steps} steps ({arm.model})")
+        pretrain(config_path, run, scale.ranks, arm_dir / "pretrain.log")
+    tag = last_checkpoint(run, steps)
+    if tag is None:
+        raise RuntimeError(f"pretraining of {arm.name} ended without a checkpoint of step {steps} in {run}")
+    native = arm_dir / "native"
+    meta = convert(tag, native)
+    records = read_metrics(run)
+    _step(f"{study.name} / {arm.name}: probe and fine-tuning ({len(SEEDS)} seeds)")
+    probe = probe_model(native / "model.pt", data.task / "train.tsv", data.task / "validation.tsv", max_length=64,
+                        poolings=("mean",), seeds=SEEDS, max_examples=scale.probe_examples)
+    tuned = finetune(str(ROOT / "configs/finetune/word_order.yaml"), native / "model.pt", arm_dir / "finetune",
+                     "word_order", list(SEEDS), finetune_overrides(data, scale))
+    result = {
+        "arm": arm.name, "model": arm.model, "steps": steps, "flops_per_token": flops,
+        "tokens": meta.get("consumed_tokens") or last_value(records, "consumed_tokens"),
+        "train_loss": last_value(records, "loss"), "valid_loss": last_value(records, "valid_loss"),
+        "valid_rtd_auc": last_value(records, "valid_rtd_auc"),
+        "valid_mlm_accuracy": last_value(records, "valid_mlm_accuracy"),
+        "valid_generator_accuracy": last_value(records, "valid_generator_accuracy"),
+        "valid_nsp_accuracy": last_value(records, "valid_nsp_accuracy"),
+        "probe": probe["mean"]["pretrained"]["accuracy"],
+        "probe_random": [r["accuracy"] for r in probe["mean"]["random_init"]],
+        "finetune": tuned, "seconds": time.perf_counter() - began,
+    }
+    if arm.model in ("electra", "deberta_v3"):
+        result["embedding_cosine"] = embedding_similarity(run / "checkpoints", tag.name)
+    result["tokens"] = int(result["tokens"]) if result["tokens"] is not None else None
+    return result
+
+
+def finetune_overrides(data: DataFiles, scale: Scale) -> List[str]:
+    return [f"data.train={data.task / 'train.tsv'}", f"data.validation={data.task / 'validation.tsv'}",
+            f"train.epochs={scale.finetune_epochs}"]
+
+
+def embedding_similarity(checkpoints: Path, tag: str) -> Optional[Dict[str, float]]:
+    """DeBERTaV3's diagnostic (tools/embedding_stats.py): average cosine of each tower's word table."""
+    from tools.embedding_stats import embedding_stats, load_module_state
+
+    try:
+        module, model_config = load_module_state(checkpoints, tag)
+        stats = embedding_stats(module, model_config)
+    except UserError as err:  # e.g. a checkpoint layout it does not read: the row says so
+        return {"error": str(err)}
+    return {"generator": stats["generator_avg_cosine"], "discriminator": stats["discriminator_avg_cosine"]}
+
+
+def random_init_row(model: str, native: Path, data: DataFiles, scale: Scale, work: Path) -> Dict:
+    from tools.crossover import finetune
+
+    tuned = finetune(str(ROOT / "configs/finetune/word_order.yaml"), native, work / model, "word_order",
+                     list(SEEDS), finetune_overrides(data, scale), random_init=True)
+    return {"model": model, "finetune": tuned}
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _human(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(result: Dict) -> str:
+    study = STUDIES[result["study"]]
+    lines = [f"# Ablation: {study.name}", "",
+             f"`python tools/ablate.py {study.name} --scale {result['scale']}"
+             f"{' ' + ' '.join(result['overrides']) if result['overrides'] else ''}` (tool version {VERSION}); "
+             f"{result.get('seconds', 0) / 60:.1f} min so far.", "",
+             f"Budget: {result['budget']}", "",
+             "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC / MLM acc | NSP acc | "
+             "probe (mean) | word order mean +- std | per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in result["arm_order"]:
+        r = result["arms"].get(name)
+        if r is None:
+            lines.append(f"| {name} | | | | | | | | | | pending | |")
+            continue
+        quality = r.get("valid_rtd_auc")
+        quality = f"AUC {quality:.3f}" if quality is not None else (
+            f"acc {r['valid_mlm_accuracy']:.3f}" if r.get("valid_mlm_accuracy") is not None else "")
+        ft = r["finetune"]
+        flops = r["flops_per_token"] * r["tokens"] if r.get("tokens") else None
+        lines.append(f"| {name} | {r['model']} | {r['steps']} | {_human(r['tokens'])} | {_human(flops)} | "
+                     f"{_fmt(r['train_loss'])} | {_fmt(r['valid_loss'])} | {quality} | "
+                     f"{_fmt(r.get('valid_nsp_accuracy'))} | {_fmt(r['probe'])} | "
+                     f"{ft['mean']:.4f} +- {ft['std']:.4f} | {', '.join(f'{v:.3f}' for v in ft['values'])} |")
+    for model, r in sorted(result["random_init"].items()):
+        ft = r["finetune"]
+        probes = [p for a in result["arms"].values() if a["model"] == model for p in a["probe_random"]][:len(SEEDS)]
+        pm, ps = mean_std(probes) if probes else (None, None)
+        probe = f"{pm:.3f} +- {ps:.3f}" if pm is not None else ""
+        lines.append(f"| random init ({model}) | {model} | 0 | 0 | 0 | | | | | {probe} | "
+                     f"{ft['mean']:.4f} +- {ft['std']:.4f} | {', '.join(f'{v:.3f}' for v in ft['values'])} |")
+    cosines = {n: r["embedding_cosine"] for n, r in result["arms"].items() if r.get("embedding_cosine")}
+    if cosines:
+        lines += ["", "Average cosine similarity of the word embeddings (tools/embedding_stats.py):", "",
+                  "| arm | generator | discriminator |", "|---|---|---|"]
+        for name, c in cosines.items():
+            lines.append(f"| {name} | {_fmt(c.get('generator'))} | {_fmt(c.get('discriminator'))} |"
+                         if "error" not in c else f"| {name} | {c['error']} | |")
+    lines += ["", "Word order: fine-tuned validation accuracy, best epoch of each seed "
+              f"({', '.join(map(str, SEEDS))}); probe: linear probe on frozen mean-pooled features (random init: "
+              "mean +- std over the same seeds' fresh weights). Training loss is each objective's own "
+              "(RTD: MLM + 50 x RTD), so compare it within a model only.", "", f"Paper: {study.paper}", "",
+              "![training loss](loss.png)", "", "![downstream](downstream.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: Dict, out: Path, runs: Dict[str, Path]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = STUDIES[result["study"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in result["arm_order"]:
+        records = [r for r in read_metrics(runs[name]) if "loss" in r and "consumed_tokens" in r]
+        if not records:
+            continue
+        flops = (result["arms"].get(name) or {}).get("flops_per_token") or result["flops"].get(name)
+        xs = [r["consumed_tokens"] * (flops if study.equal_flops else 1) for r in records]
+        ax.plot(xs, [r["loss"] for r in records], label=name, lw=1.2)
+    ax.set_xlabel("estimated training FLOPs" if study.equal_flops else "pretraining tokens")
+    ax.set_ylabel("training loss (each objective's own)")
+    ax.set_yscale("log")
+    ax.set_title(f"{study.name}: pretraining loss")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [n for n in result["arm_order"] if n in result["arms"]]
+    for i, name in enumerate(names):
+        ft = result["arms"][name]["finetune"]
+        ax.bar(i, ft["mean"], yerr=ft["std"], capsize=5, color="tab:blue", alpha=0.8)
+        ax.scatter([i] * len(ft["values"]), ft["values"], color="k", s=10, zorder=3)
+    colors = ["tab:gray", "tab:orange"]
+    for j, (model, r) in enumerate(sorted(result["random_init"].items())):
+        ft = r["finetune"]
+        ax.axhspan(ft["mean"] - ft["std"], ft["mean"] + ft["std"], color=colors[j % 2], alpha=0.25,
+                   label=f"random init ({model}) mean +- std")
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("word order: fine-tuned validation accuracy")
+    ax.set_title(f"{study.name}: downstream, mean +- std over {len(SEEDS)} seeds")
+    values = [v for n in names for v in result["arms"][n]["finetune"]["values"]] + \
+             [v for r in result["random_init"].values() for v in r["finetune"]["values"]]
+    if values:
+        ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
+    ax.grid(alpha=0.3, axis="y")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "downstream.png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: Dict, out: Path, runs: Dict[str, Path]) -> None:
+    from trainer.metrics import write_atomic
+
+    write_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(out / "results.md", markdown(result))
+    plot(result, out, runs)
+
+
+# ----------------------------------------------------------------------------------- the study
+def identity(study: Study, scale: str, overrides: Sequence[str], corpus: Optional[Path]) -> Dict:
+    return {"study": study.name, "version": VERSION, "scale": scale, "overrides": list(overrides),
+            "corpus": str(corpus) if corpus else "embedded"}
+
+
+def claim_directory(out: Path, ident: Dict) -> None:
+    """Writes DIR/study.json, or refuses a DIR that holds another study (or version, scale, overrides)."""
+    from trainer.metrics import write_atomic
+
+    path = out / "study.json"
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"{path} is not valid JSON; remove it or use another --out") from None
+        if held != ident:
+            differ = next(k for k in sorted(set(held) | set(ident)) if held.get(k) != ident.get(k))
+            raise UserError(f"--out {out} holds another study ({differ}: {held.get(differ)!r} there, "
+                            f"{ident.get(differ)!r} now); use another --out or remove it")
+        return
+    if out.exists() and any(p.name not in (".gitignore",) for p in out.iterdir()):
+        raise UserError(f"--out {out} is not empty and holds no study.json; use an empty or new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(ident, indent=1) + "\n")
+    (out / ".gitignore").write_text("arms/\ndata/\n")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help=f"one of: {', '.join(STUDIES)}")
+    p.add_argument("--out", required=True, help="the study's directory (results.md, plots; arms/ and data/ inside)")
+    p.add_argument("--scale", default="small", help=f"one of: {', '.join(SCALES)} (default: small)")
+    p.add_argument("--corpus", default=None, help="JSONL corpus (default: the embedded docstring corpus)")
+    p.add_argument("--data", default=None, help="where tokenizers, indexed datasets and the task are built "
+                   "(default: DIR/data; `demo` reuses make demo's)")
+    p.add_argument("overrides", nargs="*", help="key=value for every arm's pretraining, ARM:key=value for one")
+    return p.parse_intermixed_args(argv)  # overrides before or after the options
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.study not in STUDIES:
+        raise UserError(f"unknown study {args.study!r}; the studies: {', '.join(STUDIES)}")
+    if args.scale not in SCALES:
+        raise UserError(f"--scale {args.scale!r} is not one of {', '.join(SCALES)}")
+    study, scale = STUDIES[args.study], SCALES[args.scale]
+    out = Path(args.out).resolve()
+    corpus = Path(args.corpus).resolve() if args.corpus else None
+    if corpus is not None and not corpus.is_file():
+        raise UserError(f"--corpus {args.corpus} does not exist")
+    common, per_arm = split_overrides(study, args.overrides)
+    claim_directory(out, identity(study, args.scale, args.overrides, corpus))
+    started = time.perf_counter()
+    data = DataFiles(Path(args.data).resolve() if args.data else out / "data", corpus, scale, study.static_masks)
+    data.build(study.models, out / "data.log")
+
+    # every arm's config first: a bad override fails before any training
+    import yaml
+
+    from data.tokenizer import load_tokenizer
+
+    arms_dir = out / "arms"
+    vocab = {m: load_tokenizer(data.tokenizer(m)).vocab_size for m in study.models}
+    steps = {a.name: scale.steps for a in study.arms}
+    flops: Dict[str, float] = {}
+    for attempt in range(2):  # the second pass writes the FLOP-matched steps
+        for arm in study.arms:
+            arm_dir = arms_dir / arm.name.replace("/", "_")
+            config = arm_config(study, arm, scale, steps[arm.name], arm_dir, data, common, per_arm[arm.name])
+            path = arm_dir / "pretrain.yaml"
+            arm_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            checked_config(path)
+            flops[arm.name] = flops_per_token(path, vocab[arm.model])
+        if not study.equal_flops or attempt:
+            break
+        base = checked_config(arms_dir / study.arms[0].name.replace("/", "_") / "pretrain.yaml").train.steps
+        steps = matched_steps(study, base, flops)
+    tokens = scale.samples_per_step * scale.seq_length
+    budget = (f"{tokens} tokens per step; " + ", ".join(
+        f"{a.name}: {steps[a.name]} steps = {_human(steps[a.name] * tokens)} tokens x "
+        f"{_human(flops[a.name])} FLOPs/token = {_human(steps[a.name] * tokens * flops[a.name])} FLOPs"
+        for a in study.arms) + (" (equal FLOPs)" if study.equal_flops else " (equal tokens)"))
+    print(f"ablate {study.name} ({args.scale}): budget {budget}", flush=True)
+
+    result = {**identity(study, args.scale, args.overrides, corpus), "budget": budget, "flops": flops,
+              "arm_order": [a.name for a in study.arms], "arms": {}, "random_init": {}}
+    held = out / "results.json"
+    if held.is_file():
+        try:
+            previous = json.loads(held.read_text())
+            result["arms"] = {k: v for k, v in previous.get("arms", {}).items() if k in steps}
+            result["random_init"] = previous.get("random_init", {})
+            result["seconds"] = previous.get("seconds", 0.0)
+        except ValueError:
+            pass
+    spent = result.get("seconds", 0.0)
+    runs = {a.name: arms_dir / a.name.replace("/", "_") / "run" for a in study.arms}
+    for arm in study.arms:
+        if arm.name in result["arms"] and result["arms"][arm.name]["steps"] == steps[arm.name]:
+            print(f"{arm.name}: done before ({result['arms'][arm.name]['finetune']['mean']:.4f})", flush=True)
+            continue
+        arm_dir = arms_dir / arm.name.replace("/", "_")
+        row = run_arm(study, arm, arm_dir / "pretrain.yaml", steps[arm.name], flops[arm.name], data, scale, arm_dir)
+        result["arms"][arm.name] = row
+        ft = row["finetune"]
+        print(f"{arm.name}: word order {ft['mean']:.4f} +- {ft['std']:.4f}, probe {row['probe']:.3f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+        if arm.model not in result["random_init"]:
+            _step(f"{study.name}: fine-tuning a random-init {arm.model} ({len(SEEDS)} seeds)")
+            result["random_init"][arm.model] = random_init_row(arm.model, arm_dir / "native" / "model.pt", data,
+                                                               scale, out / "arms" / RANDOM_INIT)
+        result["seconds"] = spent + time.perf_counter() - started
+        write_outputs(result, out, runs)
+    result["seconds"] = spent + time.perf_counter() - started
+    write_outputs(result, out, runs)
+    print(f"ablate {study.name}: wrote {out / 'results.md'}, results.json, loss.png, downstream.png "
+          f"({result['seconds'] / 60:.1f} min)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from tools._cli import run_cli
+
+    run_cli(main)
