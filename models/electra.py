@@ -21,7 +21,8 @@ Decisions:
   tower; `hf_config`, `to_hf_state_dict` and `from_hf_state_dict` map a full RTD state dict one
   tower at a time (the discriminator by default: the one kept), the shared tables merged by
   models/rtd.py's `split_state_dict` (E_D = E_G + E_Delta under gdes) and split back by
-  `join_state_dicts`. ELECTRA towers both have word and position tables, so both are shared.
+  `join_state_dicts`. ELECTRA towers both have word and position tables, so both are shared;
+  under embedding_sharing all the whole backbone is, and each exported tower gets a copy of it.
 
 Tensor parallelism comes only through `ParallelLayers`: the word table, the decoder bias and the
 generator's logits are vocab-parallel, as in roberta.py.
@@ -76,6 +77,9 @@ class ElectraEmbeddings(nn.Module):
 
 class ElectraBackbone(nn.Module):
     """HF ElectraModel: embeddings (width E) -> projection to H if E != H -> post-LN layers."""
+
+    backbone_modules = ("embeddings", "project", "layers")
+    """What embedding_sharing all shares between the towers (models/rtd.py `share_embeddings`)."""
 
     def __init__(self, config: ElectraConfig, layers: ParallelLayers):
         super().__init__()

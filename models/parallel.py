@@ -307,9 +307,10 @@ class _GatherLastDim(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------- state dicts
 def partition_dims(model: nn.Module) -> dict[str, int]:
-    """{parameter name: dimension} of every parameter a TP layout splits (same at every TP size)."""
+    """{parameter name: dimension} of every parameter a TP layout splits (same at every TP size),
+    under each name the state dict has for it (a module shared by two towers has two)."""
     dims = {}
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters(remove_duplicate=False):
         if getattr(param, "tensor_model_parallel", False):
             if getattr(param, "partition_stride", 1) != 1:
                 raise NotImplementedError(f"{name}: strided TP partitions are not supported")

@@ -33,7 +33,13 @@ have one, the absolute position table (the ELECTRA paper shares "token and posit
         parameter (`...gdes_delta.weight`), and is the only table the RTD loss updates; the MLM
         loss updates E_G. E_Delta is built from the discriminator's own table module, so it has
         E_G's shape and vocabulary-parallel partitioning. The discriminator's exported E_D is
-        E_G + E_Delta (`merged_discriminator_embeddings`, `split_state_dict`).
+        E_G + E_Delta (`merged_discriminator_embeddings`, `split_state_dict`);
+  all   (ELECTRA section 3.2, equal tower configs, electra only) the generator's backbone modules
+        (`backbone_modules`: embeddings, projection, layers) ARE the discriminator's: one set of
+        parameters that both losses update, only the heads apart. `named_parameters()` (and so every
+        optimizer and ZeRO partition) sees each once, under its first name (`generator.`); the state
+        dict holds it under both towers' names, so either tower's keys are a full tower (export,
+        `split_state_dict`), and `join_state_dicts` refuses towers whose backbones differ.
 Ownership (ZeRO-3 gathers a module's parameters only around that module's own forward): every
 table is read only inside the forward of the module that registers it. E_G stays registered in
 the generator (one owner, one state-dict key, so TP sharding by name still works); the
@@ -56,9 +62,11 @@ Any tower pair plugs in: the generator exposes `embeddings` (with `word`, option
 `config.vocab_size/padded_vocab_size`, `parallel` and `predicted_logits(input_ids,
 attention_mask, predicted)`; the discriminator exposes `embeddings` and `rtd_logits(input_ids,
 attention_mask)` (`RTDDiscriminator` makes one from any backbone with `encode` and a head such as
-`models.deberta_v3.DebertaV3DiscriminatorHead`). The towers are in models/electra.py (ELECTRA)
-and models/deberta.py + models/deberta_v3.py (DeBERTaV3); the registry's `build_rtd` pairs them by
-`RTDConfig.backbone`, so this file imports no tower.
+`models.deberta_v3.DebertaV3DiscriminatorHead`); under `all` the generator also names its
+backbone's submodules in `backbone_modules` (the discriminator has them under the same names).
+The towers are in models/electra.py (ELECTRA) and models/deberta.py + models/deberta_v3.py
+(DeBERTaV3); the registry's `build_rtd` pairs them by `RTDConfig.backbone`, so this file imports
+no tower.
 """
 
 from __future__ import annotations
@@ -149,12 +157,18 @@ def share_embeddings(generator: nn.Module, discriminator: nn.Module, mode: str) 
 
     A table is shared when both towers' `embeddings` have it (DeBERTaV3's discriminator has no
     absolute positions). Under gdes the discriminator's own table module, zeroed, becomes E_Delta:
-    same shape, same class, same TP partitioning as E_G.
+    same shape, same class, same TP partitioning as E_G. Under all the generator's
+    `backbone_modules` become the discriminator's (its own are dropped); the tables then shared
+    are returned likewise.
     """
     if mode == "none":
         return ()
     gen_tables = dict(generator.embeddings.named_children())
     disc_tables = dict(discriminator.embeddings.named_children())
+    if mode == "all":  # RTDConfig checked that the towers' configs are equal
+        for name in generator.backbone_modules:
+            setattr(generator, name, getattr(discriminator, name))
+        return tuple(name for name in SHARED_TABLES if name in gen_tables and name in disc_tables)
     shared = []
     for name in SHARED_TABLES:
         if name not in gen_tables or name not in disc_tables:
@@ -190,9 +204,12 @@ def split_state_dict(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """An RTD state dict (full, or one TP rank's) -> the generator's and the discriminator's as
     stand-alone towers: the discriminator's shared tables become plain `{path}.{name}.weight`
-    entries holding E_G (es) or E_G + E_Delta (gdes), what is exported as E_D."""
+    entries holding E_G (es) or E_G + E_Delta (gdes), what is exported as E_D. Under all the
+    state dict already holds the shared backbone under both towers' names: each gets it whole."""
     gen = {k[len("generator.") :]: v for k, v in rtd_sd.items() if k.startswith("generator.")}
     disc = {k[len("discriminator.") :]: v for k, v in rtd_sd.items() if k.startswith("discriminator.")}
+    if embedding_sharing == "all":
+        return gen, disc
     for name in shared_tables:
         table = f"{discriminator_embeddings}.{name}"
         shared = gen[f"embeddings.{name}.weight"]
@@ -210,8 +227,21 @@ def join_state_dicts(
     embedding_sharing: str,
     discriminator_embeddings: str = "embeddings",
 ) -> dict[str, torch.Tensor]:
-    """Inverse of `split_state_dict`: E_Delta = E_D - E_G under gdes; under es E_D must be E_G."""
+    """Inverse of `split_state_dict`: E_Delta = E_D - E_G under gdes; under es E_D must be E_G;
+    under all every weight the towers both name (the backbone) must be equal (UserError naming it)."""
     disc = dict(disc_sd)
+    if embedding_sharing == "all":
+        common = [key for key in gen_sd if key in disc]
+        if not common:
+            raise UserError("embedding_sharing all: the generator and the discriminator have no weight "
+                            "of the same name; they are not towers of one backbone")
+        for key in common:
+            if gen_sd[key].shape != disc[key].shape or not torch.equal(gen_sd[key], disc[key]):
+                raise UserError(
+                    f"embedding_sharing all: the generator's {key} differs from the discriminator's; "
+                    "their backbones must be one set of weights (load them with embedding_sharing none)"
+                )
+        shared_tables = ()  # the discriminator's keys are its own already
     for name in shared_tables:
         table = f"{discriminator_embeddings}.{name}"
         merged, shared = disc.pop(f"{table}.weight"), gen_sd[f"embeddings.{name}.weight"]

@@ -32,6 +32,11 @@ def test_sharing_modes_and_effective_tables():
     none = embedding_stats({GENERATOR: g, "discriminator.backbone.embeddings.word.weight": torch.eye(12)[:, :12]},
                            config)
     assert none["embedding_sharing"] == "none" and none["discriminator_avg_cosine"] == pytest.approx(0.0)
+    # ELECTRA's full sharing: the state holds the one backbone under both towers' names
+    shared = embedding_stats({GENERATOR: g, "discriminator.embeddings.word.weight": g},
+                             {**config, "embedding_sharing": "all"})
+    assert shared["embedding_sharing"] == "all"
+    assert shared["discriminator_avg_cosine"] == shared["generator_avg_cosine"]
     with pytest.raises(UserError, match="not an RTD model"):
         embedding_stats({"embeddings.word.weight": g}, config)
 

@@ -39,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(default: a fresh one)")
     parser.add_argument("--model", choices=("roberta", "deberta", "electra", "deberta_v3"), default=None,
                         help="--from-hf: the model to import as (default: from the directory)")
-    parser.add_argument("--embedding-sharing", choices=("none", "es", "gdes"), default=None,
+    parser.add_argument("--embedding-sharing", choices=("none", "es", "gdes", "all"), default=None,
                         help="--from-hf RTD models (default: es for ELECTRA, gdes for DeBERTaV3)")
     parser.add_argument("--no-check-files", action="store_true",
                         help="skip the manifest checksums of the checkpoint's files (large checkpoints)")

@@ -75,7 +75,9 @@ def embedding_stats(module: Dict[str, torch.Tensor], model_config: dict, sample:
     generator = module[GENERATOR][skip:vocab]
     delta = next((v for k, v in module.items() if k.endswith(DELTA_SUFFIX)), None)
     own = next((v for k, v in module.items() if k.startswith("discriminator") and k.endswith(OWN_SUFFIX)), None)
-    if delta is not None:
+    if model_config.get("embedding_sharing") == "all":  # one backbone: both names hold the same table
+        sharing, discriminator = "all", generator
+    elif delta is not None:
         sharing, discriminator = "gdes", generator + delta[skip:vocab]
     elif own is not None:
         sharing, discriminator = "none", own[skip:vocab]

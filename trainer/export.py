@@ -121,6 +121,10 @@ def _unpartitioned_fp32(states: dict, model: torch.nn.Module) -> dict[str, torch
     if masters is None:
         return {k: v.float() for k, v in module.items()}
     name_of = {id(p): n for n, p in model.named_parameters()}
+    aliases: dict[str, list[str]] = {}  # a parameter the state dict holds twice (embedding_sharing all)
+    for alias, p in model.named_parameters(remove_duplicate=False):
+        if alias != name_of[id(p)]:
+            aliases.setdefault(name_of[id(p)], []).append(alias)
     groups = [[name_of[id(p)] for p in g["params"]] for g in parameter_groups(model, 0.01) if g["params"]]
     if len(groups) != len(masters):
         raise UserError(f"the optimizer holds {len(masters)} parameter groups, the model {len(groups)}: "
@@ -139,7 +143,20 @@ def _unpartitioned_fp32(states: dict, model: torch.nn.Module) -> dict[str, torch
             if not torch.equal(sd[name].to(module[name].dtype), module[name]):
                 raise UserError(f"the fp32 master taken for {name} does not round to its saved "
                                 f"{module[name].dtype} weight: unknown optimizer parameter order")
+            for alias in aliases.get(name, ()):
+                sd[alias] = sd[name]
     return {k: v.float() for k, v in sd.items()}
+
+
+def _with_every_name(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`sd` with every name the model has for a shared parameter (embedding_sharing all: both towers'),
+    in the model's key order. DeepSpeed records the second names (`shared_params`) in global rank 0's
+    files only, so zero_to_fp32 gives them for TP rank 0 alone."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in sd and first[id(param)] in sd:
+            sd[name] = sd[first[id(param)]]
+    return {**{k: sd[k] for k in model.state_dict() if k in sd}, **sd}
 
 
 def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool = True) -> NativeModel:
@@ -175,7 +192,7 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
             sd = _unpartitioned_fp32(states, model)
             source = "fp32 optimizer copy" if states.get("optimizer") else "module weights"
         log(f"  TP rank {t}: {len(sd)} tensors from {source} ({len(optims[t])} partition files)")
-        rank_sds.append(sd)
+        rank_sds.append(_with_every_name(sd, model))
         del states
     full = merge_state_dicts(rank_sds, partition_dims(model)) if len(rank_sds) > 1 else rank_sds[0]
     try:

@@ -28,7 +28,8 @@ METRIC_KEYS = ("loss", "loss_mlm", "loss_rtd", "rtd_prior_loss", "rtd_auc", "rtd
                "probe_majority_accuracy")
 TITLES = {"roberta": "RoBERTa", "deberta": "DeBERTa", "electra": "ELECTRA", "deberta_v3": "DeBERTaV3"}
 SHARING = {"none": "none (separate tables)", "es": "es (one table updated by both losses)",
-           "gdes": "gdes (E_D = sg(E_G) + E_Delta: MLM updates E_G, RTD only E_Delta)"}
+           "gdes": "gdes (E_D = sg(E_G) + E_Delta: MLM updates E_G, RTD only E_Delta)",
+           "all": "all (one backbone for both towers, only the MLM and RTD heads apart; ELECTRA 3.2)"}
 
 
 def read_metrics_upto(run_dir: Path) -> tuple[Optional[list], str]:

@@ -5,7 +5,8 @@ Replaced-token-detection models (ELECTRA, DeBERTaV3) are further split by tower,
 and the discriminator can have their own learning rates and their own schedules:
 
 - `generator`: parameters only the generator's MLM loss trains (under `gdes` this includes E_G);
-- `shared`: tables both losses train (`es`: the one word/position table);
+- `shared`: tables both losses train (`es`: the one word/position table; `all`: the whole backbone,
+  named `generator.` once, every parameter of the generator but its MLM head);
 - `discriminator`: everything else (under `gdes` this includes E_Delta).
 
 microsoft/DeBERTa trains G and D with two optimizers. Adam's update is per parameter, so one AdamW
@@ -55,6 +56,10 @@ def tower_of(model: torch.nn.Module, name: str) -> str:
     if model.config.embedding_sharing == "es":
         shared = {f"generator.embeddings.{table}.weight" for table in model.shared_tables}
         if name in shared:
+            return "shared"
+    if model.config.embedding_sharing == "all":  # the generator's backbone modules are the discriminator's
+        param = model.get_parameter(name)
+        if any(param is p for p in model.discriminator.parameters()):
             return "shared"
     return "generator"
 
@@ -143,6 +148,10 @@ def check_schedule(model: torch.nn.Module, schedule: str, n: int, total_steps: i
         if not is_rtd(model):
             raise UserError("train.rtd_schedule=two_stage needs a replaced-token-detection model "
                             "(model.name electra or deberta_v3)")
+        if model.config.embedding_sharing == "all":
+            raise UserError("train.rtd_schedule=two_stage needs towers of their own: under model embedding_sharing "
+                            "all the discriminator's training moves the generator's backbone, which two_stage "
+                            "freezes; use embedding_sharing none (equal sizes: D starts from G) or es")
         if not 1 <= n < total_steps:
             raise UserError(f"train.generator_steps={n} must leave steps for both stages: use 1..{total_steps - 1} "
                             f"(0: half of train.steps)")
