@@ -79,8 +79,8 @@ class SampleStream:
             self._permutations[key] = rng.permutation(int(self.sizes[corpus]))
         return self._permutations[key]
 
-    def locate(self, global_indices) -> Tuple[np.ndarray, np.ndarray]:
-        """(corpus ids, sample ids) of an array of global indices."""
+    def _corpus_positions(self, global_indices) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(corpus ids, epochs of those corpora, positions within those epochs) of global indices."""
         g = np.asarray(global_indices, dtype=np.int64)
         epoch, position = np.divmod(g, self.epoch_size)
         if self.order is None:
@@ -89,6 +89,15 @@ class SampleStream:
             corpus, k = np.asarray(self.order["corpus"])[position], np.asarray(self.order["k"])[position]
         corpus_position = epoch * self.counts[corpus] + k  # position in the corpus' own stream
         corpus_epoch, within = np.divmod(corpus_position, self.sizes[corpus])
+        return corpus, corpus_epoch, within
+
+    def corpus_epochs(self, global_indices) -> np.ndarray:
+        """The epoch of its own corpus that each global index reads (static masks: which copy)."""
+        return self._corpus_positions(global_indices)[1]
+
+    def locate(self, global_indices) -> Tuple[np.ndarray, np.ndarray]:
+        """(corpus ids, sample ids) of an array of global indices."""
+        corpus, corpus_epoch, within = self._corpus_positions(global_indices)
         if not self.shuffle:
             return corpus, within
         samples = np.empty_like(within)
@@ -110,3 +119,10 @@ class SampleStream:
 
     def tokens(self, corpus: int, sample: int) -> np.ndarray:
         return self.corpora[corpus].tokens(int(sample))
+
+    def next_sentence_labels(self, corpus: np.ndarray, samples: np.ndarray) -> Optional[np.ndarray]:
+        """int64 NSP labels of these samples (pair formats, data/pairs.py); None when the corpora have none."""
+        if not all(hasattr(c, "next_sentence_labels") for c in self.corpora):
+            return None
+        return np.array([self.corpora[c].next_sentence_labels[s] for c, s in zip(corpus.tolist(), samples.tolist())],
+                        dtype=np.int64)

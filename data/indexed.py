@@ -24,7 +24,7 @@ import struct
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -270,6 +270,10 @@ class IndexedWriter:
     Everything goes to temporary names beside the prefix; a clean exit renames them into place
     (sidecar last, so its presence marks a finished dataset), an exception deletes them.
     megatron-core is imported at the first document or shard, not before.
+
+    `companion = (suffix, write)`: on a clean exit, `write(dataset prefix, companion prefix)` writes
+    a dataset derived from the finished one (static masks: data/static_masks.py) at temporary names
+    too, returns entries for the sidecar, and its PREFIX{suffix}.bin/.idx are renamed with the rest.
     """
 
     def __init__(self, prefix: str | Path, vocab_size: int):
@@ -278,6 +282,7 @@ class IndexedWriter:
         self.documents = 0
         self.tokens = 0
         self.sidecar: dict = {}
+        self.companion: Optional[Tuple[str, Callable[[Path, Path], dict]]] = None
         self._tmp_prefix = self.prefix.with_name(f".{self.prefix.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._builder = None
 
@@ -310,11 +315,17 @@ class IndexedWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         tmp_files = [bin_path(self._tmp_prefix), idx_path(self._tmp_prefix), sidecar_path(self._tmp_prefix)]
+        suffix = self.companion[0] if self.companion else None
+        companion = [(f(f"{self._tmp_prefix}{suffix}"), f(f"{self.prefix}{suffix}"))
+                     for f in (bin_path, idx_path)] if suffix else []
+        tmp_files += [tmp for tmp, _ in companion]
         try:
             if exc_type is None:
                 self._ensure_builder().finalize(str(idx_path(self._tmp_prefix)))
+                derived = self.companion[1](self._tmp_prefix, Path(f"{self._tmp_prefix}{suffix}")) if suffix else {}
                 write_sidecar(sidecar_path(self._tmp_prefix), {
                     **self.sidecar,
+                    **derived,
                     "documents": self.documents,
                     "tokens": self.tokens,
                     "dtype": np.dtype(self.dtype).name,
@@ -324,6 +335,8 @@ class IndexedWriter:
                 sidecar_path(self.prefix).unlink(missing_ok=True)
                 os.replace(bin_path(self._tmp_prefix), bin_path(self.prefix))
                 os.replace(idx_path(self._tmp_prefix), idx_path(self.prefix))
+                for tmp, final in companion:
+                    os.replace(tmp, final)
                 os.replace(sidecar_path(self._tmp_prefix), sidecar_path(self.prefix))
         finally:
             gc.unfreeze()

@@ -18,13 +18,14 @@ a resumed run, or one with another data-parallel size, continues at the same glo
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from data.blending import SampleStream
 from data.masking import IGNORE_INDEX, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, sample_rng
+from data.static_masks import StaticMasks, stored_batch
 
 
 def already_collated(batch):
@@ -36,18 +37,23 @@ class MaskedSamples(torch.utils.data.Dataset):
     """Global sample index -> padded, masked sample; `__getitems__` masks a whole batch at once."""
 
     def __init__(self, packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
-                 shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM, pad_to_multiple_of: int = 0):
+                 shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM, pad_to_multiple_of: int = 0,
+                 static_masks: Optional[Sequence[StaticMasks]] = None, static_copy: Optional[int] = None):
         """`packed`: one packed corpus (data/packing.py) or a SampleStream over several.
 
         pad_to_multiple_of > 0: a batch is as wide as its longest sample rounded up to that multiple
         (at most seq_length); 0: always seq_length wide. The width never changes a token or a mask
         draw: the narrow batch is the wide one's first columns.
+
+        static_masks (one per corpus of the stream): the masks stored at preprocessing replace the
+        recipe's, copy = the sample's corpus epoch mod copies, or `static_copy` when given (validation: 0).
         """
         self.stream = packed if isinstance(packed, SampleStream) else SampleStream([packed], seed=seed, shuffle=shuffle)
         self.recipe = recipe
         self.seq_length, self.pad_id, self.seed = seq_length, pad_id, seed
         self.shuffle, self.mask_stream = shuffle, mask_stream
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.static_masks, self.static_copy = static_masks, static_copy
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -57,7 +63,8 @@ class MaskedSamples(torch.utils.data.Dataset):
         return int(self.stream.locate([global_index])[1][0])
 
     def __getitems__(self, global_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
-        """A collated micro-batch: input_ids, labels, attention_mask (B, W), sample_index (B,); W is
+        """A collated micro-batch: input_ids, labels, attention_mask (B, W), sample_index (B,)
+        (next_sentence_label (B,) too for the pair formats); W is
         seq_length, or the longest sample rounded up to pad_to_multiple_of."""
         indices = [int(g) for g in global_indices]
         corpus, samples = self.stream.locate(indices)
@@ -71,13 +78,23 @@ class MaskedSamples(torch.utils.data.Dataset):
         draws = []
         for row, (g, sample) in enumerate(zip(indices, rows)):
             tokens[row, : len(sample)] = sample
-            draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), len(sample)))
-        inputs, labels = self.recipe.apply_batch(tokens, lengths, draws)
+            if self.static_masks is None:
+                draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), len(sample)))
+        if self.static_masks is not None:
+            copies = (self.stream.corpus_epochs(indices) if self.static_copy is None
+                      else np.full(len(indices), self.static_copy))
+            inputs, labels = stored_batch(self.static_masks, self.stream.corpora, corpus, samples, copies, tokens)
+        else:
+            inputs, labels = self.recipe.apply_batch(tokens, lengths, draws)
         attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(attention),
-                # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
-                "sample_index": torch.tensor(indices, dtype=torch.int64)}
+        batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                 "attention_mask": torch.from_numpy(attention),
+                 # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
+                 "sample_index": torch.tensor(indices, dtype=torch.int64)}
+        next_sentence = self.stream.next_sentence_labels(corpus, samples)  # pair formats only
+        if next_sentence is not None:
+            batch["next_sentence_label"] = torch.from_numpy(next_sentence)  # (B,) 0 = B continues A
+        return batch
 
     def __getitem__(self, global_index: int) -> Dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([global_index]).items()}
@@ -202,6 +219,8 @@ def validation_batches(samples: MaskedSamples, count: int, micro_batch: int, dp_
 
 
 def validation_samples(packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
-                       pad_to_multiple_of: int = 0) -> MaskedSamples:
+                       pad_to_multiple_of: int = 0, static_masks: Optional[Sequence[StaticMasks]] = None
+                       ) -> MaskedSamples:
+    """Fixed order and fixed masks: the recipe's validation stream, or copy 0 of static masks."""
     return MaskedSamples(packed, recipe, seq_length, pad_id, seed, shuffle=False, mask_stream=VALID_MASK_STREAM,
-                         pad_to_multiple_of=pad_to_multiple_of)
+                         pad_to_multiple_of=pad_to_multiple_of, static_masks=static_masks, static_copy=0)

@@ -13,6 +13,9 @@ DOC-SENTENCES cuts each document on its own into pieces of C tokens: no sample c
 and a document's last piece, or a short document, gives a short sample (the token-budget batches
 of data/loader.py then take more of them). Empty documents give no sample.
 
+SEGMENT-PAIR and SENTENCE-PAIR (sentence pairs with next-sentence labels) are data/pairs.py's;
+`build_packed` builds and caches all four the same way.
+
 The index (per-item stream offsets; for DOC-SENTENCES the (begin, length) of every sample) is built
 with vectorised numpy and can come from data/sample_cache.py; only offsets are held in memory,
 never the text.
@@ -24,6 +27,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from data.errors import UserError
+from data.pairs import PAIR_KINDS, PairSamples, pair_index, table_digest
 
 Arrays = Dict[str, np.ndarray]
 
@@ -83,10 +87,16 @@ class _PackedStream:
 
     def tokens(self, index: int) -> np.ndarray:
         """Sample `index` as int64 token ids `<s> ... </s>` (length <= seq_length)."""
+        return self.read(index, self.dataset, 0, self.bos_id, self.eos_id)
+
+    def read(self, index: int, source, item_offset: int, bos, eos) -> np.ndarray:
+        """Sample `index`'s span read from `source`, an IndexedDataset whose item `item_offset + i` is
+        laid out as item i of ours (static masks' copies: data/static_masks.py), with `bos` at `<s>`
+        and `eos` at `</s>` and at the separators."""
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         begin, end = self.span(index)
-        pieces = [np.array([self.bos_id], dtype=np.int64)]
+        pieces = [np.array([bos], dtype=np.int64)]
         k = int(np.searchsorted(self.starts, begin, side="right")) - 1
         position = begin
         while position < end:
@@ -96,12 +106,13 @@ class _PackedStream:
             length = int(self.lengths[k])
             if offset < length:  # inside the item's tokens
                 take = min(length - offset, end - position)
-                pieces.append(self.dataset.get(self.first_item + k, offset=offset, length=take).astype(np.int64))
+                item = item_offset + self.first_item + k
+                pieces.append(source.get(item, offset=offset, length=take).astype(np.int64))
                 position += take
             else:  # on the separator after the item
-                pieces.append(np.array([self.eos_id], dtype=np.int64))
+                pieces.append(np.array([eos], dtype=np.int64))
                 position += 1
-        pieces.append(np.array([self.eos_id], dtype=np.int64))
+        pieces.append(np.array([eos], dtype=np.int64))
         return np.concatenate(pieces)
 
 
@@ -154,12 +165,17 @@ class DocSentences(_PackedStream):
         return np.asarray(self.length, dtype=np.int64) + 2
 
 
-PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences}
+PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences,
+            "segment_pair": PairSamples, "sentence_pair": PairSamples}  # the pairs: data/pairs.py
 
 
 def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: int, bos_id: int, eos_id: int,
-                 cache=None, identity: Optional[dict] = None) -> _PackedStream:
-    """The packed split [first_doc, last_doc) of `dataset`, its index from `cache` when one is given."""
+                 cache=None, identity: Optional[dict] = None, sentence_ends: Optional[np.ndarray] = None,
+                 pair_separators: int = 1, seed: int = 0) -> _PackedStream:
+    """The packed split [first_doc, last_doc) of `dataset`, its index from `cache` when one is given.
+
+    The pair formats also need the tokenizer's `sentence_ends` table, the model family's
+    `pair_separators` (RoBERTa 2, else 1) and the run's `seed` (data/pairs.py)."""
     docs = dataset.document_indices
     first_item, last_item = int(docs[first_doc]), int(docs[last_doc])
     if kind == "full_sentences":
@@ -168,6 +184,12 @@ def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: 
     elif kind == "doc_sentences":
         build = lambda: doc_sentences_index(dataset.sequence_lengths, docs, first_doc, last_doc, seq_length - 2)
         params = {"first_doc": first_doc, "last_doc": last_doc, "seq_length": seq_length}
+    elif kind in PAIR_KINDS:
+        if sentence_ends is None:
+            raise ValueError(f"data.packing={kind} needs the tokenizer's sentence_ends table")
+        build = lambda: pair_index(kind, dataset, first_doc, last_doc, seq_length, sentence_ends, pair_separators, seed)
+        params = {"first_doc": first_doc, "last_doc": last_doc, "seq_length": seq_length, "seed": seed,
+                  "pair_separators": pair_separators, "sentence_ends": table_digest(sentence_ends)}
     else:
         raise UserError(f"data.packing={kind!r} is not one of {', '.join(PACKINGS)}")
     index = None
@@ -175,6 +197,9 @@ def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: 
         index = cache.get(kind, {**params, "dataset": identity or {}}, build)
     if kind == "full_sentences":
         return FullSentences(dataset, first_item, last_item, docs[1:], seq_length, bos_id, eos_id, index=index)
+    if kind in PAIR_KINDS:
+        return PairSamples(kind, dataset, first_doc, last_doc, seq_length, bos_id, eos_id, sentence_ends,
+                           pair_separators, seed, index=index)
     return DocSentences(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
 
 

@@ -60,6 +60,7 @@ from data.errors import UserError
 from data.document_pieces import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, pieces as document_pieces
 from data.indexed import IndexedWriter, ShardWriter, bin_path, idx_path, token_dtype
 from data.output_staging import make_shard_dir, write_error
+from data.static_masks import StaticMaskOptions, companion_writer
 from data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -441,6 +442,7 @@ class PreprocessSummary:
     workers: int = 1
     split: int = 0  # documents longer than max_document_bytes, tokenized in pieces (still one document)
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+    static_masks: int = 0  # masked copies in PREFIX.static_masks.bin/.idx (data/static_masks.py)
 
 
 def available_cpus() -> int:
@@ -527,6 +529,7 @@ def preprocess(
     skip_bad_lines: bool = False,
     chunk_bytes: Optional[int] = None,
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    static_masks: StaticMaskOptions = StaticMaskOptions(),
 ) -> PreprocessSummary:
     """Tokenize every document of `inputs` into `output_prefix`.bin/.idx/.json (see the module docstring).
 
@@ -536,6 +539,8 @@ def preprocess(
     max_document_bytes: a longer document is tokenized in pieces of at most this many UTF-8 bytes
     (cut at a line break, else a sentence end, else a word, else a character) and its ids joined,
     so it stays one document while the tokenizer's memory is bounded by this size.
+    static_masks.copies > 0: also write that many masked copies, PREFIX.static_masks.bin/.idx, from
+    the finished dataset before anything is renamed into place (data/static_masks.py).
     """
     start = time.perf_counter()
     if workers < 1:
@@ -604,6 +609,8 @@ def preprocess(
                     "tool": "preprocess_data",
                     "tool_version": _tool_version(),
                 }
+                if static_masks.copies:
+                    writer.companion = companion_writer(tok, static_masks)
             finished = True
         finally:
             if executor is not None:
@@ -614,7 +621,7 @@ def preprocess(
     return PreprocessSummary(str(output_prefix), len(paths), writer.documents, writer.tokens,
                              dict(sorted(skipped.items())), dict(sorted(repaired.items())), read_bytes,
                              np.dtype(writer.dtype).name, time.perf_counter() - start, workers, split,
-                             max_document_bytes)
+                             max_document_bytes, static_masks.copies)
 
 
 def _try(fn, task):

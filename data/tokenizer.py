@@ -22,6 +22,7 @@ sample builder places bos/eos itself.
 import hashlib
 import itertools
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
@@ -39,6 +40,8 @@ ROBERTA_SPECIALS = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>",
 # DeBERTa-v3's: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 as SentencePiece meta pieces, [MASK] appended last.
 DEBERTA_V3_SPECIALS = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"}
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask")
+# a sentence-ending mark, then closing quotes/brackets, at the end of a token's text; or a line break
+_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f][\"'\u201d\u2019)\]}\u00bb\u300d\u300f\s]*$|[\n\r]")
 
 
 class Tokenizer:
@@ -105,6 +108,18 @@ class Tokenizer:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
+    def sentence_end_ids(self) -> np.ndarray:
+        """Boolean array over the ids: True for tokens whose text ends a sentence (data/pairs.py).
+
+        A token's decoded text ends in . ! ? (or the full-width 。！？), possibly followed by closing
+        quotes or brackets and spaces, or contains a line break. Specials are False. One decode per id
+        (about a second for 128K ids); a byte-level token holding part of a multi-byte character does not
+        decode to it and is missed.
+        """
+        ends = np.array([bool(_SENTENCE_END.search(self.decode([i]))) for i in range(self.vocab_size)], dtype=bool)
+        ends[self.special_ids] = False
+        return ends
+
     @property
     def bos_id(self) -> int:
         return self._special_ids["bos"]

@@ -159,13 +159,14 @@ def backbone_from_native(name: str, config, state_dict: Dict[str, torch.Tensor])
 
     RTD models give their discriminator, its shared tables merged (E_D = E_G + E_Delta under GDES).
     """
+    heads = ("lm_head.", "nsp_head.")  # pretraining heads (NSP: models/nsp.py) are no part of a classifier
     if name == "roberta":
-        return "roberta", config, {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+        return "roberta", _without_nsp(config), {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     if name == "deberta":
-        keep = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+        keep = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
         if not config.position_biased_input:
             keep.pop("embeddings.position.weight", None)  # the EMD's table: no EMD in a classifier
-        return "deberta", _without_emd(config), keep
+        return "deberta", _without_nsp(_without_emd(config)), keep
     if name == "electra":
         shared = () if config.embedding_sharing == "none" else rtd.SHARED_TABLES
         _, disc = rtd.split_state_dict(state_dict, shared, config.embedding_sharing)
@@ -178,6 +179,10 @@ def backbone_from_native(name: str, config, state_dict: Dict[str, torch.Tensor])
 
 def _without_emd(config: DebertaConfig) -> DebertaConfig:
     return dataclasses.replace(config, enhanced_mask_decoder=False)
+
+
+def _without_nsp(config):
+    return dataclasses.replace(config, next_sentence_head=False)
 
 
 # ------------------------------------------------------------------------------- Hugging Face

@@ -103,6 +103,11 @@ def _check_encoder(cfg, more_positive: tuple) -> None:
         )
 
 
+def _check_nsp_weight(cfg) -> None:
+    if cfg.nsp_weight < 0:
+        raise UserError(f"model config: nsp_weight must be >= 0, got {cfg.nsp_weight}")
+
+
 @dataclass
 class RobertaConfig:
     """RoBERTa encoder with a masked-language-model head (Liu et al., 2019)."""
@@ -152,11 +157,19 @@ class RobertaConfig:
     activation: str = "gelu"
     """Feed-forward activation, by its Hugging Face name: one of ACTIVATIONS."""
 
+    next_sentence_head: bool = False
+    """BERT's next-sentence-prediction head (models/nsp.py) beside the MLM head; the trainer turns it on
+    for the pair formats (data.packing segment_pair / sentence_pair). Not exported to Hugging Face."""
+
+    nsp_weight: float = 1.0
+    """Weight of the NSP loss (mean over samples) beside the MLM loss (mean over predicted tokens)."""
+
     def __post_init__(self):
         _check_types(self)
         if self.padded_vocab_size is None:
             self.padded_vocab_size = self.vocab_size
         _check_encoder(self, ("type_vocab_size",))
+        _check_nsp_weight(self)
         if self.max_position_embeddings < self.pad_token_id + 2:
             raise UserError(
                 f"model config: max_position_embeddings ({self.max_position_embeddings}) must be "
@@ -266,6 +279,13 @@ class DebertaConfig:
     emd_layers: int = 2
     """Passes of the (shared) last encoder layer in the enhanced mask decoder (2 in DeBERTa)."""
 
+    next_sentence_head: bool = False
+    """BERT's next-sentence-prediction head (models/nsp.py) beside the MLM head; the trainer turns it on
+    for the pair formats (data.packing segment_pair / sentence_pair). Not exported to Hugging Face."""
+
+    nsp_weight: float = 1.0
+    """Weight of the NSP loss (mean over samples) beside the MLM loss (mean over predicted tokens)."""
+
     def __post_init__(self):
         _check_types(self)
         if self.padded_vocab_size is None:
@@ -273,6 +293,7 @@ class DebertaConfig:
         if self.type_vocab_size < 0:
             raise UserError(f"model config: type_vocab_size must be >= 0, got {self.type_vocab_size}")
         _check_encoder(self, ("max_position_embeddings", "emd_layers"))
+        _check_nsp_weight(self)
         unknown = [t for t in self.pos_att_type if t not in POSITION_ATTENTION_TYPES]
         if unknown or len(set(self.pos_att_type)) != len(self.pos_att_type):
             raise UserError(
@@ -331,7 +352,8 @@ class DebertaConfig:
         return self.position_biased_input or self.enhanced_mask_decoder
 
 
-EMBEDDING_SHARING = ("none", "es", "gdes")  # DeBERTaV3's names: no sharing, sharing, gradient-disentangled
+EMBEDDING_SHARING = ("none", "es", "gdes", "all")  # DeBERTaV3's names (no sharing, sharing,
+# gradient-disentangled) and ELECTRA's "all weights" (section 3.2)
 
 
 @dataclass
@@ -439,7 +461,10 @@ class RTDConfig:
     embedding_sharing: str = "es"
     """How the towers share word (and absolute position) embeddings: "none" (separate tables),
     "es" (one table that both losses update; the ELECTRA paper's default), "gdes" (DeBERTaV3:
-    E_D = sg(E_G) + E_Delta; MLM updates E_G, RTD only E_Delta)."""
+    E_D = sg(E_G) + E_Delta; MLM updates E_G, RTD only E_Delta), "all" (ELECTRA section 3.2:
+    the towers are one backbone, embeddings, projection and every layer, updated by both losses;
+    only the generator's MLM head and the discriminator's RTD head are their own. It needs equal
+    tower configs and the electra backbone; exports copy the shared backbone into both towers)."""
 
     generator_mask_token_prob: float = 1.0
     """Share of the selected (predicted) tokens the data pipeline replaces by the mask token in the
@@ -502,6 +527,19 @@ class RTDConfig:
                     f"model config: generator.{name} ({getattr(gen, name)}) must equal "
                     f"discriminator.{name} ({getattr(disc, name)})"
                 )
+        if self.embedding_sharing == "all":
+            if self.backbone != "electra":
+                raise UserError(
+                    f"model config: embedding_sharing 'all' is for backbone electra, not {self.backbone!r} "
+                    "(DeBERTaV3's generator has its own enhanced mask decoder); use es or gdes"
+                )
+            for field in dataclasses.fields(gen):  # one backbone: every field of the towers equal
+                if getattr(gen, field.name) != getattr(disc, field.name):
+                    raise UserError(
+                        f"model config: embedding_sharing 'all' needs generator.{field.name} "
+                        f"({getattr(gen, field.name)}) = discriminator.{field.name} "
+                        f"({getattr(disc, field.name)}); set the generator's size to the discriminator's"
+                    )
         if self.embedding_sharing != "none":
             # Shared tables need one shape (the hidden sizes may differ: ELECTRA projects).
             width = "embedding_size" if self.backbone == "electra" else "hidden_size"

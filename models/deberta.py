@@ -47,6 +47,7 @@ from models.disentangled_attention import disentangled_attention, flat_relative_
 from models.layers import (
     CheckpointedLayer, FeedForward, activation_fn, masked_lm_metrics, predicted_positions, rows_at,
 )
+from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
 
 RELATIVE_CACHE_SIZE = 8  # sequence lengths whose relative-position indices stay cached
@@ -319,6 +320,9 @@ class DebertaForMaskedLM(DebertaModel):
     def __init__(self, config: DebertaConfig, layers: ParallelLayers):
         super().__init__(config, layers, position_table=config.absolute_positions)
         self.lm_head = MaskedLMHead(config, layers)
+        # last: the other weights draw the same initial values with the head as without it
+        self.nsp_head = (NextSentenceHead(config.hidden_size, config.initializer_range, layers)
+                         if config.next_sentence_head else None)
 
         # True on the local vocabulary columns that are padding (global id >= vocab_size).
         start, end = layers.vocab_range(config.padded_vocab_size)
@@ -339,11 +343,15 @@ class DebertaForMaskedLM(DebertaModel):
 
     def mlm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) states the MLM head reads: the EMD's output, or the encoder's without EMD."""
+        return self._hidden_states(input_ids, attention_mask)[1]
+
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(encoder output, states the MLM head reads), each (B, T, H)."""
         key_padding = key_padding_mask(attention_mask)
         hidden, last_input = self.encoder(self.embeddings(input_ids), key_padding)
         if self.config.enhanced_mask_decoder:
-            return self.enhanced_mask_decoder(last_input, key_padding)
-        return hidden
+            return hidden, self.enhanced_mask_decoder(last_input, key_padding)
+        return hidden, hidden
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> this rank's logits (..., Vp/tp), padded vocabulary entries at finfo.min."""
@@ -362,19 +370,30 @@ class DebertaForMaskedLM(DebertaModel):
         return self._vocab_logits(rows_at(self.mlm_hidden(input_ids, attention_mask), positions))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        next_sentence_label: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
         "num_predicted": number of predicted positions (long scalar),
-        "metrics": {"mlm_correct", "mlm_predicted"} long scalars (`masked_lm_metrics`)}."""
+        "metrics": {"mlm_correct", "mlm_predicted"} long scalars (`masked_lm_metrics`)}.
+        With the NSP head and next_sentence_label (B,) given: the MLM and NSP terms (models/nsp.py),
+        the NSP head reading the first token of the encoder output (before the EMD)."""
         positions = predicted_positions(labels)  # (N,)
         targets = rows_at(labels, positions)  # (N,)
-        logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
+        nsp = self.nsp_head is not None and next_sentence_label is not None
+        if nsp:
+            encoded, hidden = self._hidden_states(input_ids, attention_mask)
+            logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
+        else:
+            logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
         metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
         losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
-                "metrics": metrics}
+        out = {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
+               "metrics": metrics}
+        if not nsp:
+            return out
+        return with_next_sentence_loss(out, self.nsp_head(encoded[:, 0]), next_sentence_label, self.config.nsp_weight)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full MLM logits (B, T, V) (through the EMD if enabled): gathered over TP ranks, trimmed."""
@@ -501,6 +520,7 @@ def to_hf_state_dict(
     the enhanced mask decoder, so its MLM logits differ from ours.
     """
     _check_component(component)
+    our_sd = drop_for_export(our_sd, "DebertaV2ForMaskedLM")
     dropped = [key for key in our_sd if key in unexported_keys(cfg)]
     if dropped:
         warnings.warn(

@@ -17,6 +17,7 @@ from torch import nn
 
 from models.config import RobertaConfig, hf_encoder_kwargs
 from models.layers import TransformerLayer, attention_bias, masked_lm_metrics, predicted_positions, rows_at
+from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
 
 
@@ -100,6 +101,8 @@ class RobertaForMaskedLM(nn.Module):
             for _ in range(config.num_layers)
         )
         self.lm_head = MaskedLMHead(config, layers)
+        # last: the other weights draw the same initial values with the head as without it
+        self.nsp_head = NextSentenceHead(config.hidden_size, std, layers) if config.next_sentence_head else None
 
         # True on the local vocabulary columns that are padding (global id >= vocab_size).
         start, end = layers.vocab_range(config.padded_vocab_size)
@@ -122,14 +125,16 @@ class RobertaForMaskedLM(nn.Module):
         return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        next_sentence_label: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """(B, T) ids, mask and labels (IGNORE_INDEX where not predicted) -> {
         "loss_sum": sum over predicted positions of the cross-entropy (fp32 scalar),
         "num_predicted": number of predicted positions (long scalar),
         "metrics": {"mlm_correct", "mlm_predicted"} long scalars (`masked_lm_metrics`)}.
 
-        The head runs only on the predicted positions (about 15% of them).
+        The head runs only on the predicted positions (about 15% of them). With the NSP head and
+        next_sentence_label (B,) given: the MLM and NSP terms (models/nsp.py `with_next_sentence_loss`).
         """
         positions = predicted_positions(labels)  # (N,)
         targets = rows_at(labels, positions)  # (N,)
@@ -137,8 +142,11 @@ class RobertaForMaskedLM(nn.Module):
         logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
         metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
         losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
-        return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
-                "metrics": metrics}
+        out = {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
+               "metrics": metrics}
+        if self.nsp_head is None or next_sentence_label is None:
+            return out
+        return with_next_sentence_loss(out, self.nsp_head(hidden[:, 0]), next_sentence_label, self.config.nsp_weight)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Full logits (B, T, V): gathered over TP ranks, vocabulary padding trimmed."""
@@ -224,8 +232,9 @@ def to_hf_state_dict(our_sd: dict[str, torch.Tensor], cfg: RobertaConfig) -> dic
     """A full (TP-merged) state dict of ours -> transformers.RobertaForMaskedLM's, padding trimmed.
 
     Includes the tied `lm_head.decoder.weight/bias` (the same tensors as the word embedding and
-    lm_head.bias), so `load_state_dict(strict=True)` accepts it.
+    lm_head.bias), so `load_state_dict(strict=True)` accepts it. The NSP head is left out (a warning).
     """
+    our_sd = drop_for_export(our_sd, "RobertaForMaskedLM")
     hf_sd = {}
     for key, value in our_sd.items():
         try:

@@ -17,6 +17,14 @@ and with SentencePiece so may a cut at a line break (the next piece starts as a 
 summary and the sidecar count the documents split. Tokenizing holds about 110 bytes per byte of a
 piece (BPE), about 0.5 GB per worker at the default.
 
+Static masking (BERT's; RoBERTa section 4.1): --static-masks N also writes PREFIX.static_masks.bin/.idx,
+N copies of the data, each with its own masks drawn once now (per document, seeded by --mask-seed,
+the copy and the document; recipe: --mask-prob, --mask-token-prob, --random-token-prob,
+--whole-word-mask, --max-span, as the data.* config keys of that name). Train on them with
+data.masking=static: epoch e of the corpus reads copy e mod N (validation: copy 0), and the
+trainer's data.mask_prob, ..., data.max_span must equal these flags. BERT used N=10. The copies take
+4 bytes per token each.
+
 SIGINT and SIGTERM stop the workers and remove every temporary file; a later run on the same
 --output-prefix removes what a SIGKILLed run on this host left (.PREFIX.shards-*, .PREFIX.tmp-*).
 A full disk, or an --output-prefix that cannot be written, is a one-line error (exit 2).
@@ -25,6 +33,7 @@ import argparse
 from typing import Optional, Sequence
 
 from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, TXT_DOCS, available_cpus, preprocess
+from data.static_masks import StaticMaskOptions
 from tools._cli import run_cli
 
 
@@ -53,16 +62,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"then sentences, words, characters (still one document each), so memory does not grow "
                              f"with the longest document; default {DEFAULT_MAX_DOCUMENT_BYTES} (4 MiB), at least "
                              f"{MIN_MAX_DOCUMENT_BYTES}")
+    masks = parser.add_argument_group("static masking (off unless --static-masks N > 0)")
+    masks.add_argument("--static-masks", type=int, default=0, metavar="N",
+                       help="write N masked copies to PREFIX.static_masks.bin/.idx for data.masking=static "
+                            "(BERT: 10); default 0: none (dynamic masking needs none)")
+    masks.add_argument("--mask-seed", type=int, default=1234, help="seed of the static masks (default 1234)")
+    masks.add_argument("--mask-prob", type=float, default=0.15, help="as data.mask_prob (default 0.15)")
+    masks.add_argument("--mask-token-prob", type=float, default=0.8, help="as data.mask_token_prob (default 0.8)")
+    masks.add_argument("--random-token-prob", type=float, default=0.1,
+                       help="as data.random_token_prob (default 0.1)")
+    masks.add_argument("--whole-word-mask", action="store_true", help="as data.whole_word_mask")
+    masks.add_argument("--max-span", type=int, default=1, help="as data.max_span (default 1)")
     args = parser.parse_args(argv)
+    static_masks = StaticMaskOptions(args.static_masks, args.mask_seed, args.mask_prob, args.mask_token_prob,
+                                     args.random_token_prob, args.whole_word_mask, args.max_span)
 
     s = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, json_key=args.json_key,
                    txt_docs=args.txt_docs, strict=args.strict, skip_bad_lines=args.skip_bad_lines,
-                   max_document_bytes=args.max_document_bytes)
+                   max_document_bytes=args.max_document_bytes, static_masks=static_masks)
     print(f"wrote {s.prefix}.bin/.idx/.json: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
           f"from {s.files} file(s), {s.read_bytes / 1e6:.1f} MB, in {s.seconds:.1f} s with {s.workers} worker(s) "
           f"({s.tokens / max(s.seconds, 1e-9) / 1e6:.2f}M tokens/s, startup included)\n"
           f"skipped: {_counts(s.skipped)}\nrepaired: {_counts(s.repaired)}\n"
           f"documents split: {s.split} (longer than --max-document-bytes {s.max_document_bytes})")
+    if s.static_masks:
+        print(f"static masks: {s.static_masks} copies in {s.prefix}.static_masks.bin/.idx")
     return 0
 
 

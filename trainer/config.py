@@ -20,7 +20,8 @@ from data.errors import UserError
 from data.tasks import TaskFormat
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PACKINGS = ("full_sentences", "doc_sentences")
+PACKINGS = ("full_sentences", "doc_sentences", "segment_pair", "sentence_pair")
+PAIR_PACKINGS = ("segment_pair", "sentence_pair")  # sentence pairs with next-sentence prediction
 
 
 @dataclass
@@ -65,7 +66,10 @@ class DataSection:
     packing: str = "full_sentences"
     """full_sentences: contiguous text that may cross documents, </s> between documents;
     doc_sentences: samples never cross a document, short documents give short samples
-    (use with train.tokens_per_step, as RoBERTa does, to keep tokens per step about constant)."""
+    (use with train.tokens_per_step, as RoBERTa does, to keep tokens per step about constant);
+    segment_pair / sentence_pair: BERT's pairs of multi-sentence segments / of single sentences, B the
+    continuation of A or (half the time) from another document, trained with next-sentence prediction
+    (the model's NSP head is turned on; roberta and deberta only; data/pairs.py)."""
     pad_to_multiple_of: int = 8
     """A micro-batch is padded to its longest sample rounded up to this multiple (at most seq_length), so
     doc_sentences' short samples cost short rows; 0 pads every batch to seq_length (fixed shapes)."""
@@ -79,6 +83,10 @@ class DataSection:
     """Mask whole words (word starts: 'Ġ' for byte-level BPE, '▁' for SentencePiece) instead of tokens."""
     max_span: int = 1
     """n-gram masking: masked spans of 1..max_span units (words with whole_word_mask), p(n) ∝ 1/n; 1 = off."""
+    masking: str = "dynamic"
+    """dynamic: a new mask per presentation (RoBERTa); static: the masks drawn at preprocessing
+    (tools/preprocess_data.py --static-masks N, BERT's 10 copies), copy e mod N in epoch e of the corpus,
+    copy 0 for validation. The mask_* keys above must then equal those it recorded (data/static_masks.py)."""
     valid_fraction: float = 0.01
     """Fraction of documents (the last ones, before the test ones) held out for validation; at least one when > 0."""
     test_fraction: float = 0.0
@@ -258,7 +266,18 @@ class PretrainConfig:
     def validate(self) -> None:
         """Checks that need no process group; `check_batch` needs the data-parallel size."""
         _choice("precision", self.precision, PRECISIONS)
+        _choice("data.masking", self.data.masking, ("dynamic", "static"))
+        if self.data.masking == "static" and self.data.packing in ("segment_pair", "sentence_pair"):
+            raise UserError(f"data.masking=static does not support data.packing={self.data.packing}; "
+                            f"use data.masking=dynamic or another data.packing")
         _choice("data.packing", self.data.packing, PACKINGS)
+        if self.data.packing in PAIR_PACKINGS and self.model.name not in ("roberta", "deberta"):
+            raise UserError(f"data.packing={self.data.packing} trains next-sentence prediction, which model "
+                            f"{self.model.name} has no head for; use data.packing=full_sentences or doc_sentences "
+                            f"(or model.name=roberta / deberta)")
+        if self.model.overrides.get("next_sentence_head") is True and self.data.packing not in PAIR_PACKINGS:
+            raise UserError(f"model.overrides next_sentence_head=true needs the NSP labels of data.packing="
+                            f"segment_pair or sentence_pair, not {self.data.packing}")
         _choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
         if not self.data.prefix and not self.data.blend:
             raise UserError("data.prefix is not set: pass data.prefix=PATH/PREFIX (from tools/preprocess_data.py)")

@@ -16,8 +16,9 @@ from data.loader import MaskedSamples, PretrainLoader, validation_samples
 from data.masking import MaskingRecipe
 from data.packing import build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity
+from data.static_masks import StaticMasks, check_static_masks, recipe_values_of
 from data.tokenizer import Tokenizer, load_tokenizer
-from trainer.config import PretrainConfig
+from trainer.config import PAIR_PACKINGS, PretrainConfig
 from trainer.parallel import ParallelContext, from_rank0
 
 
@@ -56,6 +57,8 @@ def check_corpora(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenize
         try:
             for _, prefix in cfg.data.corpora():
                 check_dataset(prefix, tokenizer)
+                if cfg.data.masking == "static":  # and its companion of stored masks
+                    check_static_masks(prefix, recipe_values_of(cfg.data))
         except UserError as err:
             error = str(err)
     error = from_rank0(error)
@@ -72,9 +75,14 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(corpora[0][1]).parent / "index-cache"
     cache = SampleIndexCache(cache_dir, builds=ctx.local_rank == 0)
     splits = {"train": [], "valid": [], "test": []}
-    identities = []
+    identities, static = [], []
+    pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetune.py)
+    if cfg.data.packing in PAIR_PACKINGS:
+        pairs = {"sentence_ends": tokenizer.sentence_end_ids(), "seed": cfg.train.seed,
+                 "pair_separators": 2 if cfg.model.name == "roberta" else 1}
     for _, prefix in corpora:
         dataset = open_indexed(prefix, check=False)  # check_corpora has checked it
+        static.append(StaticMasks(prefix) if cfg.data.masking == "static" else None)
         identity = {**dataset_identity(prefix), "prefix": Path(prefix).name}
         identities.append(identity)
         num_docs = len(dataset.document_indices) - 1
@@ -82,7 +90,7 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
         for name, (first, last) in {"train": (0, train_end), "valid": (train_end, valid_end),
                                     "test": (valid_end, num_docs)}.items():
             splits[name].append(build_packed(cfg.data.packing, dataset, first, last, cfg.data.seq_length,
-                                             tokenizer.bos_id, tokenizer.eos_id, cache, identity)
+                                             tokenizer.bos_id, tokenizer.eos_id, cache, identity, **pairs)
                                 if last > first else None)
     weights = [w for w, _ in corpora]
 
@@ -93,6 +101,11 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
         return SampleStream([p for _, p in parts], [w for w, _ in parts], seed=cfg.train.seed, shuffle=shuffle,
                             cache=cache, cache_params={"split": name, "datasets": identities})
 
+    def static_masks(name: str):  # the companions of the stream's corpora, in its order
+        if cfg.data.masking != "static":
+            return None
+        return [m for m, p in zip(static, splits[name]) if p is not None]
+
     recipe = MaskingRecipe(mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                            special_ids=tuple(tokenizer.special_ids), mask_prob=cfg.data.mask_prob,
                            mask_token_prob=cfg.data.mask_token_prob, random_token_prob=cfg.data.random_token_prob,
@@ -100,12 +113,12 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                            max_span=cfg.data.max_span)
     pad = cfg.data.pad_to_multiple_of
     train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
-                          pad_to_multiple_of=pad)
+                          pad_to_multiple_of=pad, static_masks=static_masks("train"))
     held_out = {}
     for name in ("valid", "test"):
         held = stream(name, False)
         held_out[name] = (validation_samples(held, recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
-                                             pad_to_multiple_of=pad)
+                                             pad_to_multiple_of=pad, static_masks=static_masks(name))
                           if held is not None else None)
     loader = PretrainLoader(train, cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dp_rank,
                             ctx.dp_size, num_workers=cfg.data.num_workers, tokens_per_step=cfg.train.tokens_per_step)

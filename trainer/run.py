@@ -34,7 +34,7 @@ import torch
 
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer
-from trainer.config import PretrainConfig, save_config
+from trainer.config import PAIR_PACKINGS, PretrainConfig, save_config
 from trainer.metrics import first_and_last, read_metrics
 from trainer.parallel import ParallelContext, from_rank0
 from trainer.quiet import quiet_libraries, quiet_megatron_import
@@ -243,7 +243,9 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
     from models.parallel import ParallelLayers, partition_dims, shard_state_dict
     from models.registry import build_config, build_model
 
-    overrides = {"pad_token_id": tokenizer.pad_id, **cfg.model.overrides}  # the tokenizer's, unless overridden
+    # the pair formats train next-sentence prediction: the NSP head is on unless the overrides say otherwise
+    nsp = {"next_sentence_head": True} if cfg.data.packing in PAIR_PACKINGS else {}
+    overrides = {"pad_token_id": tokenizer.pad_id, **nsp, **cfg.model.overrides}  # the tokenizer's, unless overridden
     model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=tokenizer.vocab_size,
                                 seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
                                 vocab_pad_multiple=cfg.model.vocab_pad_multiple, **overrides)
@@ -252,9 +254,14 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
         from trainer.hf_import import initial_model
         model_config, init_sd = initial_model(cfg.model.init, cfg.model.name, tokenizer.vocab_size, ctx.tp_size,
                                               cfg.data.seq_length)
+        if hasattr(model_config, "next_sentence_head") and model_config.next_sentence_head != bool(nsp):
+            # the NSP head follows data.packing: a fresh one, or the file's left out (it would get no gradient)
+            model_config = dataclasses.replace(model_config, next_sentence_head=bool(nsp))
+            init_sd = {k: v for k, v in init_sd.items() if not k.startswith("nsp_head.")}
     model = build_model(model_config, ParallelLayers(tp_size=1))
     if cfg.model.init:
-        model.load_state_dict(init_sd)
+        fresh_nsp = {k: v for k, v in model.state_dict().items() if k.startswith("nsp_head.")}
+        model.load_state_dict({**fresh_nsp, **init_sd})
     if ctx.tp_size > 1:
         full = model.state_dict()
         with quiet_megatron_import():

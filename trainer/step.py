@@ -3,7 +3,7 @@
 A model's forward returns either one MLM term (`loss_sum`, RoBERTa and DeBERTa) or several
 (`loss_sums`, `loss_weights`, `normalizers`: replaced token detection), each a SUM over the
 micro-batch. The step's loss is Σ_k weight_k × (sum of term k over the global batch) / (global count
-of its normaliser: predicted tokens for MLM, input tokens for RTD), whatever the micro-batching and
+of its normaliser: predicted tokens for MLM, input tokens for RTD, samples for NSP), whatever the micro-batching and
 data-parallel size. Each micro-batch's part is scaled by D / N_global before
 `engine.backward(scale_wrt_gas=False)`, because DeepSpeed averages gradients over the D data-parallel
 ranks; the N_global counts are known on the host before any forward and cost one small all-reduce.
@@ -43,13 +43,14 @@ def _all_reduce_dp(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 
 def _counts(batches: Iterable[Dict[str, torch.Tensor]], ctx: ParallelContext) -> Dict[str, torch.Tensor]:
-    """Global numbers of predicted and input tokens, from host tensors (no device sync)."""
+    """Global numbers of predicted and input tokens and of samples (rows: NSP), from host tensors (no device sync)."""
     batches = list(batches)
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                           sum(int(b["attention_mask"].sum()) for b in batches)],
+                           sum(int(b["attention_mask"].sum()) for b in batches),
+                           sum(b["attention_mask"].shape[0] for b in batches)],
                           dtype=torch.float64, device=ctx.device)
     _all_reduce_dp(counts, ctx)
-    return {"predicted": counts[0], "tokens": counts[1]}
+    return {"predicted": counts[0], "tokens": counts[1], "samples": counts[2]}
 
 
 class Accumulator:
@@ -130,7 +131,8 @@ class Accumulator:
 def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, float]:
     """Metrics from summed counts (trainer/diagnostics.py says what each baseline means):
     generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy; RTD accuracy,
-    precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc."""
+    precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc;
+    nsp_accuracy with the NSP head."""
     ratio = lambda a, b: sums[a] / sums[b] if sums.get(b) else None
     rtd = "rtd_correct" in sums
     out = {}
@@ -138,6 +140,8 @@ def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, floa
         out["generator_accuracy" if rtd else "mlm_accuracy"] = ratio("mlm_correct", "mlm_predicted")
     if "target_counts" in sums:
         out["unigram_accuracy"] = unigram_accuracy(sums["target_counts"])
+    if "nsp_correct" in sums:  # next-sentence prediction (pair formats); chance is about 0.5
+        out["nsp_accuracy"] = ratio("nsp_correct", "nsp_samples")
     if rtd:
         out["rtd_accuracy"] = ratio("rtd_correct", "rtd_tokens")
         out["rtd_precision"] = ratio("rtd_true_positives", "rtd_predicted_positives")
@@ -196,7 +200,9 @@ def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = 
     acc = Accumulator()
     for batch in batches:
         counts = {"predicted": (batch["labels"] != IGNORE_INDEX).sum().double().to(ctx.device),
-                  "tokens": batch["attention_mask"].sum().double().to(ctx.device)}
+                  "tokens": batch["attention_mask"].sum().double().to(ctx.device),
+                  "samples": torch.tensor(float(batch["attention_mask"].shape[0]), dtype=torch.float64,
+                                          device=ctx.device)}
         acc.add_targets([batch], vocab_size)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         acc.add(engine(**batch), counts)
