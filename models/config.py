@@ -352,6 +352,13 @@ class DebertaConfig:
         return self.position_biased_input or self.enhanced_mask_decoder
 
 
+# RTD config fields that were removed: their old name -> what sets it now (saved configs that still hold
+# one load without it; a user override naming one is refused with this).
+REMOVED_RTD_FIELDS = {
+    "generator_mask_token_prob": "data.mask_token_prob (the data pipeline masks the generator's input; "
+                                 "the RTD recipes set it to 1.0, microsoft/DeBERTa's RTD task)",
+}
+
 EMBEDDING_SHARING = ("none", "es", "gdes", "all")  # DeBERTaV3's names (no sharing, sharing,
 # gradient-disentangled) and ELECTRA's "all weights" (section 3.2)
 
@@ -466,12 +473,6 @@ class RTDConfig:
     only the generator's MLM head and the discriminator's RTD head are their own. It needs equal
     tower configs and the electra backbone; exports copy the shared backbone into both towers)."""
 
-    generator_mask_token_prob: float = 1.0
-    """Share of the selected (predicted) tokens the data pipeline replaces by the mask token in the
-    generator's input; the others stay unchanged (no random tokens: the generator's samples are
-    the replacements). 1.0 as microsoft/DeBERTa's RTD task (mask_prob 1, keep_prob 0): a kept
-    token would let the generator copy, and a random one is noise the discriminator never sees."""
-
     def __post_init__(self):
         if self.backbone not in RTD_BACKBONE_CONFIGS:
             raise UserError(
@@ -490,7 +491,7 @@ class RTDConfig:
                     f"got {type(value).__name__}"
                 )
         for name, kind in (("rtd_weight", float), ("temperature", float),
-                           ("generator_mask_token_prob", float), ("embedding_sharing", str)):
+                           ("embedding_sharing", str)):
             value = getattr(self, name)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -508,11 +509,6 @@ class RTDConfig:
             raise UserError(f"model config: rtd_weight must be >= 0, got {self.rtd_weight}")
         if self.temperature <= 0:
             raise UserError(f"model config: temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.generator_mask_token_prob <= 1.0:
-            raise UserError(
-                f"model config: generator_mask_token_prob must be in [0, 1], got "
-                f"{self.generator_mask_token_prob}"
-            )
         gen, disc = self.generator, self.discriminator
         if self.backbone == "deberta" and disc.enhanced_mask_decoder:
             # The discriminator is the bare backbone + the RTD head; the EMD decodes the MLM.

@@ -33,6 +33,8 @@ from models.layers import activation_fn
 from models.parallel import ParallelLayers
 from models.rtd import RTDDiscriminator, join_state_dicts, split_state_dict
 
+RTD_HEAD_FILE = "rtd_head.safetensors"  # the RTD head beside a discriminator export (not part of the HF model)
+
 
 # ---------------------------------------------------------------------------------- discriminator
 class DebertaV3DiscriminatorHead(nn.Module):

@@ -15,10 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from data.masking import IGNORE_INDEX  # noqa: F401  (the label convention is the data pipeline's)
 from models.parallel import ParallelLayers
-
-
-IGNORE_INDEX = -100  # label of positions that are not predicted
 
 
 def predicted_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,13 @@ class NativeModel:
 
 def config_from_dict(name: str, fields: dict[str, Any]):
     """Rebuilds a registry config from dataclasses.asdict() output (nested RTD towers included)."""
+    from models.config import REMOVED_RTD_FIELDS
     from models.registry import get_spec
-    return get_spec(name).config_class(**fields)
+
+    config_class = get_spec(name).config_class
+    if isinstance(fields, dict) and config_class.__name__ == "RTDConfig":  # files written before a removal
+        fields = {k: v for k, v in fields.items() if k not in REMOVED_RTD_FIELDS}
+    return config_class(**fields)
 
 
 def save_native(path: str | os.PathLike, name: str, config, state_dict: dict[str, torch.Tensor],

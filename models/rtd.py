@@ -8,8 +8,8 @@ Forward contract of `ReplacedTokenDetection` (what the trainer relies on)
 ------------------------------------------------------------------------
     out = model(input_ids, attention_mask, labels, sample_index)
 input_ids (B, T): the generator's input, already masked by the data pipeline (the selected tokens
-    replaced by the mask token with probability `RTDConfig.generator_mask_token_prob`, the rest of
-    the selected tokens unchanged); labels (B, T): the original id at selected positions, -100
+    replaced by the mask token with probability data.mask_token_prob, by a random token with
+    data.random_token_prob, the rest unchanged: the RTD recipes mask them all); labels (B, T): the original id at selected positions, -100
     elsewhere; attention_mask (B, T): 1 = token, 0 = padding; sample_index (B,) long: the global
     index of each sample in the run's consumed-sample stream (seeds the generator's sampling).
 out = {
@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.errors import UserError
-from models.config import RTD_BACKBONE_CONFIGS, RTDConfig
+from models.config import REMOVED_RTD_FIELDS, RTD_BACKBONE_CONFIGS, RTDConfig
 from models.layers import IGNORE_INDEX, global_argmax, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
@@ -453,7 +453,7 @@ RTD_DEFAULTS = {
 }
 
 
-_RTD_FIELDS = ("rtd_weight", "temperature", "embedding_sharing", "generator_mask_token_prob")
+_RTD_FIELDS = ("rtd_weight", "temperature", "embedding_sharing")
 _TOWERS = ("generator", "discriminator")
 _DERIVED = ("vocab_size", "padded_vocab_size", "max_position_embeddings")  # from tokenizer / data
 
@@ -479,6 +479,8 @@ def build_rtd_config(
     towers = {name: {**defaults.get(name, {}), **size_fields[name]} for name in _TOWERS}
     rtd = {key: value for key, value in defaults.items() if key in _RTD_FIELDS}
     for key, value in overrides.items():
+        if key in REMOVED_RTD_FIELDS:
+            raise UserError(f"model override {key!r} was removed: set {REMOVED_RTD_FIELDS[key]}")
         if key in _RTD_FIELDS:
             rtd[key] = value
         elif key in _TOWERS:  # applied below, after the fields set on both towers

@@ -2,7 +2,6 @@
 fp32 attention scores, config, registry, and TP=2 against TP=1."""
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from models.parallel import (
     shard_state_dict,
 )
 from models.registry import MODEL_SIZES, build_config, build_model
+from tests.launch import free_port
 
 VOCAB = 99
 
@@ -490,11 +490,6 @@ TP_CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tp_worker(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -541,4 +536,4 @@ def _tp_worker(rank: int, port: int):
 
 
 def test_tp2_matches_tp1():
-    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=TP, join=True)
+    mp.spawn(_tp_worker, args=(free_port(),), nprocs=TP, join=True)

@@ -3,7 +3,6 @@
 
 import dataclasses
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 
 from data.errors import UserError
 from models import deberta_v3
-from models.config import DebertaConfig, RTDConfig, pad_vocab_size
+from models.config import DebertaConfig, RTDConfig
 from models.deberta import DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning
 from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.layers import predicted_positions
@@ -30,6 +29,7 @@ from models.parallel import (
 )
 from models.registry import MODEL_SIZES, build_config, build_model
 from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
+from tests.launch import free_port
 
 SEQ = 16
 VOCAB = 99  # padded to 128: rows 99..127 are vocabulary padding
@@ -363,11 +363,6 @@ def test_hugging_face_round_trip(emd):
 TP = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tp_worker(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -409,4 +404,4 @@ def _tp_worker(rank: int, port: int):
 
 
 def test_tp2_matches_tp1():
-    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=TP, join=True)
+    mp.spawn(_tp_worker, args=(free_port(),), nprocs=TP, join=True)

@@ -3,7 +3,6 @@ sampling, labels, the loss contract, TP independence, config and registry."""
 
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from models.parallel import (
 from models.registry import MODEL_SIZES, build_config, build_model, build_rtd
 from models.roberta import RobertaForMaskedLM
 from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
+from tests.launch import free_port
 
 SEQ = 16
 VOCAB = 99
@@ -491,11 +491,6 @@ def test_rtd_over_other_towers_with_gdes():
 TP = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tp_worker(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -542,7 +537,7 @@ def _tp_worker(rank: int, port: int):
 
 
 def test_tp2_matches_tp1():
-    mp.spawn(_tp_worker, args=(_free_port(),), nprocs=TP, join=True)
+    mp.spawn(_tp_worker, args=(free_port(),), nprocs=TP, join=True)
 
 
 # ------------------------------------------------------------------------------ config, registry
@@ -603,4 +598,10 @@ def test_config_validation():
     with pytest.raises(UserError, match="hidden_size .* num_heads"):
         tower(hidden_size=30)
     assert tower(embedding_size=None).embedding_size == 32
-    assert rtd_config("es").generator_mask_token_prob == 1.0
+    from models.registry import build_config
+    with pytest.raises(UserError, match="'generator_mask_token_prob' was removed: set data.mask_token_prob"):
+        build_config("electra", "debug", 100, 16, generator_mask_token_prob=1.0)
+    # a config saved while the field existed still loads (native files, checkpoints' model_config)
+    from models.native import config_from_dict
+    saved = dataclasses.asdict(rtd_config("es"))
+    assert config_from_dict("electra", {**saved, "generator_mask_token_prob": 1.0}) == rtd_config("es")

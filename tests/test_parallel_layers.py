@@ -1,7 +1,6 @@
 """Tensor-parallel layers at TP=2 (two gloo processes on CPU) against their TP=1 reference."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,15 +16,11 @@ from models.parallel import (
     shard_state_dict,
 )
 from models.registry import build_config, build_model
+from tests.launch import free_port
 
 TP = 2
 ATOL = RTOL = 1e-6
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Toy(torch.nn.Module):
@@ -143,7 +138,7 @@ def _worker(rank: int, port: int):
 
 
 def test_tp2_matches_tp1():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=TP, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=TP, join=True)
 
 
 def test_shard_merge_round_trip():

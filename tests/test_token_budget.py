@@ -10,7 +10,6 @@ One 2-process spawn does two things:
 import copy
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -22,11 +21,6 @@ from data.preprocess import preprocess
 
 SEQ, BUDGET, LR = 64, 600, 2e-3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +107,13 @@ def _worker(rank, port, root, results):
 
 
 def test_token_budget_steps_with_deepspeed(corpora, bpe_tokenizer):
-    from tests.launch import train_records
+    from tests.launch import free_port, train_records
     from trainer.config import load_config
     from trainer.inputs import build_inputs
     from trainer.parallel import ParallelContext
 
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), corpora, results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), corpora, results), nprocs=2, join=True)
     assert all(results[r]["status"] == 0 for r in (0, 1))
     assert results[0]["counts"] == results[1]["counts"], "both ranks ran as many micro-batches"
 

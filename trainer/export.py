@@ -32,13 +32,13 @@ from typing import Callable, Optional
 import torch
 
 from data.errors import UserError
+from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import NativeModel, config_from_dict, save_native
 from trainer.checkpoint import MANIFEST, TAG, committed, read_meta, resume_order, step_of, verify
 from trainer.model_card import write_model_card
 from trainer.safe_load import safe_torch_load, weights_only_loads
 
 Log = Callable[[str], None]
-RTD_HEAD_FILE = "rtd_head.safetensors"  # DeBERTaV3's RTD head beside a discriminator export
 TOLERANCE = 1e-4  # --verify: max |ours - theirs| in fp32
 
 
