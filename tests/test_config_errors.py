@@ -53,7 +53,7 @@ def test_a_non_finite_float_in_a_yaml_file_names_file_and_key(tmp_path):
 
 
 def test_the_command_line_prints_one_line_and_exits_2(capsys):
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
     from trainer.pretrain import main
 
     with pytest.raises(SystemExit) as exit_:

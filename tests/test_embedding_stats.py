@@ -44,5 +44,7 @@ def test_sharing_modes_and_effective_tables():
 def test_cli_errors(tmp_path):
     with pytest.raises(UserError, match="not a directory"):
         main(["--checkpoint", str(tmp_path / "nope")])
-    with pytest.raises(UserError, match="no `latest`"):
+    with pytest.raises(UserError, match="holds no committed checkpoint; pass --tag global_stepN"):
         main(["--checkpoint", str(tmp_path)])
+    with pytest.raises(UserError, match="global_step9 does not exist"):
+        main(["--checkpoint", str(tmp_path), "--tag", "global_step9"])

@@ -6,6 +6,7 @@ is keyed by (seed, global sample index), not by the vocabulary partition or the 
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -55,6 +56,17 @@ def test_rtd_gdes_zero3_equals_zero1(data_prefix, tmp_path, recipe):
     z1, z3 = train_records(tmp_path / "z1"), train_records(tmp_path / "z3")
     assert_same_steps(z1, z3)
     assert {"generator_accuracy", "rtd_accuracy", "replaced_ratio", "loss_mlm", "loss_rtd"} <= set(z1[1])
+    assert_same_embedding_stats(tmp_path / "z1", tmp_path / "z3")  # ZeRO-3 holds no module weights in its files
+
+
+def assert_same_embedding_stats(a, b):
+    """tools/embedding_stats.py reads both runs' last checkpoints (through conversion's reader) alike."""
+    stats = [json.loads(python_tool("embedding_stats.py", "--checkpoint", run / "checkpoints", "--json").stdout)
+             for run in (a, b)]
+    assert stats[0]["embedding_sharing"] == stats[1]["embedding_sharing"] == "gdes"
+    for key in ("generator_avg_cosine", "discriminator_avg_cosine"):
+        assert stats[0][key] == pytest.approx(stats[1][key], abs=1e-5), key
+    assert stats[0]["generator_avg_cosine"] != stats[0]["discriminator_avg_cosine"]  # E_G + E_Delta moved
 
 
 @pytest.mark.parametrize("recipe", RECIPES[1:])  # ELECTRA at TP=2: tests/test_electra.py's in-process spawn
@@ -75,6 +87,7 @@ def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path, r
         assert valid["tp1"][0][key] == pytest.approx(valid["tp2"][0][key], abs=1e-6), key
     assert 0 < valid["tp1"][0]["valid_unigram_accuracy"] < 1 and 0 < valid["tp1"][0]["valid_rtd_prior_loss"] < 0.7
     assert "last validation RTD loss" in out.stdout and "vs unigram accuracy" in out.stdout
+    assert_same_embedding_stats(tmp_path / "tp1", tmp_path / "tp2")  # the vocabulary tables merged over TP
 
 
 def _module_weights(run_dir, step):

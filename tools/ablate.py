@@ -395,15 +395,9 @@ def pretrain(config_path: Path, run: Path, ranks: int, log: Path) -> None:
 
 def last_checkpoint(run: Path, steps: int) -> Optional[Path]:
     """The committed checkpoint of the last step, or None when the run has not finished."""
-    from trainer.checkpoint import MANIFEST, TAG, step_of
+    from trainer.checkpoint import committed
 
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return None
-    for tag in folder.iterdir():
-        if TAG.match(tag.name) and step_of(tag.name) == steps and (tag / MANIFEST).is_file():
-            return tag
-    return None
+    return next((c.path for c in reversed(committed(run / "checkpoints")) if c.step == steps), None)
 
 
 def read_metrics(run: Path) -> List[Dict]:
@@ -487,12 +481,9 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 
 
 def _human(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
+    from tools.crossover import human
+
+    return human(n)
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -727,6 +718,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
 
     run_cli(main)

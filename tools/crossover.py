@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def bisection_order(steps: Sequence[int]) -> List[int]:
 def human(n: Optional[float]) -> str:
     if n is None:
         return "?"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:g}"
@@ -216,12 +215,13 @@ def parse_ints(text: Optional[str], flag: str) -> Optional[List[int]]:
 
 
 def committed_steps(run: Path) -> Dict[int, Path]:
-    from trainer.checkpoint import MANIFEST, TAG, step_of
+    """Step -> committed checkpoint (trainer/checkpoint.py's finder; the newest commit of a step wins)."""
+    from trainer.checkpoint import MANIFEST, committed
 
     folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
     if not folder.is_dir():
         raise UserError(f"--run {run} is not a directory")
-    found = {step_of(p.name): p for p in folder.iterdir() if TAG.match(p.name) and (p / MANIFEST).is_file()}
+    found = {c.step: c.path for c in committed(folder)}
     if not found:
         raise UserError(f"--run {run} has no committed checkpoint (no checkpoints/global_stepN/{MANIFEST})")
     return dict(sorted(found.items()))
@@ -387,5 +387,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
     run_cli(main)

@@ -7,12 +7,13 @@ average cosine similarity shows which way a table went.
 
     python tools/embedding_stats.py --checkpoint runs/NAME/checkpoints [--tag global_stepN] [--sample 4096]
 
-Reads DeepSpeed's model-states files (ZeRO 0-2; for ZeRO-3 run DeepSpeed's zero_to_fp32.py first), merges
-tensor-parallel shards of the vocabulary tables, ignores vocabulary padding and special tokens.
+Reads the checkpoint with conversion's reader (trainer/export.py: ZeRO 0-3, TP merged, the fp32 masters;
+`latest` by default), and ignores vocabulary padding and special tokens.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from data.errors import UserError
-from trainer.safe_load import safe_torch_load
 
 GENERATOR = "generator.embeddings.word.weight"
 DELTA_SUFFIX = "embeddings.word.gdes_delta.weight"
@@ -29,28 +29,26 @@ OWN_SUFFIX = "embeddings.word.weight"
 
 
 def load_module_state(checkpoints: Path, tag: Optional[str]) -> tuple[Dict[str, torch.Tensor], dict]:
+    """The full fp32 weights and the model config of a checkpoint, through conversion's reader
+    (trainer/export.read_checkpoint: every layout the trainer writes, ZeRO 0-3, TP merged, bf16 masters)."""
+    import dataclasses
+
+    from trainer.checkpoint import resume_order
+    from trainer.export import read_checkpoint
+
     if not checkpoints.is_dir():
         raise UserError(f"--checkpoint {checkpoints} is not a directory")
     if tag is None:
-        latest = checkpoints / "latest"
-        if not latest.is_file():
-            raise UserError(f"{checkpoints} has no `latest` file; pass --tag global_stepN")
-        tag = latest.read_text().strip()
-    tag_dir = checkpoints / tag
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise UserError(f"{tag_dir} holds no mp_rank_*_model_states.pt files")
-    shards = [safe_torch_load(f) for f in files]
-    module = shards[0]["module"]
-    if module is None or not module:
-        raise UserError(f"{tag_dir} has no module weights (ZeRO-3?): run zero_to_fp32.py first")
-    model_config = shards[0].get("model_config", {})
-    if len(shards) > 1:  # TP: vocabulary tables are split along dim 0
-        module = dict(module)
-        for key in list(module):
-            if key.endswith(("word.weight", "gdes_delta.weight")):
-                module[key] = torch.cat([s["module"][key] for s in shards], dim=0)
-    return module, model_config
+        candidates = resume_order(checkpoints)
+        if not candidates:
+            raise UserError(f"{checkpoints} holds no committed checkpoint; pass --tag global_stepN")
+        tag_dir = candidates[0]
+    else:
+        tag_dir = checkpoints / tag
+        if not tag_dir.is_dir():
+            raise UserError(f"{tag_dir} does not exist")
+    native = read_checkpoint(tag_dir)
+    return native.state_dict, dataclasses.asdict(native.config)
 
 
 def average_cosine(table: torch.Tensor, sample: int, seed: int = 0) -> float:
@@ -95,8 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sample", type=int, default=4096, help="rows sampled for the pairwise average")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    module, model_config = load_module_state(args.checkpoint, args.tag)
-    stats = embedding_stats(module, model_config, args.sample)
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time lines: stdout is the result's
+        module, model_config = load_module_state(args.checkpoint, args.tag)
+        stats = embedding_stats(module, model_config, args.sample)
     if args.json:
         print(json.dumps(stats))
     else:
@@ -107,5 +106,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
     run_cli(main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from tools._cli import run_cli
+from trainer.cli import run_cli
 
 POOLINGS = ("mean", "cls")
 

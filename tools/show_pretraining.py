@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data.errors import UserError
-from tools._cli import run_cli
+from trainer.cli import run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""Shared entry wrapper for command-line tools: user errors become one line on stderr and exit 2."""
+"""The entry wrapper of every command line (trainer modules and tools): user errors become one line on stderr and exit 2."""
 import logging
 import sys
 from typing import Callable, Optional, Sequence

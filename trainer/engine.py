@@ -29,20 +29,14 @@ def _default_cuda_arch() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
 
 
-def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
+def initialize(model: torch.nn.Module, groups: List[Dict], multipliers, ds_config: Dict, ctx: ParallelContext):
+    """`deepspeed.initialize` as every run here does it (pretraining and fine-tuning): the parameter
+    groups, a LambdaLR of `multipliers` (one function, or one per group), megatron-core's mpu, and the
+    weights-only checkpoint engine."""
     import deepspeed
 
     if ctx.device.type == "cuda":
         _default_cuda_arch()
-
-    ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
-    if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
-        ds_config["checkpoint"] = {"load_universal": True}
-    groups, towers = schedule.parameter_groups(model, cfg.optim.weight_decay, lr=cfg.optim.lr,
-                                               generator_lr=cfg.optim.generator_lr)
-    n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
-    multipliers = schedule.lr_multipliers(towers, cfg.train.rtd_schedule, n, cfg.optim.warmup_steps,
-                                          cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
@@ -52,3 +46,15 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelConte
     )
     install_checkpoint_engine(engine)  # resume reads model and optimizer states as data, never code
     return engine
+
+
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
+    ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
+    if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
+        ds_config["checkpoint"] = {"load_universal": True}
+    groups, towers = schedule.parameter_groups(model, cfg.optim.weight_decay, lr=cfg.optim.lr,
+                                               generator_lr=cfg.optim.generator_lr)
+    n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
+    multipliers = schedule.lr_multipliers(towers, cfg.train.rtd_schedule, n, cfg.optim.warmup_steps,
+                                          cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
+    return initialize(model, groups, multipliers, ds_config, ctx)

@@ -46,7 +46,8 @@ from data.tokenizer import Tokenizer, load_tokenizer
 from models.classification import SequenceClassifier
 from trainer.finetune_config import FinetuneConfig, load_finetune_config
 from trainer.parallel import from_rank0
-from trainer.safe_load import WEIGHTS_ONLY, install_checkpoint_engine, safe_torch_load
+from trainer.safe_load import WEIGHTS_ONLY, safe_torch_load
+from trainer.schedule import uses_weight_decay
 
 logger = logging.getLogger("trainer.finetune")
 EPOCH_STREAM = 0x46544E45  # "FTNE": keeps the fine-tuning data order apart from other random streams
@@ -190,11 +191,6 @@ def step_micro_batches(task: EncodedTask, seed: int, step: int, steps_per_epoch:
 
 
 # ----------------------------------------------------------------------------- optimisation
-def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Weights decay; biases and LayerNorm parameters do not (as pretraining)."""
-    return param.ndim >= 2 and "norm" not in name.lower()
-
-
 def layer_decay_groups(model: SequenceClassifier, weight_decay: float, lr: float, layer_decay: float) -> List[Dict]:
     """Layer-wise LR decay (ELECTRA, DeBERTaV3 fine-tuning): depth d (0 embeddings, 1..L layers, L + 1
     the head) trains at lr x layer_decay^(L + 1 - d), so the layers nearest the input, the most
@@ -300,15 +296,12 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     from trainer.checkpoint import CheckpointManager, TrainState
     from trainer.metrics import write_atomic
     from trainer.config import CheckpointSection, deepspeed_config, trainer_clips_gradients
-    from trainer.engine import _default_cuda_arch, warmup_linear_decay
+    from trainer.engine import initialize, warmup_linear_decay
     from trainer.glue_metrics import task_metrics
     from trainer.metrics import MetricsWriter
-    from trainer.parallel import MegatronMPU
     from trainer.preemption import StepFlags
     from trainer.sift import SiFT
-    from trainer.step import dropout_seed
-    import deepspeed
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from trainer.step import clip_or_skip, dropout_seed
 
     seed_dir = run_path / f"seed{seed}"
     earlier = _earlier_attempt(cfg, seed_dir, ctx.is_main)
@@ -335,16 +328,10 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
 
     model = build_classifier(cfg, init, task.num_labels, seed).to(ctx.device)
     sift = SiFT(model.embedding_norm, cfg.sift.noise_std, cfg.sift.step_size, cfg.sift.weight) if cfg.sift.enabled else None
-    if ctx.device.type == "cuda":
-        _default_cuda_arch()
     warmup = round(cfg.optim.warmup_ratio * total)
     multiplier = warmup_linear_decay(warmup, total, cfg.optim.min_lr / cfg.optim.lr)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.lr,
-                                                         cfg.optim.layer_decay),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
-        mpu=MegatronMPU(), config=deepspeed_config(run_cfg, D, use_fused_adam=ctx.device.type == "cuda"))
-    install_checkpoint_engine(engine)  # resume reads model and optimizer states as data, never code
+    engine = initialize(model, layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.layer_decay),
+                        multiplier, deepspeed_config(run_cfg, D, use_fused_adam=ctx.device.type == "cuda"), ctx)
     best_dir = CheckpointManager(seed_dir / "best", CheckpointSection(every_steps=0, keep_last=1), ctx.rank)
     best: Dict = {"seed": seed, cfg.best_metric: -math.inf}
     first_step, skipped, bad_in_a_row = 1, 0, 0
@@ -373,10 +360,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
             batch = {k: v.to(ctx.device) for k, v in collate(task.train, indices, tokenizer.pad_id).items()}
             losses += forward_backward(engine, batch, sift, task.regression, D / G).double()
             if clip is not None and i == len(micro) - 1:
-                norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
-                if not math.isfinite(float(norm)):
-                    for p in engine.module.parameters():
-                        p.grad = None  # no update, as DeepSpeed's overflow skip
+                clip_or_skip(engine, clip)
             engine.step()
         stop, bad, _ = flags.exchange(preemption is not None and preemption.requested, losses.sum(), False)
         window_all += 1
@@ -579,5 +563,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
     run_cli(main)

@@ -201,5 +201,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
     run_cli(main)

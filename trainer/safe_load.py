@@ -184,6 +184,6 @@ def run_module(checkpoint: str, module: str, argv: Sequence[str]) -> None:
 if __name__ == "__main__":  # python -m trainer.safe_load CHECKPOINT_DIR MODULE [ARGS...] (trainer/elastic.py)
     import sys
 
-    from tools._cli import run_cli
+    from trainer.cli import run_cli
 
     run_cli(lambda _: run_module(sys.argv[1], sys.argv[2], sys.argv[3:]) or 0)

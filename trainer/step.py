@@ -153,6 +153,17 @@ def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, floa
     return {k: v for k, v in out.items() if v is not None}
 
 
+def clip_or_skip(engine, clip: float) -> torch.Tensor:
+    """Clips the reduced gradients to global norm `clip` (0: only measures it) and returns the norm; a
+    non-finite norm drops every gradient, so the optimizer step leaves the parameters untouched (no Adam
+    moments, no weight decay), as DeepSpeed's ZeRO/bf16/fp16 overflow skip does."""
+    grad_norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
+    if not math.isfinite(float(grad_norm)):
+        for p in engine.module.parameters():
+            p.grad = None
+    return grad_norm
+
+
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
                clip: Optional[float] = None, inject_nan: bool = False, vocab_size: Optional[int] = None) -> Dict:
     """Forward/backward over the step's micro-batches and one optimizer step.
@@ -181,12 +192,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
                    "normalizers": {k: n for k, (_, _, n) in terms.items()}}
         engine.backward(loss, scale_wrt_gas=False)
         if clip is not None and i == len(micro_batches) - 1:  # gradients are reduced: clip before the step
-            grad_norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
-            if not math.isfinite(float(grad_norm)):
-                # Skip the update as DeepSpeed's ZeRO/bf16/fp16 paths do: an optimizer leaves
-                # parameters without a gradient untouched (no Adam moments, no weight decay).
-                for p in engine.module.parameters():
-                    p.grad = None
+            grad_norm = clip_or_skip(engine, clip)
         engine.step()
         acc.add(out)
     acc.counts = dict(counts)
