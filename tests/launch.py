@@ -1,6 +1,7 @@
 """Helpers for tests that start real processes: the tools, the trainer under its launchers."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,6 +18,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tensor_parallel_group(rank: int, port: int, tp: int):
+    """Inside a process that torch.multiprocessing.spawn started: a gloo group of `tp` ranks with
+    megatron-core's tensor-parallel state over it, torn down on the way out (also after a failure)."""
+    import torch
+    import torch.distributed as dist
+
+    from models.parallel import import_megatron_core
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=tp)
+    parallel_state = import_megatron_core().parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def env() -> Dict[str, str]:

@@ -1,7 +1,6 @@
 """DeBERTa: parity with Hugging Face DebertaV2, the enhanced mask decoder, the MLM loss contract,
 fp32 attention scores, config, registry, and TP=2 against TP=1."""
 
-import os
 import warnings
 from pathlib import Path
 
@@ -28,13 +27,12 @@ from models.deberta import (
 )
 from models.parallel import (
     ParallelLayers,
-    import_megatron_core,
     merge_state_dicts,
     partition_dims,
     shard_state_dict,
 )
 from models.registry import MODEL_SIZES, build_config, build_model
-from tests.launch import free_port
+from tests.launch import free_port, tensor_parallel_group
 
 VOCAB = 99
 
@@ -490,14 +488,8 @@ TP_CASES = {
 }
 
 
-
 def _tp_worker(rank: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    parallel_state = import_megatron_core().parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    try:
+    with tensor_parallel_group(rank, port, TP):
         layers = ParallelLayers.from_parallel_state()
         for overrides in TP_CASES.values():
             cfg = tiny_config(padded_vocab_size=pad_vocab_size(VOCAB, 64, TP), **overrides)
@@ -530,9 +522,6 @@ def _tp_worker(rank: int, port: int):
                 torch.testing.assert_close(parallel.logits(input_ids, attention_mask),
                                            reference.logits(input_ids, attention_mask), atol=1e-5, rtol=1e-5)
             assert parallel.num_parameters() == reference.num_parameters()
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_tp2_matches_tp1():

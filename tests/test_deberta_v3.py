@@ -2,7 +2,6 @@
 (`deberta_v3`): the loss contract, gradient routing, Hugging Face export, TP=2 against TP=1."""
 
 import dataclasses
-import os
 import warnings
 from pathlib import Path
 
@@ -22,14 +21,13 @@ from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.layers import predicted_positions
 from models.parallel import (
     ParallelLayers,
-    import_megatron_core,
     merge_state_dicts,
     partition_dims,
     shard_state_dict,
 )
 from models.registry import MODEL_SIZES, build_config, build_model
 from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
-from tests.launch import free_port
+from tests.launch import free_port, tensor_parallel_group
 
 SEQ = 16
 VOCAB = 99  # padded to 128: rows 99..127 are vocabulary padding
@@ -363,14 +361,8 @@ def test_hugging_face_round_trip(emd):
 TP = 2
 
 
-
 def _tp_worker(rank: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    parallel_state = import_megatron_core().parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    try:
+    with tensor_parallel_group(rank, port, TP):
         # vocab 99 -> rank 1 holds ids 64..127 (35 real); vocab 60 -> rank 1 holds only padding.
         for vocab in (VOCAB, 60):
             cfg = v3_config(vocab=vocab, tp_size=TP)
@@ -398,9 +390,6 @@ def _tp_worker(rank: int, port: int):
             for name, param in reference.named_parameters():
                 assert param.grad is not None, name
                 torch.testing.assert_close(merged[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_tp2_matches_tp1():

@@ -2,7 +2,6 @@
 sampling, labels, the loss contract, TP independence, config and registry."""
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from models.electra import ElectraDiscriminator, ElectraGenerator
 from models.layers import predicted_positions, rows_at
 from models.parallel import (
     ParallelLayers,
-    import_megatron_core,
     merge_state_dicts,
     partition_dims,
     shard_state_dict,
@@ -29,7 +27,7 @@ from models.parallel import (
 from models.registry import MODEL_SIZES, build_config, build_model, build_rtd
 from models.roberta import RobertaForMaskedLM
 from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
-from tests.launch import free_port
+from tests.launch import free_port, tensor_parallel_group
 
 SEQ = 16
 VOCAB = 99
@@ -491,14 +489,8 @@ def test_rtd_over_other_towers_with_gdes():
 TP = 2
 
 
-
 def _tp_worker(rank: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    parallel_state = import_megatron_core().parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    try:
+    with tensor_parallel_group(rank, port, TP):
         # vocab 99 -> rank 1 holds ids 64..127 (35 real); vocab 60 -> rank 1 holds only padding.
         for vocab in (VOCAB, 60):
             cfg = RTDConfig(tower(vocab_size=vocab, hidden_size=16, num_heads=2, intermediate_size=20),
@@ -531,9 +523,6 @@ def _tp_worker(rank: int, port: int):
                     assert merged[name] is None, name
                 else:
                     torch.testing.assert_close(merged[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_tp2_matches_tp1():

@@ -13,21 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ROOT, deepspeed_cmd, env, python_tool, run, train_records
+from launch import ROOT, deepspeed_cmd, env, run, train_records
 
 pytestmark = pytest.mark.distributed
 LR = 2e-3
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("ft_pipeline")
-    python_tool("build_demo_corpus.py", "--output", root / "corpus.jsonl", "--max-mb", "0.5")
-    python_tool("train_tokenizer.py", "--input", root / "corpus.jsonl", "--type", "bpe", "--vocab-size", "600",
-                "--output", root / "tok")
-    python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
-                "--output-prefix", root / "bin" / "corpus", "--workers", "1")
-    return str(root / "bin" / "corpus")
 
 
 def args(prefix, runs: Path, name: str, **extra) -> list:
@@ -65,19 +54,19 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1: test_distributed.py's resume test, also bitwise
-def test_sigkill_then_resume_repeats_the_uninterrupted_run_bitwise(data_prefix, tmp_path, stage):
+def test_sigkill_then_resume_repeats_the_uninterrupted_run_bitwise(tiny_bpe_prefix, tmp_path, stage):
     """Killed after step 10 (last checkpoint: 8), restarted: steps 9-16 are bit-identical at every stage.
 
     ZeRO-1/3 were reported to drift by 1 ulp after a resume. The drift we found came from the
     DataLoader drawing its base seed from the global torch RNG when a resumed run creates its
     iterator, which shifted the dropout masks; the loader now has its own generator."""
     reference = tmp_path / "reference"
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "reference", zero__stage=stage)))
-    proc = start_group(deepspeed_cmd(2, args(data_prefix, tmp_path, "killed", zero__stage=stage)))
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "reference", zero__stage=stage)))
+    proc = start_group(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "killed", zero__stage=stage)))
     wait_for_step(tmp_path / "killed", 10, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "killed", zero__stage=stage)))
+    out = run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "killed", zero__stage=stage)))
     assert "resumed from" in out.stdout
     ours, theirs = train_records(tmp_path / "killed"), train_records(reference)
     assert sorted(ours) == list(range(1, 17)), "metrics.jsonl holds one history after the resume"
@@ -86,13 +75,13 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_bitwise(data_prefix, 
         assert ours[step]["grad_norm"] == theirs[step]["grad_norm"], step
 
 
-def test_save_killed_before_commit_leaves_the_previous_checkpoint(data_prefix, tmp_path):
-    crashed = single(*args(data_prefix, tmp_path, "crash", train__steps=12, debug__crash_in_save_step=8))
+def test_save_killed_before_commit_leaves_the_previous_checkpoint(tiny_bpe_prefix, tmp_path):
+    crashed = single(*args(tiny_bpe_prefix, tmp_path, "crash", train__steps=12, debug__crash_in_save_step=8))
     assert crashed.returncode == 137
     checkpoints = tmp_path / "crash" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "global_step4"
     assert (checkpoints / "global_step8").is_dir() and not (checkpoints / "global_step8" / "manifest.json").exists()
-    out = single(*args(data_prefix, tmp_path, "crash", train__steps=12))
+    out = single(*args(tiny_bpe_prefix, tmp_path, "crash", train__steps=12))
     assert out.returncode == 0, out.stdout[-3000:]
     assert "global_step4 at step 4" in out.stdout
     records = train_records(tmp_path / "crash")
@@ -100,13 +89,13 @@ def test_save_killed_before_commit_leaves_the_previous_checkpoint(data_prefix, t
     assert (checkpoints / "global_step8" / "manifest.json").exists(), "step 8 saved again and committed"
 
 
-def test_corrupted_checkpoint_is_skipped(data_prefix, tmp_path):
-    first = single(*args(data_prefix, tmp_path, "corrupt", train__steps=8))
+def test_corrupted_checkpoint_is_skipped(tiny_bpe_prefix, tmp_path):
+    first = single(*args(tiny_bpe_prefix, tmp_path, "corrupt", train__steps=8))
     assert first.returncode == 0
     victim = tmp_path / "corrupt" / "checkpoints" / "global_step8" / "mp_rank_00_model_states.pt"
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    out = single(*args(data_prefix, tmp_path, "corrupt", train__steps=10))
+    out = single(*args(tiny_bpe_prefix, tmp_path, "corrupt", train__steps=10))
     assert out.returncode == 0, out.stdout[-3000:]
     assert "skipping checkpoint global_step8" in out.stdout and "truncated" in out.stdout
     assert "resumed from" in out.stdout and "global_step4 at step 4" in out.stdout
@@ -116,12 +105,12 @@ def test_corrupted_checkpoint_is_skipped(data_prefix, tmp_path):
     assert tags == ["global_step10", "global_step8"], tags  # keep_last=2 pruned step 4
     for tag in tags:
         (tmp_path / "corrupt" / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
-    bad = single(*args(data_prefix, tmp_path, "corrupt", train__steps=12))
+    bad = single(*args(tiny_bpe_prefix, tmp_path, "corrupt", train__steps=12))
     assert bad.returncode == 2 and "no good checkpoint" in bad.stderr
 
 
-def test_sigterm_saves_and_exits_then_resumes(data_prefix, tmp_path):
-    proc = start_group(deepspeed_cmd(2, args(data_prefix, tmp_path, "term", train__steps=100000,
+def test_sigterm_saves_and_exits_then_resumes(tiny_bpe_prefix, tmp_path):
+    proc = start_group(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "term", train__steps=100000,
                                              checkpoint__every_steps=0)))
     wait_for_step(tmp_path / "term", 3, proc)
     # The node's launcher (deepspeed.launcher.launch), as a scheduler or `kill` on the node would: it
@@ -142,16 +131,16 @@ def test_sigterm_saves_and_exits_then_resumes(data_prefix, tmp_path):
     tag = (checkpoints / "latest").read_text()
     stopped = int(tag.removeprefix("global_step"))
     assert stopped >= 3 and (checkpoints / tag / "manifest.json").is_file()
-    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "term", train__steps=stopped + 2,
+    out = run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "term", train__steps=stopped + 2,
                                     checkpoint__every_steps=0)))
     records = train_records(tmp_path / "term")
     assert sorted(records)[-3:] == [stopped, stopped + 1, stopped + 2]
     assert records[stopped + 1]["consumed_samples"] == 8 * (stopped + 1)
 
 
-def test_sigterm_exit_status_in_one_process(data_prefix, tmp_path):
+def test_sigterm_exit_status_in_one_process(tiny_bpe_prefix, tmp_path):
     proc = start_group([sys.executable, "-m", "trainer.pretrain",
-                        *args(data_prefix, tmp_path, "term1", train__steps=100000, checkpoint__every_steps=0)])
+                        *args(tiny_bpe_prefix, tmp_path, "term1", train__steps=100000, checkpoint__every_steps=0)])
     wait_for_step(tmp_path / "term1", 2, proc)
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=120)
@@ -165,20 +154,20 @@ def model_states(run_dir: Path, step: int) -> dict:
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_nan_step_is_skipped_without_update(data_prefix, tmp_path, stage):
+def test_nan_step_is_skipped_without_update(tiny_bpe_prefix, tmp_path, stage):
     """A NaN loss at the last step leaves exactly the weights of the step before."""
     common = dict(checkpoint__every_steps=0, zero__stage=stage, optim__weight_decay=0.1)
-    skipped = single(*args(data_prefix, tmp_path, "nan", train__steps=4, debug__nan_loss_steps="[4]", **common))
+    skipped = single(*args(tiny_bpe_prefix, tmp_path, "nan", train__steps=4, debug__nan_loss_steps="[4]", **common))
     assert skipped.returncode == 0, skipped.stdout[-3000:]
-    clean = single(*args(data_prefix, tmp_path, "clean", train__steps=3, **common))
+    clean = single(*args(tiny_bpe_prefix, tmp_path, "clean", train__steps=3, **common))
     assert clean.returncode == 0
     a, b = model_states(tmp_path / "nan", 4), model_states(tmp_path / "clean", 3)
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert train_records(tmp_path / "nan")[4]["skipped_steps"] == 1
 
 
-def test_consecutive_nan_steps_stop_the_run(data_prefix, tmp_path):
-    out = single(*args(data_prefix, tmp_path, "diverge", train__steps=10, train__max_bad_steps=3,
+def test_consecutive_nan_steps_stop_the_run(tiny_bpe_prefix, tmp_path):
+    out = single(*args(tiny_bpe_prefix, tmp_path, "diverge", train__steps=10, train__max_bad_steps=3,
                        debug__nan_loss_steps="[2, 3, 4]"))
     assert out.returncode == 3
     assert "3 consecutive steps with a NaN/Inf loss, the last at step 4" in out.stderr
@@ -188,13 +177,13 @@ NO_DROPOUT = dict(model__overrides="{hidden_dropout: 0.0, attention_dropout: 0.0
 
 
 @pytest.fixture(scope="module")
-def layout_runs(data_prefix, tmp_path_factory) -> Path:
+def layout_runs(tiny_bpe_prefix, tmp_path_factory) -> Path:
     """Shared by the layout-change tests, all ZeRO-1 with dropout off: "straight", 2 ranks for 20 steps
     that never change layout, and "at12", the same run stopped with a checkpoint at step 12."""
     root = tmp_path_factory.mktemp("layout")
-    run(deepspeed_cmd(2, args(data_prefix, root, "straight", train__steps=20, checkpoint__every_steps=0,
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, root, "straight", train__steps=20, checkpoint__every_steps=0,
                               **NO_DROPOUT)))
-    run(deepspeed_cmd(2, args(data_prefix, root, "at12", train__steps=12, checkpoint__every_steps=12,
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, root, "at12", train__steps=12, checkpoint__every_steps=12,
                               **NO_DROPOUT)))
     return root
 
@@ -211,14 +200,14 @@ def assert_same_steps(records: dict, reference: dict, steps) -> None:
         assert records[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], abs=1e-5), step
 
 
-def test_resume_with_fewer_then_more_data_parallel_ranks(data_prefix, layout_runs, tmp_path):
+def test_resume_with_fewer_then_more_data_parallel_ranks(tiny_bpe_prefix, layout_runs, tmp_path):
     """2 ranks -> 1 rank at step 12 -> 2 ranks at step 16, each through a universal checkpoint: the same
     global data position, and the losses of the run that never changed."""
     run_dir = continue_from_step_12(layout_runs, tmp_path)
-    out = single(*args(data_prefix, tmp_path, "changed", train__steps=16, checkpoint__every_steps=16, **NO_DROPOUT))
+    out = single(*args(tiny_bpe_prefix, tmp_path, "changed", train__steps=16, checkpoint__every_steps=16, **NO_DROPOUT))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "converting to a universal checkpoint" in out.stdout
-    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "changed", train__steps=20, checkpoint__every_steps=0,
+    out = run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "changed", train__steps=20, checkpoint__every_steps=0,
                                     **NO_DROPOUT)))
     assert "converting to a universal checkpoint" in out.stdout
     records = train_records(run_dir)
@@ -227,11 +216,11 @@ def test_resume_with_fewer_then_more_data_parallel_ranks(data_prefix, layout_run
     assert_same_steps(records, train_records(layout_runs / "straight"), range(13, 21))
 
 
-def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, layout_runs, tmp_path):
+def test_resume_under_another_tp_degree_and_zero_stage(tiny_bpe_prefix, layout_runs, tmp_path):
     """ZeRO-1, TP=1 x DP=2 -> ZeRO-2, TP=2 x DP=1 through a universal checkpoint. With dropout off the
     steps after the change equal those of a run that never changed layout."""
     run_dir = continue_from_step_12(layout_runs, tmp_path)
-    out = run(deepspeed_cmd(2, args(data_prefix, tmp_path, "changed", train__steps=15, parallel__tensor=2,
+    out = run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "changed", train__steps=15, parallel__tensor=2,
                                     checkpoint__every_steps=0, **{**NO_DROPOUT, "zero__stage": 2})))
     assert "tp_size 1 -> 2" in out.stdout and "zero_stage 1 -> 2" in out.stdout
     records = train_records(run_dir)
@@ -239,17 +228,17 @@ def test_resume_under_another_tp_degree_and_zero_stage(data_prefix, layout_runs,
     assert_same_steps(records, train_records(layout_runs / "straight"), (13, 14, 15))
 
 
-def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(data_prefix, tmp_path):
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_bpe_prefix, tmp_path):
     """A file-size limit makes checkpoint writes fail with EFBIG, as a full disk would (ENOSPC)."""
     import resource
 
-    assert single(*args(data_prefix, tmp_path, "full", train__steps=4)).returncode == 0
+    assert single(*args(tiny_bpe_prefix, tmp_path, "full", train__steps=4)).returncode == 0
     limit = 512 * 1024  # below the ~1.7 MB model-states file, above metrics and logs
 
     def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "full",
+    proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", *args(tiny_bpe_prefix, tmp_path, "full",
                                                                            train__steps=8)],
                           cwd=ROOT, env=env(), capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -258,5 +247,5 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(data_prefi
     checkpoints = tmp_path / "full" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "global_step4"
     assert not (checkpoints / "global_step8").exists()
-    again = single(*args(data_prefix, tmp_path, "full", train__steps=8))
+    again = single(*args(tiny_bpe_prefix, tmp_path, "full", train__steps=8))
     assert again.returncode == 0 and "global_step4 at step 4" in again.stdout

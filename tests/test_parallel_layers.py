@@ -1,6 +1,5 @@
 """Tensor-parallel layers at TP=2 (two gloo processes on CPU) against their TP=1 reference."""
 
-import os
 
 import pytest
 import torch
@@ -10,13 +9,12 @@ import torch.nn.functional as F
 
 from models.parallel import (
     ParallelLayers,
-    import_megatron_core,
     merge_state_dicts,
     partition_dims,
     shard_state_dict,
 )
 from models.registry import build_config, build_model
-from tests.launch import free_port
+from tests.launch import free_port, tensor_parallel_group
 
 TP = 2
 ATOL = RTOL = 1e-6
@@ -82,12 +80,7 @@ def _assert_tp_matches_reference(make, inputs, loss_fn, rank):
 
 
 def _worker(rank: int, port: int):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    parallel_state = import_megatron_core().parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    try:
+    with tensor_parallel_group(rank, port, TP):
         layers = ParallelLayers.from_parallel_state()
         assert (layers.tp_size, layers.tp_rank) == (TP, rank)
 
@@ -132,9 +125,6 @@ def _worker(rank: int, port: int):
             atol=ATOL, rtol=RTOL,
         )
         assert parallel.num_parameters() == reference.num_parameters()
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 def test_tp2_matches_tp1():

@@ -16,17 +16,6 @@ from launch import deepspeed_cmd, metrics, python_tool, run, torchrun_cmd, train
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("rtd_pipeline")
-    python_tool("build_demo_corpus.py", "--output", root / "corpus.jsonl", "--max-mb", "0.5")
-    python_tool("train_tokenizer.py", "--input", root / "corpus.jsonl", "--type", "bpe", "--vocab-size", "600",
-                "--output", root / "tok")
-    python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
-                "--output-prefix", root / "bin" / "corpus", "--workers", "1")
-    return str(root / "bin" / "corpus")
-
-
 RECIPES = ["configs/pretrain/electra_debug.yaml", "configs/pretrain/deberta_v3_debug.yaml"]
 
 
@@ -49,10 +38,10 @@ def assert_same_steps(a, b):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_rtd_gdes_zero3_equals_zero1(data_prefix, tmp_path, recipe):
+def test_rtd_gdes_zero3_equals_zero1(tiny_bpe_prefix, tmp_path, recipe):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0), against ZeRO-1."""
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z1", recipe, zero__stage=1)))
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3", recipe, zero__stage=3, zero__param_persistence_threshold=0)))
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "z1", recipe, zero__stage=1)))
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "z3", recipe, zero__stage=3, zero__param_persistence_threshold=0)))
     z1, z3 = train_records(tmp_path / "z1"), train_records(tmp_path / "z3")
     assert_same_steps(z1, z3)
     assert {"generator_accuracy", "rtd_accuracy", "replaced_ratio", "loss_mlm", "loss_rtd"} <= set(z1[1])
@@ -70,11 +59,11 @@ def assert_same_embedding_stats(a, b):
 
 
 @pytest.mark.parametrize("recipe", RECIPES[1:])  # ELECTRA at TP=2: tests/test_electra.py's in-process spawn
-def test_rtd_gdes_tensor_parallel_equals_single_process(data_prefix, tmp_path, recipe):
+def test_rtd_gdes_tensor_parallel_equals_single_process(tiny_bpe_prefix, tmp_path, recipe):
     """Also the learning diagnostics (trainer/diagnostics.py): logged, summarised, and equal under TP."""
     evaluated = dict(data__valid_fraction=0.05, eval__every_steps=3, eval__samples=8)
-    out = run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "tp1", recipe, **evaluated)])
-    run(torchrun_cmd(2, args(data_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2,
+    out = run([sys.executable, "-m", "trainer.pretrain", *args(tiny_bpe_prefix, tmp_path, "tp1", recipe, **evaluated)])
+    run(torchrun_cmd(2, args(tiny_bpe_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2,
                              **evaluated)))
     tp1, tp2 = train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2")
     assert_same_steps(tp1, tp2)
@@ -96,7 +85,7 @@ def _module_weights(run_dir, step):
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-def test_two_stage_schedule_trains_generator_then_discriminator(data_prefix, tmp_path):
+def test_two_stage_schedule_trains_generator_then_discriminator(tiny_bpe_prefix, tmp_path):
     """ELECTRA's two-stage ablation on DeBERTaV3 towers: steps 1-3 train G alone, D is initialised from
     G, steps 4-6 train D alone with G frozen. ZeRO-3 (2 ranks, everything partitioned) must give the
     same numbers as ZeRO-1 (1 process), which checks the hand-over inside partitioned parameters.
@@ -105,9 +94,9 @@ def test_two_stage_schedule_trains_generator_then_discriminator(data_prefix, tmp
     two_stage = dict(train__steps=6, train__rtd_schedule="two_stage", train__generator_steps=3,
                      optim__generator_lr=1e-3)
     run([sys.executable, "-m", "trainer.pretrain",
-         *args(data_prefix, tmp_path, "z1", recipe, zero__stage=1, checkpoint__every_steps=1,
+         *args(tiny_bpe_prefix, tmp_path, "z1", recipe, zero__stage=1, checkpoint__every_steps=1,
                checkpoint__keep_last=0, **two_stage)])
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3", recipe, zero__stage=3,
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "z3", recipe, zero__stage=3,
                               zero__param_persistence_threshold=0, **two_stage)))
     z1, z3 = train_records(tmp_path / "z1"), train_records(tmp_path / "z3")
     for step in range(1, 7):
@@ -139,7 +128,7 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def test_all_weight_sharing_under_zero3_and_tp2_equals_single_process(data_prefix, tmp_path):
+def test_all_weight_sharing_under_zero3_and_tp2_equals_single_process(tiny_bpe_prefix, tmp_path):
     """ELECTRA's full weight sharing (embedding_sharing all, same-size towers, as tools/ablate.py sets it):
     TP=2 under ZeRO-3 (every parameter partitioned), where the one backbone is gathered and released
     twice per forward, matches one process; its checkpoint converts to the same weights, each tower
@@ -150,8 +139,8 @@ def test_all_weight_sharing_under_zero3_and_tp2_equals_single_process(data_prefi
     recipe, same_size = RECIPES[0], "generator: {hidden_size: 64, num_heads: 4, intermediate_size: 128}"
     sharing = dict(model__overrides=f"{{embedding_sharing: all, {same_size}, hidden_dropout: 0.0, "
                                     f"attention_dropout: 0.0}}", checkpoint__every_steps=3)
-    run([sys.executable, "-m", "trainer.pretrain", *args(data_prefix, tmp_path, "ref", recipe, **sharing)])
-    run(deepspeed_cmd(2, args(data_prefix, tmp_path, "z3tp2", recipe, zero__stage=3, parallel__tensor=2,
+    run([sys.executable, "-m", "trainer.pretrain", *args(tiny_bpe_prefix, tmp_path, "ref", recipe, **sharing)])
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "z3tp2", recipe, zero__stage=3, parallel__tensor=2,
                               zero__param_persistence_threshold=0, **sharing)))
     assert_same_steps(train_records(tmp_path / "ref"), train_records(tmp_path / "z3tp2"))
 
