@@ -495,7 +495,7 @@ def markdown(result: Dict) -> str:
     lines = [f"# Ablation: {study.name}", "",
              f"`python tools/ablate.py {study.name} --scale {result['scale']}"
              f"{' ' + ' '.join(result['overrides']) if result['overrides'] else ''}` (tool version {VERSION}); "
-             f"{result.get('seconds', 0) / 60:.1f} min so far.", "",
+             f"{result.get('seconds', 0) / 60:.1f} min of wall time on this machine (pretraining, probes, fine-tuning).", "",
              f"Budget: {result['budget']}", "",
              "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC / MLM acc | NSP acc | "
              "probe (mean) | word order mean +- std | per seed |",
