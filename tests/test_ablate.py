@@ -39,7 +39,8 @@ def test_study_runs_every_arm_with_seeds_and_a_random_init_row(study):
         assert row["tokens"] == row["steps"] * 8 * 64  # token-budget steps: the same tokens in every arm
         assert len(row["finetune"]["values"]) == 3 and 0.0 <= row["finetune"]["mean"] <= 1.0
         assert 0.0 <= row["probe"] <= 1.0 and len(row["probe_random"]) == 3
-        assert row["valid_rtd_auc"] is not None
+        assert row["valid_rtd_auc"] is not None and row["valid_rtd_auc_peak"] >= row["valid_rtd_auc"]
+        assert 1 <= row["valid_rtd_auc_peak_step"] <= row["steps"]
         config = (out / "arms" / name / "pretrain.yaml").read_text()
         assert f"rtd_schedule: {name}" in config
     assert len(result["random_init"]["electra"]["finetune"]["values"]) == 3

@@ -497,7 +497,7 @@ def markdown(result: Dict) -> str:
              f"{' ' + ' '.join(result['overrides']) if result['overrides'] else ''}` (tool version {VERSION}); "
              f"{result.get('seconds', 0) / 60:.1f} min of wall time on this machine (pretraining, probes, fine-tuning).", "",
              f"Budget: {result['budget']}", "",
-             "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC / MLM acc | NSP acc | "
+             "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC, last (peak) / MLM acc | NSP acc | "
              "probe (mean) | word order mean +- std | per seed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in result["arm_order"]:
@@ -506,7 +506,9 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {name} | | | | | | | | | | pending | |")
             continue
         quality = r.get("valid_rtd_auc")
-        quality = f"AUC {quality:.3f}" if quality is not None else (
+        peak = (f" (peak {r['valid_rtd_auc_peak']:.3f} at {r['valid_rtd_auc_peak_step']})"
+                if r.get("valid_rtd_auc_peak") is not None else "")
+        quality = f"AUC {quality:.3f}{peak}" if quality is not None else (
             f"acc {r['valid_mlm_accuracy']:.3f}" if r.get("valid_mlm_accuracy") is not None else "")
         ft = r["finetune"]
         flops = r["flops_per_token"] * r["tokens"] if r.get("tokens") else None
@@ -587,9 +589,19 @@ def plot(result: Dict, out: Path, runs: Dict[str, Path]) -> None:
     plt.close(fig)
 
 
+def add_peak_auc(result: Dict, runs: Dict[str, Path]) -> None:
+    """Each RTD arm's highest validation AUC and its step: at small scale the AUC can rise and fall again
+    (the generator's samples get harder), so the last value alone says where the run stopped."""
+    for name, row in result["arms"].items():
+        curve = [(r["valid_rtd_auc"], r["step"]) for r in read_metrics(runs[name]) if "valid_rtd_auc" in r]
+        if curve:
+            row["valid_rtd_auc_peak"], row["valid_rtd_auc_peak_step"] = max(curve, key=lambda c: (c[0], -c[1]))
+
+
 def write_outputs(result: Dict, out: Path, runs: Dict[str, Path]) -> None:
     from trainer.metrics import write_atomic
 
+    add_peak_auc(result, runs)
     write_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
     write_atomic(out / "results.md", markdown(result))
     plot(result, out, runs)
