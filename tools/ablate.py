@@ -687,10 +687,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = checked_config(arms_dir / study.arms[0].name.replace("/", "_") / "pretrain.yaml").train.steps
         steps = matched_steps(study, base, flops)
     tokens = scale.samples_per_step * scale.seq_length
+    corpus_tokens = json.loads(Path(f"{data.prefix(study.arms[0].model)}.json").read_text()).get("tokens")
+    epochs = (f"; the corpus holds {_human(corpus_tokens)} tokens: {steps[study.arms[0].name] * tokens / corpus_tokens:.2f} "
+              f"epochs for {study.arms[0].name}" if corpus_tokens else "")
     budget = (f"{tokens} tokens per step; " + ", ".join(
         f"{a.name}: {steps[a.name]} steps = {_human(steps[a.name] * tokens)} tokens x "
         f"{_human(flops[a.name])} FLOPs/token = {_human(steps[a.name] * tokens * flops[a.name])} FLOPs"
-        for a in study.arms) + (" (equal FLOPs)" if study.equal_flops else " (equal tokens)"))
+        for a in study.arms) + (" (equal FLOPs)" if study.equal_flops else " (equal tokens)") + epochs)
     print(f"ablate {study.name} ({args.scale}): budget {budget}", flush=True)
 
     result = {**identity(study, args.scale, args.overrides, corpus), "budget": budget, "flops": flops,
