@@ -51,7 +51,7 @@ def test_study_runs_every_arm_with_seeds_and_a_random_init_row(study):
     for png in ("loss.png", "downstream.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "budget 512 tokens per step" in proc.stdout and "epochs for joint" in proc.stdout
-    assert (out / ".gitignore").read_text().split() == ["arms/", "data/"]
+    assert (out / ".gitignore").read_text().split() == ["arms/", "data/", "data.log"]
 
 
 def test_a_rerun_continues_with_the_arms_not_yet_done(study):

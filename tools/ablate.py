@@ -632,7 +632,7 @@ def claim_directory(out: Path, ident: Dict) -> None:
         raise UserError(f"--out {out} is not empty and holds no study.json; use an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(ident, indent=1) + "\n")
-    (out / ".gitignore").write_text("arms/\ndata/\n")
+    (out / ".gitignore").write_text("arms/\ndata/\ndata.log\n")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
