@@ -33,12 +33,6 @@ def spm_tokenizer(demo_corpus, tmp_path_factory):
 def tiny_bpe_prefix(tmp_path_factory) -> str:
     """The demo pipeline's tools at 0.5 MB, as a user runs them: docstring corpus -> 600-token BPE ->
     IndexedDataset; the prefix, shared by the multi-process tests that train on it."""
-    from tests.launch import python_tool
+    from tests.launch import bpe_pipeline
 
-    root = tmp_path_factory.mktemp("tiny_bpe_pipeline")
-    python_tool("build_demo_corpus.py", "--output", root / "corpus.jsonl", "--max-mb", "0.5")
-    python_tool("train_tokenizer.py", "--input", root / "corpus.jsonl", "--type", "bpe", "--vocab-size", "600",
-                "--output", root / "tok")
-    python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
-                "--output-prefix", root / "bin" / "corpus", "--workers", "1")
-    return str(root / "bin" / "corpus")
+    return bpe_pipeline(tmp_path_factory.mktemp("tiny_bpe_pipeline"), corpus_mb=0.5, vocab_size=600, workers=1)

@@ -79,6 +79,16 @@ def python_tool(name: str, *args) -> subprocess.CompletedProcess:
     return run([sys.executable, ROOT / "tools" / name, *args])
 
 
+def bpe_pipeline(root: Path, corpus_mb: float, vocab_size: int, workers: int) -> str:
+    """The demo pipeline's tools as a user runs them: docstring corpus -> BPE -> IndexedDataset; the prefix."""
+    python_tool("build_demo_corpus.py", "--output", root / "corpus.jsonl", "--max-mb", corpus_mb)
+    python_tool("train_tokenizer.py", "--input", root / "corpus.jsonl", "--type", "bpe", "--vocab-size", vocab_size,
+                "--output", root / "tok")
+    python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
+                "--output-prefix", root / "bin" / "corpus", "--workers", workers)
+    return str(root / "bin" / "corpus")
+
+
 def deepspeed_cmd(num_procs: int, overrides: Sequence[str], config: Optional[str] = None) -> List[str]:
     cmd = [BIN / "deepspeed", "--num_gpus", num_procs, "--master_port", free_port(), "--module", "trainer.pretrain"]
     if config:

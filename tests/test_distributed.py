@@ -6,13 +6,12 @@ to 16 must reproduce an uninterrupted 16-step run exactly.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from launch import (ROOT, deepspeed_cmd, finish, free_port, metrics, python_tool, run, start, torchrun_cmd,
+from launch import (bpe_pipeline, deepspeed_cmd, finish, free_port, metrics, run, start, torchrun_cmd,
                     train_records)
 
 pytestmark = pytest.mark.distributed
@@ -23,13 +22,7 @@ NO_DROPOUT = "{hidden_dropout: 0.0, attention_dropout: 0.0}"
 @pytest.fixture(scope="module")
 def data_prefix(tmp_path_factory) -> str:
     """The demo pipeline at tiny size: docstring corpus -> BPE -> IndexedDataset."""
-    root = tmp_path_factory.mktemp("pipeline")
-    python_tool("build_demo_corpus.py", "--output", root / "corpus.jsonl", "--max-mb", "1")
-    python_tool("train_tokenizer.py", "--input", root / "corpus.jsonl", "--type", "bpe", "--vocab-size", "1000",
-                "--output", root / "tok")
-    python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
-                "--output-prefix", root / "bin" / "corpus", "--workers", "2")
-    return str(root / "bin" / "corpus")
+    return bpe_pipeline(tmp_path_factory.mktemp("pipeline"), corpus_mb=1, vocab_size=1000, workers=2)
 
 
 @pytest.fixture(scope="module")
