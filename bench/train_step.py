@@ -301,9 +301,9 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------- parent
 def train_flops(model: str, cfg, batch_size: int, seq: int) -> float:
-    """Model FLOPs of one training step: trainer/flops.py's count (generator + discriminator, attention
+    """Model FLOPs of one training step: trainer/core/flops.py's count (generator + discriminator, attention
     included, MLM head on the predicted positions only) times the step's tokens."""
-    from trainer.flops import training_flops_per_token
+    from trainer.core.flops import training_flops_per_token
 
     return batch_size * seq * training_flops_per_token(cfg, seq, SELECT)
 

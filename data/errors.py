@@ -2,7 +2,7 @@
 
 It lives at the bottom of the import graph (data/ imports nothing of ours) so that data/, models/,
 trainer/ and tools/ can all raise it. Command-line tools print its message without a traceback and
-exit with status 2 (see trainer/cli.py).
+exit with status 2 (see trainer/core/cli.py).
 """
 
 

@@ -229,5 +229,5 @@ def stored_batch(static: Sequence[StaticMasks], corpora: Sequence, corpus: Seque
 
 
 def recipe_values_of(data_section) -> dict:
-    """RECIPE_KEYS of a config's data section (trainer/config.py DataSection)."""
+    """RECIPE_KEYS of a config's data section (trainer/pretraining/config.py DataSection)."""
     return {key: getattr(data_section, key) for key in RECIPE_KEYS}

@@ -34,7 +34,7 @@ class NextSentenceHead(nn.Module):
 
 def with_next_sentence_loss(mlm: dict, logits: torch.Tensor, labels: torch.Tensor, weight: float) -> dict:
     """An MLM output ({"loss_sum", "num_predicted", "metrics"}) and the head's (B, 2) logits -> the
-    multi-term form of trainer/step.py: the MLM sum over predicted tokens (weight 1) and the NSP
+    multi-term form of trainer/core/step.py: the MLM sum over predicted tokens (weight 1) and the NSP
     cross-entropy summed over the B samples (weight `weight`), each normalised by its global count;
     metrics gain nsp_correct and nsp_samples (long scalars)."""
     labels = labels.long()

@@ -113,8 +113,8 @@ def family_overrides(name: str, prefix: Path, runs: Path) -> list[str]:
 def train_curves(root: Path, names=tuple(FAMILIES)) -> dict:
     """{family: {metric: [value per step]}}, every family trained in this process, one after the other."""
     from tests.launch import train_records
-    from trainer.config import load_config
-    from trainer.pretrain import train
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.train import train
 
     prefix = write_corpus(root)
     curves = {}

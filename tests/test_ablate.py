@@ -1,5 +1,5 @@
 """tools/ablate.py: one study end to end at --scale tiny (shared by the tests below), its resume, and the
-refusals; trainer/flops.py's count against a hand computation."""
+refusals; trainer/core/flops.py's count against a hand computation."""
 import json
 import shutil
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 from tests.launch import ROOT, env
 from tools import ablate
-from trainer.flops import training_flops_per_token
+from trainer.core.flops import training_flops_per_token
 
 pytestmark = pytest.mark.distributed  # launches the trainer
 

@@ -4,8 +4,8 @@ import time
 import pytest
 
 from data.errors import UserError
-from trainer.checkpoint import CheckpointManager, verify
-from trainer.config import CheckpointSection
+from trainer.core.checkpoint import CheckpointManager, verify
+from trainer.core.config import CheckpointSection
 
 
 def make(directory, step, committed=True):

@@ -1,7 +1,8 @@
 import pytest
 
 from data.errors import UserError
-from trainer.config import PretrainConfig, deepspeed_config, load_config
+from trainer.pretraining.config import PretrainConfig, load_config
+from trainer.core.deepspeed_json import deepspeed_config
 
 
 def write(tmp_path, text):

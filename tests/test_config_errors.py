@@ -13,9 +13,9 @@ from data.jsonio import loads, read_json_object
 from data.preprocess import ReadOptions, iter_texts
 from data.tasks import read_rows
 from data.tokenizer import load_tokenizer
-from trainer.config import load_config
-from trainer.finetune_config import load_finetune_config
-from trainer.hf_import import read_hf_dir
+from trainer.pretraining.config import load_config
+from trainer.finetuning.config import load_finetune_config
+from trainer.convert.hf_import import read_hf_dir
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError, not a ValueError
 FINETUNE_REQUIRED = ["model.init=m", "data.train=t.tsv", "data.validation=v.tsv"]
@@ -53,8 +53,8 @@ def test_a_non_finite_float_in_a_yaml_file_names_file_and_key(tmp_path):
 
 
 def test_the_command_line_prints_one_line_and_exits_2(capsys):
-    from trainer.cli import run_cli
-    from trainer.pretrain import main
+    from trainer.core.cli import run_cli
+    from trainer.pretraining.train import main
 
     with pytest.raises(SystemExit) as exit_:
         run_cli(main, ["data.prefix=x", "optim.lr=nan"])

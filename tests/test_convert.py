@@ -1,4 +1,4 @@
-"""Checkpoint conversion (tools/convert_checkpoint.py, trainer/export.py, trainer/hf_import.py).
+"""Checkpoint conversion (tools/convert_checkpoint.py, trainer/convert/export.py, trainer/convert/hf_import.py).
 
 One module fixture trains four tiny 2-rank runs that cover every model type, ZeRO 0-3, TP=2 and
 fp32/bf16 between them; each is converted and compared with Hugging Face transformers in-process.
@@ -21,9 +21,8 @@ from launch import ROOT, deepspeed_cmd, env, run
 from data.errors import UserError
 from models.native import load_native
 from models.parallel import partition_dims, shard_state_dict
-from trainer.export import (RTD_HEAD_FILE, locate, read_checkpoint, verify_batch, verify_hf, write_hf,
-                            write_native)
-from trainer.hf_import import import_hf
+from trainer.convert.export import RTD_HEAD_FILE, locate, read_checkpoint, verify_batch, verify_hf, write_hf, write_native
+from trainer.convert.hf_import import import_hf
 
 pytestmark = pytest.mark.distributed
 

@@ -1,5 +1,5 @@
 """Diagnostics that say whether pretraining learns: histogram ROC AUC, the RTD prior loss, the
-unigram accuracy, MLM accuracy, and the plateau warning (trainer/diagnostics.py, trainer/step.py)."""
+unigram accuracy, MLM accuracy, and the plateau warning (trainer/core/diagnostics.py, trainer/core/step.py)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,8 @@ import torch
 
 from models.registry import build_config, build_model
 from models.rtd import AUC_BINS, AUC_LOGIT_RANGE, logit_histogram
-from trainer.diagnostics import PlateauWatch, binary_entropy, histogram_auc, target_counts, unigram_accuracy
-from trainer.step import Accumulator
+from trainer.core.diagnostics import PlateauWatch, binary_entropy, histogram_auc, target_counts, unigram_accuracy
+from trainer.core.step import Accumulator
 
 CPU = SimpleNamespace(device=torch.device("cpu"), dp_size=1)  # what Accumulator.reduce reads of the context
 VOCAB = 99

@@ -23,7 +23,7 @@ from models.classification import (SequenceClassifier, backbone_from_native, con
 from models.config import DebertaConfig
 from models.native import save_native
 from models.registry import build_config, build_model
-from trainer.glue_metrics import accuracy, average_ranks, f1, matthews_corrcoef, pearson, spearman, task_metrics
+from trainer.finetuning.task_metrics import accuracy, average_ranks, f1, matthews_corrcoef, pearson, spearman, task_metrics
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -155,7 +155,7 @@ def test_classifier_matches_hugging_face_both_ways(name):
 
 
 def test_layer_wise_lr_decay_groups():
-    from trainer.finetune import layer_decay_groups
+    from trainer.finetuning.train import layer_decay_groups
 
     config = DebertaConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                            max_position_embeddings=64, position_buckets=8, max_relative_positions=16,
@@ -176,7 +176,7 @@ def test_layer_wise_lr_decay_groups():
 
 # ----------------------------------------------------------------------------- config and demo task
 def test_finetune_config_rejects_mistakes():
-    from trainer.finetune_config import load_finetune_config
+    from trainer.finetuning.config import load_finetune_config
 
     base = ["model.init=x", "data.train=a.tsv", "data.validation=b.tsv"]
     cfg = load_finetune_config("configs/finetune/debug.yaml", base)
@@ -198,8 +198,8 @@ def test_finetune_config_rejects_mistakes():
 
 
 def test_random_init_keeps_the_architecture_and_draws_fresh_weights(tmp_path, spm_tokenizer):
-    from trainer.finetune import build_classifier, load_initial_model
-    from trainer.finetune_config import load_finetune_config
+    from trainer.finetuning.train import build_classifier, load_initial_model
+    from trainer.finetuning.config import load_finetune_config
 
     cfg_model = build_config("deberta_v3", "debug", vocab_size=spm_tokenizer.vocab_size, seq_length=64,
                              pad_token_id=spm_tokenizer.pad_id)
@@ -289,7 +289,7 @@ def test_mean_pooling_reads_every_real_token_and_ignores_padding(family):
 
 
 def test_mean_pooling_config_needs_an_export_that_can_hold_it():
-    from trainer.finetune_config import load_finetune_config
+    from trainer.finetuning.config import load_finetune_config
 
     base = ["model.init=x", "data.train=a.tsv", "data.validation=b.tsv"]
     cfg = load_finetune_config("configs/finetune/debug.yaml", base + ["model.pooling=mean", "checkpoint.export=none"])

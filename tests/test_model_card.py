@@ -1,4 +1,4 @@
-"""The model card written with every export (trainer/model_card.py): recipe, data, diagnostics up to the step."""
+"""The model card written with every export (trainer/convert/model_card.py): recipe, data, diagnostics up to the step."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ import json
 import yaml
 
 from models.registry import build_config
-from trainer.config import PretrainConfig
-from trainer.model_card import model_card, write_model_card
+from trainer.pretraining.config import PretrainConfig
+from trainer.convert.model_card import model_card, write_model_card
 
 STEP = 20
 

@@ -256,7 +256,7 @@ def test_nsp_loss_and_metrics_against_a_hand_computation(name):
 
 def test_step_reports_nsp_loss_per_sample_and_accuracy():
     from types import SimpleNamespace
-    from trainer.step import Accumulator, _counts
+    from trainer.core.step import Accumulator, _counts
     ctx = SimpleNamespace(device=torch.device("cpu"), dp_size=1)
     ids, mask, labels = inputs()
     model = build("roberta", True, nsp_weight=0.5)
@@ -307,7 +307,7 @@ def test_fine_tuning_drops_the_head_like_the_mlm_head(name):
 
 # ------------------------------------------------------------------------------------------ trainer
 def test_pair_formats_are_refused_for_rtd_models():
-    from trainer.config import load_config
+    from trainer.pretraining.config import load_config
     for name in ("electra", "deberta_v3"):
         with pytest.raises(UserError, match=f"data.packing=segment_pair.*model {name}") as err:
             load_config(None, [f"model.name={name}", "data.packing=segment_pair", "data.prefix=x"])
@@ -324,8 +324,8 @@ def test_the_head_follows_data_packing_from_a_native_file(bpe_tokenizer, tmp_pat
     from types import SimpleNamespace
     from models.native import save_native
     from models.registry import build_config, build_model
-    from trainer.config import load_config
-    from trainer.run import build_model_for
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.model import build_model_for
     ctx = SimpleNamespace(tp_size=1, device=torch.device("cpu"))
     for head, packing in ((False, "segment_pair"), (True, "full_sentences")):
         config = build_config("roberta", "debug", vocab_size=bpe_tokenizer.vocab_size, seq_length=64,
@@ -379,6 +379,6 @@ def test_pair_pretraining_reports_nsp_and_converts(pair_run, tmp_path):
     hf = run(tool + ["--output", tmp_path / "hf", "--verify"])
     assert "verify: MLM logits" in hf.stdout and "no next-sentence-prediction head: dropped nsp_head." in hf.stdout
     assert "RobertaForMaskedLM" in hf.stdout
-    from trainer.export import locate, read_checkpoint
+    from trainer.convert.export import locate, read_checkpoint
     native = read_checkpoint(locate(pair_run / "checkpoints"))  # what --format native writes
     assert native.config.next_sentence_head and "nsp_head.pooler.weight" in native.state_dict

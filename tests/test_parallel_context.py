@@ -20,7 +20,7 @@ def test_process_groups_are_destroyed_at_exit_before_interpreter_teardown():
                   parallel_state.model_parallel_is_initialized(), flush=True)
 
         atexit.register(check)
-        from trainer.parallel import init_parallel, shutdown_parallel
+        from trainer.core.parallel import init_parallel, shutdown_parallel
         ctx = init_parallel(1)
         assert dist.is_initialized() and ctx.world_size == 1
         print("initialized during run:", dist.is_initialized(), flush=True)

@@ -211,8 +211,8 @@ def test_activation_checkpointing_gives_identical_loss_and_grads_with_dropout(na
 
 
 def test_config_options_are_wired_in_build_model_for():
-    from trainer.config import load_config
-    from trainer.run import build_model_for
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.model import build_model_for
 
     cfg = load_config(None, ["data.prefix=x", "data.seq_length=16", "model.name=deberta",
                              "model.activation_checkpointing=true", "model.compile=true"])

@@ -1,4 +1,4 @@
-"""The in-training linear probe (trainer/probe.py): the logistic regression, feature extraction and
+"""The in-training linear probe (trainer/pretraining/probe.py): the logistic regression, feature extraction and
 its data-parallel split, bad task files, and real runs that log probe_accuracy."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data.errors import UserError
-from trainer.config import ProbeSection, load_config
-from trainer.probe import extract_features, fit_linear_probe, load_probe_task, pool
+from trainer.pretraining.config import ProbeSection, load_config
+from trainer.pretraining.probe import extract_features, fit_linear_probe, load_probe_task, pool
 
 from launch import deepspeed_cmd, metrics, run, train_records
 

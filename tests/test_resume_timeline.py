@@ -16,10 +16,10 @@ import pytest
 from data.errors import UserError
 from data.preprocess import preprocess
 from launch import run, train_records
-from trainer.checkpoint import CheckpointManager, _write_atomic, read_meta, resume_order
-from trainer.config import CheckpointSection
-from trainer.export import locate, read_checkpoint
-from trainer.metrics import cut_history
+from trainer.core.checkpoint import CheckpointManager, _write_atomic, read_meta, resume_order
+from trainer.core.config import CheckpointSection
+from trainer.convert.export import locate, read_checkpoint
+from trainer.core.metrics import cut_history
 
 
 def make(directory: Path, step: int, keep_last: int = 0, meta=None) -> Path:

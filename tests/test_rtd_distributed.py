@@ -60,7 +60,7 @@ def assert_same_embedding_stats(a, b):
 
 @pytest.mark.parametrize("recipe", RECIPES[1:])  # ELECTRA at TP=2: tests/test_electra.py's in-process spawn
 def test_rtd_gdes_tensor_parallel_equals_single_process(tiny_bpe_prefix, tmp_path, recipe):
-    """Also the learning diagnostics (trainer/diagnostics.py): logged, summarised, and equal under TP."""
+    """Also the learning diagnostics (trainer/core/diagnostics.py): logged, summarised, and equal under TP."""
     evaluated = dict(data__valid_fraction=0.05, eval__every_steps=3, eval__samples=8)
     out = run([sys.executable, "-m", "trainer.pretrain", *args(tiny_bpe_prefix, tmp_path, "tp1", recipe, **evaluated)])
     run(torchrun_cmd(2, args(tiny_bpe_prefix, tmp_path, "tp2", recipe, parallel__tensor=2, train__micro_batch_size=2,
@@ -134,7 +134,7 @@ def test_all_weight_sharing_under_zero3_and_tp2_equals_single_process(tiny_bpe_p
     twice per forward, matches one process; its checkpoint converts to the same weights, each tower
     whole (DeepSpeed records the shared names in TP rank 0's files only), and exports to HF.
     (TP=2 x DP=2 on 4 ranks passes too; 2 ranks keep the suite's time.)"""
-    from trainer.export import locate, read_checkpoint, verify_hf, write_hf
+    from trainer.convert.export import locate, read_checkpoint, verify_hf, write_hf
 
     recipe, same_size = RECIPES[0], "generator: {hidden_size: 64, num_heads: 4, intermediate_size: 128}"
     sharing = dict(model__overrides=f"{{embedding_sharing: all, {same_size}, hidden_dropout: 0.0, "

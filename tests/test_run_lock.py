@@ -19,7 +19,7 @@ from launch import ROOT, deepspeed_cmd, env, run, train_records
 
 pytestmark = pytest.mark.distributed
 
-HOLD = "import sys, time; from trainer.run import acquire_run_lock; acquire_run_lock(sys.argv[1]); " \
+HOLD = "import sys, time; from trainer.core.run_dir import acquire_run_lock; acquire_run_lock(sys.argv[1]); " \
        "print('locked', flush=True); time.sleep(600)"
 
 

@@ -17,7 +17,7 @@ import torch
 
 from data.errors import UserError
 from launch import run
-from trainer.safe_load import WEIGHTS_ONLY, safe_torch_load
+from trainer.core.safe_load import WEIGHTS_ONLY, safe_torch_load
 
 TAG = "global_step2"
 
@@ -106,7 +106,7 @@ def test_own_files_load_and_foreign_types_are_refused(trained, tmp_path):
 def test_convert_refuses(copy, victim):
     """tools/convert_checkpoint.py's reader: our own load of the model states, DeepSpeed's zero_to_fp32
     (which passes weights_only=False) for the optimizer partitions."""
-    from trainer.export import read_checkpoint
+    from trainer.convert.export import read_checkpoint
 
     _, runs, marker = copy
     path = runs / "own" / "checkpoints" / TAG / victim
@@ -148,8 +148,8 @@ def test_checkpoint_load_refuses_a_malicious_optimizer_partition(copy):
 def test_finetune_init_refuses_native_and_hf_files(tmp_path):
     from transformers import RobertaConfig
 
-    from trainer.finetune import load_initial_model
-    from trainer.hf_import import read_hf_dir
+    from trainer.finetuning.train import load_initial_model
+    from trainer.convert.hf_import import read_hf_dir
 
     marker = tmp_path / "code_ran"
     native = tmp_path / "model.pt"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.engine import parameter_groups
-from trainer.schedule import warmup_linear_decay
+from trainer.core.engine import parameter_groups
+from trainer.core.schedule import warmup_linear_decay
 
 
 def test_linear_warmup_then_linear_decay():
@@ -31,7 +31,7 @@ def _rtd(name, sharing):
 @pytest.mark.parametrize("name,sharing", [("deberta_v3", "gdes"), ("deberta_v3", "es"), ("electra", "es"),
                                           ("electra", "none")])
 def test_rtd_parameter_groups_split_by_tower(name, sharing):
-    from trainer.schedule import parameter_groups as tower_groups
+    from trainer.core.schedule import parameter_groups as tower_groups
     model = _rtd(name, sharing)
     groups, towers = tower_groups(model, 0.01, lr=1e-3, generator_lr=4e-4)
     by_id = {id(p): n for n, p in model.named_parameters()}
@@ -54,7 +54,7 @@ def test_rtd_parameter_groups_split_by_tower(name, sharing):
 
 
 def test_two_stage_multipliers_switch_towers_at_n():
-    from trainer.schedule import lr_multipliers
+    from trainer.core.schedule import lr_multipliers
     gen, shared, disc = lr_multipliers(["generator", "shared", "discriminator"], "two_stage", n=4,
                                        warmup_steps=2, total_steps=10, min_ratio=0.0)
     steps = range(10)  # LambdaLR's i = step - 1
@@ -66,7 +66,7 @@ def test_two_stage_multipliers_switch_towers_at_n():
 
 
 def test_discriminator_takes_over_generator_weights_of_equal_shape():
-    from trainer.schedule import discriminator_from_generator
+    from trainer.core.schedule import discriminator_from_generator
     model = _rtd("deberta_v3", "gdes")  # debug: a 1-layer generator, a 2-layer discriminator, one width
     pairs = dict(discriminator_from_generator(model))
     assert pairs["discriminator.backbone.encoder.layers.0.attention.query.weight"] == \
@@ -80,7 +80,7 @@ def test_discriminator_takes_over_generator_weights_of_equal_shape():
 
 def test_two_stage_is_checked():
     from data.errors import UserError
-    from trainer.schedule import check_schedule
+    from trainer.core.schedule import check_schedule
     roberta = torch.nn.Linear(2, 2)
     with pytest.raises(UserError, match="replaced-token-detection"):
         check_schedule(roberta, "two_stage", 2, 4)

@@ -1,4 +1,4 @@
-"""SiFT (trainer/sift.py): where the perturbation acts, the sign and reach of the adversarial term,
+"""SiFT (trainer/finetuning/sift.py): where the perturbation acts, the sign and reach of the adversarial term,
 the non-finite skip, and that with SiFT off a fine-tuning run equals a plain PyTorch loop."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from models.classification import SequenceClassifier
 from models.config import DebertaConfig, RobertaConfig
 from models.native import save_native
 from models.registry import build_config, build_model
-from trainer.sift import SiFT, symmetric_kl_sum
+from trainer.finetuning.sift import SiFT, symmetric_kl_sum
 
 NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -157,10 +157,9 @@ def test_with_sift_off_the_loop_equals_plain_finetuning(plain_run):
 
     from data.tasks import collate
     from models.classification import to_hf_state_dict
-    from trainer.engine import warmup_linear_decay
-    from trainer.finetune import (build_classifier, layer_decay_groups, load_initial_model, load_task,
-                                  resolve_tokenizer, step_micro_batches)
-    from trainer.finetune_config import load_finetune_config
+    from trainer.core.engine import warmup_linear_decay
+    from trainer.finetuning.train import build_classifier, layer_decay_groups, load_initial_model, load_task, resolve_tokenizer, step_micro_batches
+    from trainer.finetuning.config import load_finetune_config
 
     root, overrides = plain_run
     cfg = load_finetune_config("configs/finetune/debug.yaml", overrides)

@@ -22,7 +22,7 @@ from data.masking import IGNORE_INDEX
 from data.packing import build_packed
 from data.static_masks import (NOT_PREDICTED, RECIPE_KEYS, StaticMaskOptions, StaticMasks, check_static_masks,
                                STATIC_MASK_STREAM, companion_prefix, recipe_for, write_static_masks)
-from trainer.parallel import ParallelContext
+from trainer.core.parallel import ParallelContext
 
 COPIES, SEED, SEQ = 3, 7, 64
 CTX = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
@@ -190,8 +190,8 @@ def test_resumed_loader_reads_the_same_masks(corpus, bpe_tokenizer):
 
 
 def test_trainer_inputs_use_static_masks(corpus, bpe_tokenizer):
-    from trainer.config import load_config
-    from trainer.inputs import build_inputs, check_corpora
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.inputs import build_inputs, check_corpora
 
     cfg = load_config(None, [f"data.prefix={corpus}", "data.masking=static", f"data.seq_length={SEQ}",
                              f"data.cache_dir={corpus.parent / 'cache'}", "data.valid_fraction=0.05"])
@@ -212,9 +212,9 @@ def test_trainer_inputs_use_static_masks(corpus, bpe_tokenizer):
 
 def test_rtd_model_trains_on_stored_masks(corpus, bpe_tokenizer):
     """ELECTRA's generator reads the stored masked input and predicts exactly the stored positions."""
-    from trainer.config import load_config
-    from trainer.inputs import build_inputs
-    from trainer.run import build_model_for
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.inputs import build_inputs
+    from trainer.pretraining.model import build_model_for
 
     cfg = load_config(None, [f"data.prefix={corpus}", "data.masking=static", f"data.seq_length={SEQ}",
                              f"data.cache_dir={corpus.parent / 'cache'}", "model.name=electra", "model.size=debug",
@@ -235,8 +235,8 @@ def test_missing_or_stale_companion(corpus, bpe_tokenizer, tmp_path):
     with pytest.raises(UserError, match=r"corpus\.static_masks\.bin and .*corpus\.static_masks\.idx not found; "
                                         r".*--static-masks N"):
         check_static_masks(bare, RECIPE)
-    from trainer.config import load_config
-    from trainer.inputs import check_corpora
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.inputs import check_corpora
     cfg = load_config(None, [f"data.prefix={bare}", "data.masking=static"])
     with pytest.raises(UserError, match=r"^data\.masking=static: .*corpus\.static_masks\.bin and .*not found"):
         check_corpora(cfg, CTX, bpe_tokenizer)  # the trainer's rank 0, before anything is written
@@ -283,7 +283,7 @@ def test_tampered_companion(corpus, bpe_tokenizer, tmp_path):
 
 
 def test_config_refuses_pair_packing_and_unknown_masking():
-    from trainer.config import load_config
+    from trainer.pretraining.config import load_config
     for packing in ("segment_pair", "sentence_pair"):
         with pytest.raises(UserError, match=rf"data\.masking=static does not support data\.packing={packing}"):
             load_config(None, ["data.prefix=x", "data.masking=static", f"data.packing={packing}"])

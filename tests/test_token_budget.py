@@ -51,11 +51,10 @@ def overrides(root, **extra):
 
 
 def _engine_matches_plain_model(cfg, ctx, tokenizer, stage):
-    from trainer.config import load_config
-    from trainer.engine import build_engine, parameter_groups
-    from trainer.inputs import build_inputs
-    from trainer.run import build_model_for
-    from trainer.step import train_step
+    from trainer.core.engine import build_engine, parameter_groups
+    from trainer.pretraining.inputs import build_inputs
+    from trainer.pretraining.model import build_model_for
+    from trainer.core.step import train_step
     from data.loader import PretrainLoader
 
     cfg.zero.stage = stage
@@ -92,10 +91,10 @@ def _worker(rank, port, root, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from trainer.config import load_config
-    from trainer.inputs import resolve_tokenizer
-    from trainer.parallel import init_parallel
-    from trainer.pretrain import train
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.inputs import resolve_tokenizer
+    from trainer.core.parallel import init_parallel
+    from trainer.pretraining.train import train
 
     cfg = load_config(None, overrides(root))
     ctx = init_parallel(1)
@@ -108,9 +107,9 @@ def _worker(rank, port, root, results):
 
 def test_token_budget_steps_with_deepspeed(corpora, bpe_tokenizer):
     from tests.launch import free_port, train_records
-    from trainer.config import load_config
-    from trainer.inputs import build_inputs
-    from trainer.parallel import ParallelContext
+    from trainer.pretraining.config import load_config
+    from trainer.pretraining.inputs import build_inputs
+    from trainer.core.parallel import ParallelContext
 
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(free_port(), corpora, results), nprocs=2, join=True)

@@ -15,8 +15,8 @@ from models.native import load_native, save_native
 from models.parallel import ParallelLayers, merge_state_dicts, partition_dims, shard_state_dict
 from models.registry import build_config, build_rtd
 from models.rtd import total_loss
-from trainer import schedule
-from trainer.export import _unpartitioned_fp32
+from trainer.core import schedule
+from trainer.convert.export import _unpartitioned_fp32
 
 SEQ, VOCAB, MASK_ID = 16, 99, 4
 LAYER = "layers.1.attention.query.weight"  # a shared weight deep in the backbone
@@ -186,7 +186,7 @@ def test_hugging_face_export_gives_each_tower_the_shared_backbone():
 
 def test_tensor_parallel_and_fp32_master_layouts_name_both_towers():
     """Every name the state dict has for a shared weight is split by TP, and gets the fp32 master
-    when a ZeRO-0 bf16 checkpoint is read (trainer/export.py)."""
+    when a ZeRO-0 bf16 checkpoint is read (trainer/convert/export.py)."""
     model = model_of("all")
     dims = partition_dims(model)
     assert dims[f"discriminator.{LAYER}"] == dims[f"generator.{LAYER}"] == 0

@@ -15,7 +15,7 @@ STUDY is one of (arms; the paper whose table it checks):
 
 Each arm is pretrained (DeepSpeed, `--scale small`: 2 local ranks; `tiny`: one process, a CI-sized
 smoke run) on the same corpus with the same tokens (token-budget steps, so packings with short samples
-see as many tokens), and where arms differ in size with the same estimated FLOPs (trainer/flops.py: the
+see as many tokens), and where arms differ in size with the same estimated FLOPs (trainer/core/flops.py: the
 reference is the first arm, the others get steps in proportion); the budget is printed. Then each arm's
 last checkpoint is converted to a native file, probed (a linear probe on frozen mean-pooled features,
 tools/probe_model.py, beside the same architecture with random weights) and fine-tuned over 3 seeds on
@@ -36,7 +36,7 @@ use) is tokenized (byte-level BPE for roberta/electra, SentencePiece for deberta
 --data (default DIR/data; `--data demo` reuses `make demo`'s), with static masks (x10) where the study
 needs them, and the word-order task is built from it.
 
-Overrides: `key=value` applies to every arm's pretraining config (trainer/config.py keys); `ARM:key=value`
+Overrides: `key=value` applies to every arm's pretraining config (trainer/pretraining/config.py keys); `ARM:key=value`
 to one arm. Keys a study varies between its arms cannot be overridden for all arms, and keys that set an
 arm's compute (steps, batch, tokens, sequence length, model size) cannot be overridden for one arm:
 both are refused naming the key.
@@ -128,7 +128,7 @@ def scale_settings(scale: Scale, steps: int, run_dir: Path, name: str, data: "Da
 
 def arm_config(study: Study, arm: Arm, scale: Scale, steps: int, run_dir: Path, data: "DataFiles",
                common: Sequence[str], own: Sequence[str]) -> Dict:
-    from trainer.config import apply_overrides
+    from trainer.core.config import apply_overrides
 
     config = deep_merge(RECIPES[arm.model], scale_settings(scale, steps, run_dir, "run", data, arm.model))
     config = deep_merge(config, arm.settings)
@@ -142,15 +142,15 @@ def matched_steps(study: Study, base_steps: int, flops: Dict[str, float]) -> Dic
 
 
 def checked_config(path: Path):
-    from trainer.config import load_config
+    from trainer.pretraining.config import load_config
 
     return load_config(str(path))
 
 
 def flops_per_token(config_path: Path, vocab_size: int) -> float:
-    """trainer/flops.py's estimate for the arm's model at its sequence length and masking rate."""
+    """trainer/core/flops.py's estimate for the arm's model at its sequence length and masking rate."""
     from models.registry import build_config
-    from trainer.flops import training_flops_per_token
+    from trainer.core.flops import training_flops_per_token
 
     cfg = checked_config(config_path)
     model = build_config(cfg.model.name, cfg.model.size, vocab_size, cfg.data.seq_length,
@@ -260,7 +260,7 @@ def pretrain(config_path: Path, run: Path, ranks: int, log: Path) -> None:
 
 def last_checkpoint(run: Path, steps: int) -> Optional[Path]:
     """The committed checkpoint of the last step, or None when the run has not finished."""
-    from trainer.checkpoint import committed
+    from trainer.core.checkpoint import committed
 
     return next((c.path for c in reversed(committed(run / "checkpoints")) if c.step == steps), None)
 
@@ -464,7 +464,7 @@ def add_peak_auc(result: Dict, runs: Dict[str, Path]) -> None:
 
 
 def write_outputs(result: Dict, out: Path, runs: Dict[str, Path]) -> None:
-    from trainer.metrics import write_atomic
+    from trainer.core.metrics import write_atomic
 
     add_peak_auc(result, runs)
     write_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
@@ -480,7 +480,7 @@ def identity(study: Study, scale: str, overrides: Sequence[str], corpus: Optiona
 
 def claim_directory(out: Path, ident: Dict) -> None:
     """Writes DIR/study.json, or refuses a DIR that holds another study (or version, scale, overrides)."""
-    from trainer.metrics import write_atomic
+    from trainer.core.metrics import write_atomic
 
     path = out / "study.json"
     if path.is_file():
@@ -598,6 +598,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.cli import run_cli
+    from trainer.core.cli import run_cli
 
     run_cli(main)

@@ -17,7 +17,7 @@ import numpy as np
 
 from data.errors import UserError
 from data.tasks import TaskFormat, label_ids, label_names, read_examples
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 
 def _documents(examples, tokenizer) -> List[str]:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from tqdm import tqdm
 
 from data.errors import UserError
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 log = logging.getLogger(__name__)
 

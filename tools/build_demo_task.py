@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from data.errors import UserError
 from data.tasks import write_sentence_tsv
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 from tools.build_demo_corpus import _dedup_key, default_roots, file_docstrings, source_files
 
 log = logging.getLogger(__name__)

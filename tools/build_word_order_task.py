@@ -27,7 +27,7 @@ import numpy as np
 
 from data.errors import UserError
 from data.tasks import write_sentence_tsv
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 LABELS = ("original", "swapped")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")

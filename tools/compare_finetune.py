@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from data.errors import UserError
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 
 def read_summary(run: str | Path) -> Dict:

@@ -5,8 +5,8 @@
     python tools/convert_checkpoint.py --from-hf DIR --output native/NAME [--generator DIR] [--verify]
 
 Any ZeRO stage (0-3), TP degree and precision (fp32, bf16, fp16): TP shards are merged and the fp32
-master weights read (trainer/export.py). `--format hf` writes config.json, model.safetensors, the
-run's tokenizer and a model card (README.md: recipe, data, diagnostics; trainer/model_card.py):
+master weights read (trainer/convert/export.py). `--format hf` writes config.json, model.safetensors, the
+run's tokenizer and a model card (README.md: recipe, data, diagnostics; trainer/convert/model_card.py):
 RoBERTa -> RobertaForMaskedLM, DeBERTa -> DebertaV2ForMaskedLM, ELECTRA -> ElectraForPreTraining (or
 ElectraForMaskedLM with --component generator), DeBERTaV3 -> DebertaV2Model (E_D = E_G + E_Delta; the
 RTD head beside it in rtd_head.safetensors) or DebertaV2ForMaskedLM for the generator. `--format native` writes models/native.py's file (model.pt), both towers included, which
@@ -53,14 +53,14 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from trainer.export import locate, read_checkpoint, verify_hf, verify_native, write_hf, write_native
+    from trainer.convert.export import locate, read_checkpoint, verify_hf, verify_native, write_hf, write_native
 
     args = parse_args(argv)
     log = lambda message: print(message, flush=True)  # noqa: E731
     start = time.perf_counter()
     output = Path(args.output)
     if args.from_hf:
-        from trainer.hf_import import import_hf
+        from trainer.convert.hf_import import import_hf
         if args.format == "hf":
             raise UserError("--from-hf writes a native file (--format native); export it again from a run")
         if args.step is not None or args.component:
@@ -99,5 +99,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.cli import run_cli
+    from trainer.core.cli import run_cli
     run_cli(main)

@@ -215,8 +215,8 @@ def parse_ints(text: Optional[str], flag: str) -> Optional[List[int]]:
 
 
 def committed_steps(run: Path) -> Dict[int, Path]:
-    """Step -> committed checkpoint (trainer/checkpoint.py's finder; the newest commit of a step wins)."""
-    from trainer.checkpoint import MANIFEST, committed
+    """Step -> committed checkpoint (trainer/core/checkpoint.py's finder; the newest commit of a step wins)."""
+    from trainer.core.checkpoint import MANIFEST, committed
 
     folder = run / "checkpoints" if (run / "checkpoints").is_dir() else run
     if not folder.is_dir():
@@ -241,7 +241,7 @@ def read_metrics(run: Path) -> List[Dict]:
 
 def convert(tag_dir: Path, dest: Path) -> Dict:
     """The checkpoint as a native file in dest/ (skipped when there); its provenance (consumed tokens)."""
-    from trainer.export import read_checkpoint, write_native
+    from trainer.convert.export import read_checkpoint, write_native
 
     info_path = dest / "provenance.json"
     if (dest / "model.pt").is_file() and info_path.is_file():
@@ -321,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError(f"override {o!r} is not key=value")
         if o.split("=", 1)[0] in RESERVED:
             raise UserError(f"override {o.split('=', 1)[0]} is set by this tool ({', '.join(RESERVED)}); drop it")
-    from trainer.finetune_config import load_finetune_config
+    from trainer.finetuning.config import load_finetune_config
     probe = load_finetune_config(args.finetune_config, args.overrides + ["model.init=unused"])  # fail early on keys
     metric = probe.best_metric if hasattr(probe, "best_metric") else None
     checkpoints = committed_steps(run)
@@ -387,5 +387,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    from trainer.cli import run_cli
+    from trainer.core.cli import run_cli
     run_cli(main)

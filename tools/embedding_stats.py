@@ -7,7 +7,7 @@ average cosine similarity shows which way a table went.
 
     python tools/embedding_stats.py --checkpoint runs/NAME/checkpoints [--tag global_stepN] [--sample 4096]
 
-Reads the checkpoint with conversion's reader (trainer/export.py: ZeRO 0-3, TP merged, the fp32 masters;
+Reads the checkpoint with conversion's reader (trainer/convert/export.py: ZeRO 0-3, TP merged, the fp32 masters;
 `latest` by default), and ignores vocabulary padding and special tokens.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ def load_module_state(checkpoints: Path, tag: Optional[str]) -> tuple[Dict[str, 
     (trainer/export.read_checkpoint: every layout the trainer writes, ZeRO 0-3, TP merged, bf16 masters)."""
     import dataclasses
 
-    from trainer.checkpoint import resume_order
-    from trainer.export import read_checkpoint
+    from trainer.core.checkpoint import resume_order
+    from trainer.convert.export import read_checkpoint
 
     if not checkpoints.is_dir():
         raise UserError(f"--checkpoint {checkpoints} is not a directory")
@@ -106,5 +106,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from trainer.cli import run_cli
+    from trainer.core.cli import run_cli
     run_cli(main)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, TXT_DOCS, available_cpus, preprocess
 from data.static_masks import StaticMaskOptions
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 
 def _counts(counts: dict) -> str:

@@ -5,7 +5,7 @@
 
 What a pretrained model's features hold, and where: for each pooling (mean of the last layer over real
 tokens; the first token, [CLS] / <s>, which every Hugging Face sequence classifier reads) it fits the
-pretraining probe's logistic regression (trainer/probe.py: deterministic, standardised features) on the
+pretraining probe's logistic regression (trainer/pretraining/probe.py: deterministic, standardised features) on the
 frozen features of the model (a native file: tools/convert_checkpoint.py --format native) and of the
 same architecture drawn afresh from each seed, and prints the validation accuracies and the features'
 average pairwise cosine similarity (near 1: every example looks alike to a classifier, the collapse a
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 POOLINGS = ("mean", "cls")
 
@@ -45,8 +45,8 @@ def probe_model(model_path: str | Path, train: str | Path, validation: str | Pat
     from data.tokenizer import load_tokenizer
     from models.native import load_native
     from models.registry import build_model
-    from trainer.config import ProbeSection
-    from trainer.probe import extract_features, fit_linear_probe, load_probe_task
+    from trainer.pretraining.config import ProbeSection
+    from trainer.pretraining.probe import extract_features, fit_linear_probe, load_probe_task
 
     for pooling in poolings:
         if pooling not in POOLINGS:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data.errors import UserError
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from trainer.run import RunDirectory
+    from trainer.core.run_dir import RunDirectory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="the run directory ({run.dir}/{run.name})")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from data.preprocess import TXT_DOCS, ReadOptions, expand_inputs
 from data.tokenizer_train import train_bpe, train_spm
-from trainer.cli import run_cli
+from trainer.core.cli import run_cli
 
 # RoBERTa's; DeBERTa-v3's 128000 SentencePiece pieces plus [MASK] at id 128000
 DEFAULT_VOCAB_SIZE = {"bpe": 50265, "spm": 128001}

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from data.masking import IGNORE_INDEX
-from trainer.diagnostics import binary_entropy, histogram_auc, target_counts, unigram_accuracy
-from trainer.parallel import ParallelContext
+from trainer.core.diagnostics import binary_entropy, histogram_auc, target_counts, unigram_accuracy
+from trainer.core.parallel import ParallelContext
 
 Terms = Dict[str, Tuple[torch.Tensor, float, str]]  # name -> (sum, weight, normaliser)
 
@@ -129,7 +129,7 @@ class Accumulator:
 
 
 def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, float]:
-    """Metrics from summed counts (trainer/diagnostics.py says what each baseline means):
+    """Metrics from summed counts (trainer/core/diagnostics.py says what each baseline means):
     generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy; RTD accuracy,
     precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc;
     nsp_accuracy with the NSP head."""

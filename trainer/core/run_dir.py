@@ -15,7 +15,6 @@ file left with a holder in it (the holder was killed) is taken over with a warni
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
 import fcntl
 import json
@@ -28,16 +27,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-import torch
 
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer
-from trainer.config import PAIR_PACKINGS, PretrainConfig, save_config
-from trainer.metrics import first_and_last, read_metrics
-from trainer.parallel import ParallelContext, from_rank0
-from trainer.quiet import quiet_libraries, quiet_megatron_import
+from trainer.core.config import save_config
+from trainer.core.metrics import first_and_last, read_metrics
+from trainer.core.parallel import ParallelContext, from_rank0
+from trainer.core.quiet import quiet_libraries
 
 
 logger = logging.getLogger(__name__)
@@ -202,7 +200,7 @@ def _alive(pid: int) -> bool:
 
 
 def _baseline_lines(records: list) -> list:
-    """The last validation (else training) diagnostics beside their baselines (trainer/diagnostics.py)."""
+    """The last validation (else training) diagnostics beside their baselines (trainer/core/diagnostics.py)."""
     where = "valid_" if any("valid_loss" in r for r in records) else ""
     last = lambda key: first_and_last(records, where + key)[1]
     label, lines = ("validation" if where else "training"), []
@@ -232,48 +230,3 @@ def _copy_tokenizer(tokenizer: Tokenizer, dest: Path) -> None:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelContext) -> Tuple[torch.nn.Module, Dict]:
-    """The registry's model, sized from the tokenizer (padded so TP divides it), with TP layers if TP > 1.
-
-    The initial weights do not depend on the TP degree: every rank draws the full TP=1 weights from
-    `train.seed` and keeps its own shard, so a TP=2 run starts exactly where a TP=1 run does.
-    """
-    from models.parallel import ParallelLayers, partition_dims, shard_state_dict
-    from models.registry import build_config, build_model
-
-    # the pair formats train next-sentence prediction: the NSP head is on unless the overrides say otherwise
-    nsp = {"next_sentence_head": True} if cfg.data.packing in PAIR_PACKINGS else {}
-    overrides = {"pad_token_id": tokenizer.pad_id, **nsp, **cfg.model.overrides}  # the tokenizer's, unless overridden
-    model_config = build_config(cfg.model.name, cfg.model.size, vocab_size=tokenizer.vocab_size,
-                                seq_length=cfg.data.seq_length, tp_size=ctx.tp_size,
-                                vocab_pad_multiple=cfg.model.vocab_pad_multiple, **overrides)
-    torch.manual_seed(cfg.train.seed)
-    if cfg.model.init:  # a native file's config and weights (continued pretraining, imported models)
-        from trainer.hf_import import initial_model
-        model_config, init_sd = initial_model(cfg.model.init, cfg.model.name, tokenizer.vocab_size, ctx.tp_size,
-                                              cfg.data.seq_length)
-        if hasattr(model_config, "next_sentence_head") and model_config.next_sentence_head != bool(nsp):
-            # the NSP head follows data.packing: a fresh one, or the file's left out (it would get no gradient)
-            model_config = dataclasses.replace(model_config, next_sentence_head=bool(nsp))
-            init_sd = {k: v for k, v in init_sd.items() if not k.startswith("nsp_head.")}
-    model = build_model(model_config, ParallelLayers(tp_size=1))
-    if cfg.model.init:
-        fresh_nsp = {k: v for k, v in model.state_dict().items() if k.startswith("nsp_head.")}
-        model.load_state_dict({**fresh_nsp, **init_sd})
-    if ctx.tp_size > 1:
-        full = model.state_dict()
-        with quiet_megatron_import():
-            model = build_model(model_config, ParallelLayers.from_parallel_state())
-        model.load_state_dict(shard_state_dict(full, partition_dims(model), ctx.tp_rank, ctx.tp_size))
-    if hasattr(model, "sampling_seed"):  # RTD: replacements keyed by (seed, global sample index)
-        model.sampling_seed = cfg.train.seed
-    from models.layers import compile_layers, enable_activation_checkpointing
-
-    if cfg.model.activation_checkpointing:  # after the TP rebuild: flags live on the final modules
-        enable_activation_checkpointing(model)
-    model = model.to(ctx.device)
-    if cfg.model.compile:
-        compile_layers(model)
-    return model, {"name": cfg.model.name, **dataclasses.asdict(model_config)}

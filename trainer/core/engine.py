@@ -6,17 +6,18 @@ from typing import Dict, List
 
 import torch
 
-from trainer import schedule
-from trainer.config import PretrainConfig, deepspeed_config
-from trainer.parallel import MegatronMPU, ParallelContext
-from trainer.safe_load import install_checkpoint_engine
+from trainer.core import schedule
+from trainer.pretraining.config import PretrainConfig
+from trainer.core.deepspeed_json import deepspeed_config
+from trainer.core.parallel import MegatronMPU, ParallelContext
+from trainer.core.safe_load import install_checkpoint_engine
 
 
 warmup_linear_decay = schedule.warmup_linear_decay
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
-    """Decay / no-decay groups (RTD models: per tower as well); see trainer/schedule.py."""
+    """Decay / no-decay groups (RTD models: per tower as well); see trainer/core/schedule.py."""
     return schedule.parameter_groups(model, weight_decay)[0]
 
 
@@ -50,7 +51,7 @@ def initialize(model: torch.nn.Module, groups: List[Dict], multipliers, ds_confi
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
     ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
-    if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/elastic.py)
+    if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/core/elastic.py)
         ds_config["checkpoint"] = {"load_universal": True}
     groups, towers = schedule.parameter_groups(model, cfg.optim.weight_decay, lr=cfg.optim.lr,
                                                generator_lr=cfg.optim.generator_lr)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from trainer.metrics import unique_temp
+from trainer.core.metrics import unique_temp
 
 CARD_FILE = "README.md"
 # Diagnostics, in the card's order: each loss beside its baseline (DESIGN.md, "How we know

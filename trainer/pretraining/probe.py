@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from data.errors import UserError
 from data.tasks import EncodedTask, collate, encode, label_ids, label_names, read_examples
-from trainer.config import PretrainConfig, ProbeSection
-from trainer.parallel import ParallelContext
+from trainer.pretraining.config import PretrainConfig, ProbeSection
+from trainer.core.parallel import ParallelContext
 
 logger = logging.getLogger("trainer.probe")
 SUBSET_STREAM = 0x50524F42  # "PROB": the fixed subset of a file longer than probe.max_examples

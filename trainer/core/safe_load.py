@@ -181,9 +181,9 @@ def run_module(checkpoint: str, module: str, argv: Sequence[str]) -> None:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":  # python -m trainer.safe_load CHECKPOINT_DIR MODULE [ARGS...] (trainer/elastic.py)
+if __name__ == "__main__":  # python -m trainer.safe_load CHECKPOINT_DIR MODULE [ARGS...] (trainer/core/elastic.py)
     import sys
 
-    from trainer.cli import run_cli
+    from trainer.core.cli import run_cli
 
     run_cli(lambda _: run_module(sys.argv[1], sys.argv[2], sys.argv[3:]) or 0)

@@ -18,7 +18,7 @@ verified against its manifest (missing, truncated or corrupted files); a bad one
 warning naming the problem and the commit before it is tried. Retention counts commits, not step
 numbers: after a resume from an earlier step (`checkpoint.load=.../global_step200` with step 300 on
 disk) the first save removes the later steps of the abandoned timeline, so nothing resumes from them
-again. Export (trainer/export.py) picks its checkpoint with the same finder. The client state
+again. Export (trainer/convert/export.py) picks its checkpoint with the same finder. The client state
 carries step, consumed samples and tokens, the data loader's state, the resolved config and the
 tokenizer fingerprint.
 """
@@ -41,10 +41,10 @@ import torch
 import torch.distributed as dist
 
 from data.errors import UserError
-from trainer.config import CheckpointSection
-from trainer.metrics import write_atomic as _write_atomic
-from trainer.parallel import from_rank0
-from trainer.safe_load import safe_torch_load, weights_only_loads
+from trainer.core.config import CheckpointSection
+from trainer.core.metrics import write_atomic as _write_atomic
+from trainer.core.parallel import from_rank0
+from trainer.core.safe_load import safe_torch_load, weights_only_loads
 
 logger = logging.getLogger(__name__)
 TAG = re.compile(r"^global_step(\d+)$")

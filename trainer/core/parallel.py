@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from data.errors import UserError
-from trainer.quiet import quiet_megatron_import
+from trainer.core.quiet import quiet_megatron_import
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _first_line(err: BaseException) -> str:
 
 def _collective_name(tb) -> Optional[str]:
     """The torch.distributed function that waited (all_reduce, broadcast, barrier, ...) and the project's
-    line that called it, as far as the traceback tells: e.g. "all_reduce, called at trainer/step.py:88"."""
+    line that called it, as far as the traceback tells: e.g. "all_reduce, called at trainer/core/step.py:88"."""
     collective, caller = None, None
     while tb is not None:
         code, line = tb.tb_frame.f_code, tb.tb_lineno

@@ -18,8 +18,8 @@ from data.packing import build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity
 from data.static_masks import StaticMasks, check_static_masks, recipe_values_of
 from data.tokenizer import Tokenizer, load_tokenizer
-from trainer.config import PAIR_PACKINGS, PretrainConfig
-from trainer.parallel import ParallelContext, from_rank0
+from trainer.pretraining.config import PAIR_PACKINGS, PretrainConfig
+from trainer.core.parallel import ParallelContext, from_rank0
 
 
 @dataclass
@@ -76,7 +76,7 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     cache = SampleIndexCache(cache_dir, builds=ctx.local_rank == 0)
     splits = {"train": [], "valid": [], "test": []}
     identities, static = [], []
-    pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetune.py)
+    pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetuning/train.py)
     if cfg.data.packing in PAIR_PACKINGS:
         pairs = {"sentence_ends": tokenizer.sentence_end_ids(), "seed": cfg.train.seed,
                  "pair_separators": 2 if cfg.model.name == "roberta" else 1}

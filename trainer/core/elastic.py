@@ -22,9 +22,9 @@ from typing import Optional
 
 
 from data.errors import UserError
-from trainer.checkpoint import read_meta
-from trainer.config import PretrainConfig
-from trainer.parallel import ParallelContext, from_rank0
+from trainer.core.checkpoint import read_meta
+from trainer.pretraining.config import PretrainConfig
+from trainer.core.parallel import ParallelContext, from_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelCo
     target = tag_dir.parent / "universal" / tag_dir.name
     error = ""
     if ctx.rank == 0 and not (target / "zero").is_dir():
-        cmd = [sys.executable, "-m", "trainer.safe_load", str(tag_dir),  # its torch.loads: weights only
+        cmd = [sys.executable, "-m", "trainer.core.safe_load", str(tag_dir),  # its torch.loads: weights only
                "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -27,7 +27,7 @@ from data.errors import UserError
 from data.jsonio import read_json_object
 from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import NativeModel, load_native
-from trainer.safe_load import WEIGHTS_ONLY, safe_torch_load
+from trainer.core.safe_load import WEIGHTS_ONLY, safe_torch_load
 
 Log = Callable[[str], None]
 _HF_TYPES = {"roberta": "roberta", "electra": "electra", "deberta-v2": "deberta"}

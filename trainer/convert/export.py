@@ -34,9 +34,9 @@ import torch
 from data.errors import UserError
 from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import NativeModel, config_from_dict, save_native
-from trainer.checkpoint import MANIFEST, TAG, committed, read_meta, resume_order, step_of, verify
-from trainer.model_card import write_model_card
-from trainer.safe_load import safe_torch_load, weights_only_loads
+from trainer.core.checkpoint import MANIFEST, TAG, committed, read_meta, resume_order, step_of, verify
+from trainer.convert.model_card import write_model_card
+from trainer.core.safe_load import safe_torch_load, weights_only_loads
 
 Log = Callable[[str], None]
 TOLERANCE = 1e-4  # --verify: max |ours - theirs| in fp32
@@ -113,7 +113,7 @@ def _unpartitioned_fp32(states: dict, model: torch.nn.Module) -> dict[str, torch
     `model` (any TP layout: only names and grouping matter) gives the order of the masters: the
     optimizer's parameter groups as the trainer built them (trainer/engine.parameter_groups).
     """
-    from trainer.engine import parameter_groups
+    from trainer.core.engine import parameter_groups
 
     module = states["module"]
     optimizer = states.get("optimizer") or {}
@@ -128,7 +128,7 @@ def _unpartitioned_fp32(states: dict, model: torch.nn.Module) -> dict[str, torch
     groups = [[name_of[id(p)] for p in g["params"]] for g in parameter_groups(model, 0.01) if g["params"]]
     if len(groups) != len(masters):
         raise UserError(f"the optimizer holds {len(masters)} parameter groups, the model {len(groups)}: "
-                        f"this checkpoint was not written by this version of trainer/pretrain.py")
+                        f"this checkpoint was not written by this version of trainer/pretraining/train.py")
     sd = dict(module)
     for names, group in zip(groups, masters):
         sizes = [module[n].numel() for n in names]
@@ -176,7 +176,7 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
         f"{meta['precision']}")
     first = safe_torch_load(models[0])
     if "model_config" not in first:
-        raise UserError(f"{models[0]} has no model_config: not a checkpoint of trainer/pretrain.py")
+        raise UserError(f"{models[0]} has no model_config: not a checkpoint of trainer/pretraining/train.py")
     info = dict(first["model_config"])
     name = info.pop("name")
     config = config_from_dict(name, info)
@@ -275,7 +275,7 @@ def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
 def write_hf(native: NativeModel, output: Path, component: Optional[str], tokenizer_dir: Optional[Path],
              log: Optional[Log] = None) -> dict:
     """A transformers directory (config.json, model.safetensors, tokenizer files, README.md: the model
-    card of trainer/model_card.py, conversion.json) of one tower."""
+    card of trainer/convert/model_card.py, conversion.json) of one tower."""
     log = _quiet(log)
     component = check_component(native.name, component)
     hf_config, hf_sd, dropped = hf_export(native.name, native.config, native.state_dict, component)

@@ -1,0 +1,1 @@
+"""Conversion: DeepSpeed checkpoint -> weights, native and Hugging Face export, HF import, the model card."""

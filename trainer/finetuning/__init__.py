@@ -1,0 +1,1 @@
+"""Fine-tuning: its config, SiFT, task metrics, and the entry (train.py): every seed through one runner."""
