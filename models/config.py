@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.errors import UserError
+from models.typed_config import check_fields
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")  # Hugging Face names: erf GELU, tanh GELU, ReLU
 
@@ -28,35 +29,6 @@ def pad_vocab_size(vocab_size: int, multiple: int = 128, tp_size: int = 1) -> in
         )
     step = math.lcm(multiple, tp_size)
     return math.ceil(vocab_size / step) * step
-
-
-def _check_types(cfg) -> None:
-    """Reject wrong types by field name (configs come from YAML and `key=value` overrides)."""
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        kind = field.type
-        if kind in ("int", "int | None"):
-            ok = (value is None and kind == "int | None") or (
-                isinstance(value, int) and not isinstance(value, bool)
-            )
-        elif kind == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                setattr(cfg, field.name, float(value))
-        elif kind == "str":
-            ok = isinstance(value, str)
-        elif kind == "bool":
-            ok = isinstance(value, bool)  # YAML's true/false; 0/1 and "true" are rejected
-        elif kind == "list[str]":
-            ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
-            if ok:
-                setattr(cfg, field.name, list(value))
-        else:  # pragma: no cover - a new field type must be added above
-            raise TypeError(f"unhandled config field type {kind} for {field.name}")
-        if not ok:
-            raise UserError(
-                f"model config: {field.name} must be {kind}, got {value!r} ({type(value).__name__})"
-            )
 
 
 def hf_encoder_kwargs(cfg) -> dict:
@@ -109,11 +81,14 @@ def _check_nsp_weight(cfg) -> None:
 
 
 @dataclass
-class RobertaConfig:
-    """RoBERTa encoder with a masked-language-model head (Liu et al., 2019)."""
+class EncoderConfig:
+    """The fields every BERT-family encoder here shares, in this order (Hugging Face's names in
+    `hf_encoder_kwargs`), checked by one `__post_init__`. An architecture's config extends it, adds its own
+    fields after these, and redeclares a field (which keeps its place) to change its default or to say
+    what it means there. Defaults are BERT's."""
 
     vocab_size: int
-    """Size of the tokenizer's vocabulary: the ids that can be predicted. Exported to Hugging Face."""
+    """Size of the tokenizer's vocabulary: the ids that can be predicted (or sampled). Exported to Hugging Face."""
 
     hidden_size: int
     """Width of the residual stream (768 for base)."""
@@ -128,12 +103,11 @@ class RobertaConfig:
     """Width of the feed-forward layer (4 * hidden_size in the paper's models)."""
 
     max_position_embeddings: int
-    """Rows of the learned position table. HF RoBERTa layout: seq_length + 2, because positions
-    start at pad_token_id + 1 (= 2) and pad tokens use row pad_token_id."""
+    """Rows of the learned position table (its layout: the architecture's config)."""
 
     padded_vocab_size: int | None = None
     """Rows of the word embedding / tied decoder (>= vocab_size), padded so TP divides it; see
-    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted."""
+    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted nor sampled."""
 
     hidden_dropout: float = 0.1
     """Dropout on the embeddings and on each sub-layer's output before the residual add."""
@@ -141,21 +115,48 @@ class RobertaConfig:
     attention_dropout: float = 0.1
     """Dropout on the attention probabilities."""
 
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (1e-12 in BERT/ELECTRA)."""
+
+    pad_token_id: int = 0
+    """Id of the padding token ([PAD] = 0 in BERT's vocabulary); its row starts at zero."""
+
+    initializer_range: float = 0.02
+    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
+
+    type_vocab_size: int = 2
+    """Rows of the token-type table (BERT's two segments)."""
+
+    activation: str = "gelu"
+    """Feed-forward (and head) activation, by its Hugging Face name: one of ACTIVATIONS."""
+
+    def __post_init__(self):
+        check_fields(self, "model config")
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class RobertaConfig(EncoderConfig):
+    """RoBERTa encoder with a masked-language-model head (Liu et al., 2019)."""
+
+    max_position_embeddings: int
+    """Rows of the learned position table. HF RoBERTa layout: seq_length + 2, because positions
+    start at pad_token_id + 1 (= 2) and pad tokens use row pad_token_id."""
+
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (1e-5 in fairseq/HF RoBERTa)."""
 
     pad_token_id: int = 1
     """Id of the padding token (1 in the RoBERTa vocabulary); also the position-id offset."""
 
-    initializer_range: float = 0.02
-    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
-
     type_vocab_size: int = 1
     """Rows of the token-type table. RoBERTa uses no segments: one row, always id 0; kept so the
     weights map one to one onto Hugging Face's RobertaModel."""
-
-    activation: str = "gelu"
-    """Feed-forward activation, by its Hugging Face name: one of ACTIVATIONS."""
 
     next_sentence_head: bool = False
     """BERT's next-sentence-prediction head (models/nsp.py) beside the MLM head; the trainer turns it on
@@ -165,9 +166,7 @@ class RobertaConfig:
     """Weight of the NSP loss (mean over samples) beside the MLM loss (mean over predicted tokens)."""
 
     def __post_init__(self):
-        _check_types(self)
-        if self.padded_vocab_size is None:
-            self.padded_vocab_size = self.vocab_size
+        super().__post_init__()
         _check_encoder(self, ("type_vocab_size",))
         _check_nsp_weight(self)
         if self.max_position_embeddings < self.pad_token_id + 2:
@@ -175,10 +174,6 @@ class RobertaConfig:
                 f"model config: max_position_embeddings ({self.max_position_embeddings}) must be "
                 f">= pad_token_id + 2; set it to seq_length + pad_token_id + 1"
             )
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def max_seq_length(self) -> int:
@@ -191,42 +186,19 @@ RELATIVE_EMBEDDING_NORMS = ("layer_norm", "none")  # Hugging Face's `norm_rel_eb
 
 
 @dataclass
-class DebertaConfig:
+class DebertaConfig(EncoderConfig):
     """DeBERTa-v2/v3 encoder with a masked-language-model head (He et al., 2020; 2021).
 
     Defaults are DeBERTaV3's: log-bucketed relative positions shared by all layers and normalised,
-    content projections reused for positions, no absolute positions in the input.
+    content projections reused for positions, no absolute positions in the input. The enhanced mask
+    decoder reuses the last of the num_layers (it adds none); hidden_dropout also drops the relative
+    embeddings.
     """
-
-    vocab_size: int
-    """Size of the tokenizer's vocabulary: the ids that can be predicted. Exported to Hugging Face."""
-
-    hidden_size: int
-    """Width of the residual stream (768 for base)."""
-
-    num_layers: int
-    """Number of transformer layers of the encoder (the EMD reuses the last one; it adds none)."""
-
-    num_heads: int
-    """Attention heads per layer; hidden_size / num_heads is the head size. TP splits the heads."""
-
-    intermediate_size: int
-    """Width of the feed-forward layer (4 * hidden_size in the paper's models)."""
 
     max_position_embeddings: int
     """Rows of the absolute position table, positions 0..T-1 (no pad offset, unlike RoBERTa). The
     table exists only when position_biased_input or enhanced_mask_decoder needs it. 512 in every
     released DeBERTa; also the fallback of max_relative_positions = -1."""
-
-    padded_vocab_size: int | None = None
-    """Rows of the word embedding / tied decoder (>= vocab_size), padded so TP divides it; see
-    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted."""
-
-    hidden_dropout: float = 0.1
-    """Dropout on the embeddings, on each sub-layer's output and on the relative embeddings."""
-
-    attention_dropout: float = 0.1
-    """Dropout on the attention probabilities."""
 
     layer_norm_eps: float = 1e-7
     """LayerNorm epsilon (1e-7 in the released DeBERTa models)."""
@@ -234,14 +206,8 @@ class DebertaConfig:
     pad_token_id: int = 0
     """Id of the padding token ([PAD] = 0 in the DeBERTa SentencePiece vocabulary)."""
 
-    initializer_range: float = 0.02
-    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
-
     type_vocab_size: int = 0
     """Rows of the token-type table; 0 (DeBERTaV3) means no token-type embedding at all."""
-
-    activation: str = "gelu"
-    """Feed-forward and MLM-head activation, by its Hugging Face name: one of ACTIVATIONS."""
 
     relative_attention: bool = True
     """Disentangled attention over relative positions. False leaves plain content-to-content
@@ -287,9 +253,7 @@ class DebertaConfig:
     """Weight of the NSP loss (mean over samples) beside the MLM loss (mean over predicted tokens)."""
 
     def __post_init__(self):
-        _check_types(self)
-        if self.padded_vocab_size is None:
-            self.padded_vocab_size = self.vocab_size
+        super().__post_init__()
         if self.type_vocab_size < 0:
             raise UserError(f"model config: type_vocab_size must be >= 0, got {self.type_vocab_size}")
         _check_encoder(self, ("max_position_embeddings", "emd_layers"))
@@ -333,10 +297,6 @@ class DebertaConfig:
             )
 
     @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
     def max_relative_distance(self) -> int:
         """max_relative_positions with -1 resolved (to max_position_embeddings, as Hugging Face)."""
         return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
@@ -364,25 +324,15 @@ EMBEDDING_SHARING = ("none", "es", "gdes", "all")  # DeBERTaV3's names (no shari
 
 
 @dataclass
-class ElectraConfig:
+class ElectraConfig(EncoderConfig):
     """One ELECTRA tower, generator or discriminator (Clark et al., 2020): a BERT encoder (post-LN,
-    absolute positions 0..T-1, two token types) over factored embeddings, laid out like Hugging
-    Face's ElectraModel so the weights map one to one."""
-
-    vocab_size: int
-    """Size of the tokenizer's vocabulary: the ids that can be predicted or sampled. Exported."""
+    absolute positions 0..T-1, two token types; EncoderConfig's defaults are BERT's) over factored
+    embeddings, laid out like Hugging Face's ElectraModel so the weights map one to one. `activation`
+    is the feed-forward's and the discriminator head's; the generator head always uses erf GELU, as
+    Hugging Face."""
 
     hidden_size: int
     """Width of the residual stream (256 small, 768 base, 1024 large discriminators)."""
-
-    num_layers: int
-    """Number of transformer layers."""
-
-    num_heads: int
-    """Attention heads per layer; hidden_size / num_heads is the head size. TP splits the heads."""
-
-    intermediate_size: int
-    """Width of the feed-forward layer (4 * hidden_size in the paper's models)."""
 
     max_position_embeddings: int
     """Rows of the learned position table: positions 0..T-1 (BERT layout, no pad offset)."""
@@ -392,43 +342,11 @@ class ElectraConfig:
     `embeddings_project` maps it to hidden_size: a narrow generator then shares the
     discriminator's tables (128 for ELECTRA-Small, = hidden_size for base and large)."""
 
-    padded_vocab_size: int | None = None
-    """Rows of the word embedding / tied decoder (>= vocab_size), padded so TP divides it; see
-    `pad_vocab_size`. None means vocab_size. Rows >= vocab_size are never predicted nor sampled."""
-
-    hidden_dropout: float = 0.1
-    """Dropout on the embeddings and on each sub-layer's output before the residual add."""
-
-    attention_dropout: float = 0.1
-    """Dropout on the attention probabilities."""
-
-    layer_norm_eps: float = 1e-12
-    """LayerNorm epsilon (1e-12 in BERT/ELECTRA)."""
-
-    pad_token_id: int = 0
-    """Id of the padding token ([PAD] = 0 in BERT's vocabulary); its row starts at zero."""
-
-    initializer_range: float = 0.02
-    """Standard deviation of the N(0, std) init of every weight matrix and embedding."""
-
-    type_vocab_size: int = 2
-    """Rows of the token-type table (BERT's two segments); inputs always use type 0."""
-
-    activation: str = "gelu"
-    """Feed-forward and discriminator-head activation, by its Hugging Face name: one of
-    ACTIVATIONS. (The generator head always uses erf GELU, as Hugging Face.)"""
-
     def __post_init__(self):
-        _check_types(self)
-        if self.padded_vocab_size is None:
-            self.padded_vocab_size = self.vocab_size
+        super().__post_init__()
         if self.embedding_size is None:
             self.embedding_size = self.hidden_size
         _check_encoder(self, ("max_position_embeddings", "embedding_size", "type_vocab_size"))
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 # RTDConfig.backbone -> the config class of its towers ("deberta": DeBERTaV3).
@@ -474,6 +392,7 @@ class RTDConfig:
     tower configs and the electra backbone; exports copy the shared backbone into both towers)."""
 
     def __post_init__(self):
+        check_fields(self, "model config")  # generator and discriminator (Any) are checked by their class
         if self.backbone not in RTD_BACKBONE_CONFIGS:
             raise UserError(
                 f"model config: backbone {self.backbone!r} is unknown; use one of "
@@ -489,16 +408,6 @@ class RTDConfig:
                 raise UserError(
                     f"model config: {name} must be a {tower_class.__name__} (or its fields), "
                     f"got {type(value).__name__}"
-                )
-        for name, kind in (("rtd_weight", float), ("temperature", float),
-                           ("embedding_sharing", str)):
-            value = getattr(self, name)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, name, value)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise UserError(
-                    f"model config: {name} must be {kind.__name__}, got {value!r} ({type(value).__name__})"
                 )
         if self.embedding_sharing not in EMBEDDING_SHARING:
             raise UserError(

@@ -53,6 +53,7 @@ LATEST = "latest"
 COMMIT = "commit"  # the manifest's commit sequence number: retention and resume follow commit order
 
 
+# The shape of a config section (int fields with defaults) by coincidence: this is the loop's position.
 @dataclass
 class TrainState:
     step: int = 0

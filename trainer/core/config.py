@@ -1,23 +1,22 @@
 """Config machinery for every run here: typed dataclasses, loaded from YAML plus `key.sub=value` overrides.
 
 The dataclasses are the source of truth. YAML files mirror them; an unknown key or a value of the
-wrong type is rejected with the key's dotted name. The sections every run shares (run, zero,
-parallel, checkpoint, log) live here; pretraining's and fine-tuning's own sections live with them
-(trainer/pretraining/config.py, trainer/finetuning/config.py).
+wrong type is rejected with the key's dotted name, by the one checker the model configs use as well
+(models/typed_config.py). The sections every run shares (run, zero, parallel, checkpoint, log) and
+`RunConfig`, the base of a run's config, live here; pretraining's and fine-tuning's own sections live with
+them (trainer/pretraining/config.py, trainer/finetuning/config.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from data.errors import UserError
+from models.typed_config import from_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -44,6 +43,7 @@ class ParallelSection:
     """Tensor-parallel degree (megatron-core); the world size must be a multiple of it."""
 
 
+# CheckpointSection and pretraining's TrainSection share a shape (documented int fields), not a meaning.
 @dataclass
 class CheckpointSection:
     every_steps: int = 1000
@@ -60,6 +60,19 @@ class CheckpointSection:
     """Resume from this checkpoint (a global_stepN directory, or a checkpoints directory) instead."""
     preemption_timeout_s: float = 600.0
     """After SIGTERM/SIGUSR1, exit with status 76 if the step and checkpoint take longer than this."""
+
+
+@dataclass
+class AdamWSection:
+    """AdamW's fields, what the DeepSpeed JSON reads (trainer/core/deepspeed_json.py); a run's `optim`
+    section extends it (fine-tuning redeclares lr and betas with its defaults, in the same places)."""
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup (fairseq RoBERTa-base: 5e-4 at batch 2048)."""
+    betas: Tuple[float, float] = (0.9, 0.98)
+    """RoBERTa's beta2 = 0.98 is more stable than 0.999 with large batches."""
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    """Applied to weights only, never to biases or LayerNorm parameters."""
 
 
 @dataclass
@@ -88,77 +101,49 @@ def get_key(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-# ----------------------------------------------------------------------------- building from plain data
+@dataclass
+class RunConfig:
+    """What every run's config has, in the order its config.yaml lists it. Pretraining's and fine-tuning's
+    classes redeclare the four `Any` sections with their own types (a redeclared field keeps its place,
+    so to_dict's key order is unchanged) and add their other sections after `parallel`."""
+    model: Any = None
+    run: RunSection = field(default_factory=RunSection)
+    data: Any = None
+    train: Any = None
+    """Has global_batch_size and micro_batch_size (`check_batch`), grad_clip (the DeepSpeed JSON)."""
+    optim: Any = None
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Builds dataclass `cls` from nested dicts, rejecting unknown keys and wrong types by dotted name."""
-    if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise UserError(f"unknown config key {where}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
-                        f"{', '.join(sorted(names))}")
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
-    return cls(**kwargs)
+    def validate(self) -> None:
+        """The checks of the shared sections; a run's class extends it."""
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
 
+    def require_positive(self, *keys: str) -> None:
+        for key in keys:
+            if get_key(self, key) <= 0:
+                raise UserError(f"{key}={get_key(self, key)} must be positive")
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise UserError(f"{key} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is list:
-        if not isinstance(value, list):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float:
-        return _finite_float(value, key)
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # YAML reads labels: [0, 1] or run.name=2024 as numbers; a name is text
-    if tp is bool and not isinstance(value, bool):
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if tp is int and isinstance(value, bool):
-        raise UserError(f"{key} must be an integer, got {value!r}")
-    if not isinstance(value, tp):
-        raise UserError(f"{key} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
-    return value
+    def require_not_negative(self, *keys: str) -> None:
+        for key in keys:
+            if get_key(self, key) < 0:
+                raise UserError(f"{key}={get_key(self, key)} must not be negative")
 
+    def check_batch(self, data_parallel_size: int) -> int:
+        """Returns the gradient-accumulation steps; the global batch must split evenly."""
+        per_pass = self.train.micro_batch_size * data_parallel_size
+        if self.train.global_batch_size % per_pass:
+            raise UserError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.train.micro_batch_size} x data-parallel size {data_parallel_size} "
+                f"= {per_pass}; set train.global_batch_size to a multiple of {per_pass}")
+        return self.train.global_batch_size // per_pass
 
-def _finite_float(value: Any, key: str) -> float:
-    """Every float field is a finite number: NaN would pass every `<=` check below and inf would poison
-    the schedule, so both are refused here, once for all sections."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3, and an override reads nan or inf, as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, float):
-        raise UserError(f"{key} must be of type float, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise UserError(f"{key}={value} must be a finite number (not NaN or infinity)")
-    return value
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
 
 
 # ----------------------------------------------------------------------------- YAML and overrides

@@ -1,45 +1,50 @@
-"""The DeepSpeed JSON, generated from a run's typed config (pretraining's or fine-tuning's: both carry
-`train`, `optim`, `zero`, `precision` and `check_batch`), never kept by hand beside it."""
+"""The DeepSpeed JSON, generated from what a run's typed config says (never kept by hand beside it):
+the batch sizes, gradient clipping, AdamW's fields, ZeRO and precision, passed one by one so that
+pretraining and fine-tuning call it with their own sections."""
 from __future__ import annotations
 
 from typing import Any, Dict
 
-
-def trainer_clips_gradients(cfg) -> bool:
-    return cfg.zero.stage == 0 and cfg.precision == "fp32"
+from trainer.core.config import AdamWSection, ZeroSection
 
 
-def deepspeed_config(cfg, data_parallel_size: int, use_fused_adam: bool) -> Dict[str, Any]:
-    """The DeepSpeed JSON, generated from the typed config (never edited by hand).
+def trainer_clips_gradients(zero_stage: int, precision: str) -> bool:
+    """Whether the trainer clips (trainer/core/step.py) rather than DeepSpeed: ZeRO 0 in fp32, the one path
+    where DeepSpeed computes the gradient norm and throws it away."""
+    return zero_stage == 0 and precision == "fp32"
 
-    The optimizer is DeepSpeed's AdamW: FusedAdam on GPUs; `torch_adam` on CPU, where FusedAdam would
-    JIT-compile a CPU kernel on the first launch.
-    """
-    accumulation = cfg.check_batch(data_parallel_size)
-    ds: Dict[str, Any] = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+
+def deepspeed_json(*, global_batch_size: int, micro_batch_size: int, accumulation: int, grad_clip: float,
+                   optim: AdamWSection, zero: ZeroSection, precision: str, use_fused_adam: bool) -> Dict[str, Any]:
+    """The DeepSpeed JSON of one engine. accumulation: micro-batches per optimizer step per rank (a run
+    config's `check_batch`). The optimizer is DeepSpeed's AdamW: FusedAdam on GPUs; `torch_adam` on CPU,
+    where FusedAdam would JIT-compile a CPU kernel on the first launch."""
+    return {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        # In the one path where DeepSpeed computes the gradient norm and throws it away (ZeRO 0, fp32),
-        # the trainer clips itself (trainer/core/step.py) so that every run logs its gradient norm.
-        "gradient_clipping": 0.0 if trainer_clips_gradients(cfg) else cfg.train.grad_clip,
+        # so that every run logs its gradient norm (see trainer_clips_gradients)
+        "gradient_clipping": 0.0 if trainer_clips_gradients(zero.stage, precision) else grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay, "torch_adam": not use_fused_adam,
-            },
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                       "weight_decay": optim.weight_decay, "torch_adam": not use_fused_adam},
         },
-        "zero_optimization": {"stage": cfg.zero.stage, **({"stage3_param_persistence_threshold":
-                                                            cfg.zero.param_persistence_threshold}
-                                                           if cfg.zero.stage == 3 else {})},
+        "zero_optimization": {"stage": zero.stage, **({"stage3_param_persistence_threshold":
+                                                       zero.param_persistence_threshold} if zero.stage == 3 else {})},
         # check_grad_overflow: ZeRO-1/2 then skip a bf16 step with a non-finite gradient norm, as they
         # do in fp32 and as the loss scaler does in fp16 (the trainer counts and limits such steps)
-        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 2**31 - 1,  # we log ourselves (metrics.jsonl, TensorBoard)
         "wall_clock_breakdown": False,
     }
-    return ds
 
+
+def deepspeed_config(cfg, data_parallel_size: int, use_fused_adam: bool) -> Dict[str, Any]:
+    """`deepspeed_json` of a run config (trainer/core/config.py RunConfig: pretraining's or fine-tuning's)."""
+    return deepspeed_json(
+        global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+        accumulation=cfg.check_batch(data_parallel_size), grad_clip=cfg.train.grad_clip, optim=cfg.optim,
+        zero=cfg.zero, precision=cfg.precision, use_fused_adam=use_fused_adam)

@@ -8,7 +8,7 @@ import torch
 
 from trainer.core import schedule
 from trainer.pretraining.config import PretrainConfig
-from trainer.core.deepspeed_json import deepspeed_config
+from trainer.core.deepspeed_json import deepspeed_json
 from trainer.core.parallel import MegatronMPU, ParallelContext
 from trainer.core.safe_load import install_checkpoint_engine
 
@@ -50,7 +50,10 @@ def initialize(model: torch.nn.Module, groups: List[Dict], multipliers, ds_confi
 
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
-    ds_config = deepspeed_config(cfg, ctx.dp_size, use_fused_adam=ctx.device.type == "cuda")
+    ds_config = deepspeed_json(global_batch_size=cfg.train.global_batch_size,
+                               micro_batch_size=cfg.train.micro_batch_size, accumulation=cfg.check_batch(ctx.dp_size),
+                               grad_clip=cfg.train.grad_clip, optim=cfg.optim, zero=cfg.zero, precision=cfg.precision,
+                               use_fused_adam=ctx.device.type == "cuda")
     if load_universal:  # resuming under another DP/TP layout or ZeRO stage (trainer/core/elastic.py)
         ds_config["checkpoint"] = {"load_universal": True}
     groups, towers = schedule.parameter_groups(model, cfg.optim.weight_decay, lr=cfg.optim.lr,
