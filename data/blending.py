@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.seeding import derive_rng
 from data.errors import UserError
 from data.masking import ORDER_STREAM, sample_rng
 
@@ -75,7 +76,7 @@ class SampleStream:
                 self._permutations.clear()
             # corpus 0 keeps the seeding of the single-corpus stream
             rng = (sample_rng(self.seed, epoch, ORDER_STREAM) if corpus == 0 else
-                   np.random.default_rng(np.random.SeedSequence([self.seed, epoch, ORDER_STREAM, corpus])))
+                   derive_rng(self.seed, epoch, ORDER_STREAM, corpus))
             self._permutations[key] = rng.permutation(int(self.sizes[corpus]))
         return self._permutations[key]
 

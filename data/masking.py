@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.seeding import derive_rng
+
 IGNORE_INDEX = -100  # label of positions that are not predicted (torch cross_entropy's default)
 
 # Stream tags keep the generators of different uses apart for the same (seed, index).
@@ -35,7 +37,7 @@ ORDER_STREAM = 0x4F524452  # "ORDR"
 
 
 def sample_rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
+    return derive_rng(seed, index, stream)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from data.seeding import derive_rng
 from data.errors import UserError
 
 Arrays = Dict[str, np.ndarray]
@@ -195,7 +196,7 @@ def pair_index(kind: str, dataset, first_doc: int, last_doc: int, seq_length: in
     if room < 2:
         raise UserError(f"data.seq_length={seq_length} leaves no room for a sentence pair; raise it")
     spans = sentences(dataset, first_doc, last_doc, sentence_ends)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, PAIR_STREAM, PAIR_KINDS.index(kind)]))
+    rng = derive_rng(seed, PAIR_STREAM, PAIR_KINDS.index(kind))
     build = segment_pair_index if kind == "segment_pair" else sentence_pair_index
     return build(spans, room, rng)
 

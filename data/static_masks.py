@@ -30,6 +30,7 @@ from data.errors import UserError
 from data.indexed import (_check_idx_and_bin, _indexed_dataset_module, bin_path, idx_path, idx_sha256,
                           read_sidecar, sidecar_path)
 from data.masking import IGNORE_INDEX, MaskingRecipe
+from data.seeding import derive_rng
 
 SUFFIX = ".static_masks"
 NOT_PREDICTED = -1
@@ -44,6 +45,8 @@ def companion_prefix(prefix: str | Path) -> Path:
     return Path(f"{prefix}{SUFFIX}")
 
 
+# Same shape as a trainer config section by coincidence (documented flags); the recipe fields mirror
+# data.mask_* on purpose: RECIPE_KEYS compares them.
 @dataclass(frozen=True)
 class StaticMaskOptions:
     """How preprocessing draws static masks (tools/preprocess_data.py flags); copies=0: none."""
@@ -82,7 +85,7 @@ def recipe_for(tokenizer, values: dict) -> MaskingRecipe:
 
 
 def document_rng(seed: int, copy: int, document: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, copy, document, STATIC_MASK_STREAM]))
+    return derive_rng(seed, copy, document, STATIC_MASK_STREAM)
 
 
 def _masked_values(recipe: MaskingRecipe, documents: Sequence[np.ndarray], seed: int, copy: int,

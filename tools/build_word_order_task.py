@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.seeding import derive_rng
 from data.errors import UserError
 from data.tasks import write_sentence_tsv
 from trainer.core.cli import run_cli
@@ -84,7 +85,7 @@ def build_word_order_task(corpus: str | Path, output: str | Path, train_size: in
     documents = 0
     for number, text in read_documents(Path(corpus)):
         documents += 1
-        rng = np.random.default_rng([seed, number])
+        rng = derive_rng(seed, number)
         found = [(words, spots) for words in sentences(text, min_words, max_words) if (spots := swappable(words))]
         side = "validation" if _bucket(text) < fraction else "train"
         for k in sorted(rng.permutation(len(found))[:per_document].tolist()):
@@ -100,7 +101,7 @@ def build_word_order_task(corpus: str | Path, output: str | Path, train_size: in
     output.mkdir(parents=True, exist_ok=True)
     summary = {"documents": documents}
     for side, pool in pools.items():
-        rng = np.random.default_rng([seed, 0x574F5244, side == "validation"])  # "WORD": the pick and labels
+        rng = derive_rng(seed, 0x574F5244, side == "validation")  # "WORD": the pick and labels
         chosen = sorted(rng.choice(len(pool), wanted[side], replace=False).tolist())
         labels = rng.permutation(np.arange(wanted[side]) % 2)  # balanced: half of each label
         rows = []
@@ -117,6 +118,7 @@ def build_word_order_task(corpus: str | Path, output: str | Path, train_size: in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Alike in shape to build_demo_task.main (argparse lines), intentionally: each task tool owns its flags.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="a JSONL corpus, one {\"text\": ...} per line")
     parser.add_argument("--output", required=True, help="directory for train.tsv and validation.tsv")
