@@ -26,15 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.errors import UserError
-from models import deberta, deberta_v3, electra, roberta, rtd
-from models.config import DebertaConfig, ElectraConfig, RobertaConfig, pad_vocab_size
-from models.parallel import ParallelLayers
+from models.registry import get_family, get_spec
 
-FAMILIES = {"roberta": RobertaConfig, "deberta": DebertaConfig, "electra": ElectraConfig}
-HF_CLASSES = {"roberta": "RobertaForSequenceClassification", "deberta": "DebertaV2ForSequenceClassification",
-              "electra": "ElectraForSequenceClassification"}
 POOLINGS = ("cls", "mean")
-HF_BACKBONE_PREFIX = {"roberta": "roberta.", "deberta": "deberta.", "electra": "electra."}
 
 
 class ClassificationHead(nn.Module):
@@ -73,18 +67,11 @@ class PoolerHead(nn.Module):
         return self.classifier(self.dropout(pooled))  # (B, C)
 
 
-def build_backbone(family: str, config, layers: ParallelLayers | None = None) -> nn.Module:
+def build_backbone(family: str, config, layers=None) -> nn.Module:
     """The encoder without any pretraining head; each has `encode(ids, mask)` and `embeddings.norm`."""
-    layers = layers or ParallelLayers(1)
-    if family == "roberta":
-        model = roberta.RobertaForMaskedLM(config, layers)
-        del model.lm_head  # the MLM head is no part of a classifier (it would get no gradient)
-        return model
-    if family == "deberta":  # no EMD: its position table is built only for a position-biased input
-        return deberta.DebertaModel(config, layers)
-    if family == "electra":
-        return electra.ElectraBackbone(config, layers)
-    raise UserError(f"no classifier for model family {family!r}; use one of {', '.join(FAMILIES)}")
+    from models.parallel import ParallelLayers
+
+    return get_family(family).backbone(config, layers or ParallelLayers(1))
 
 
 def summarize(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -108,8 +95,9 @@ class SequenceClassifier(nn.Module):
     def __init__(self, family: str, config, num_labels: int, classifier_dropout: float | None = None,
                  pooling: str = "cls"):
         super().__init__()
-        if family not in FAMILIES or not isinstance(config, FAMILIES[family]):
-            raise UserError(f"a {family} classifier needs a {FAMILIES.get(family, object).__name__}, "
+        spec = get_family(family)
+        if not isinstance(config, spec.config_class):
+            raise UserError(f"a {family} classifier needs a {spec.config_class.__name__}, "
                             f"got {type(config).__name__}")
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -118,11 +106,10 @@ class SequenceClassifier(nn.Module):
         dropout = config.hidden_dropout if classifier_dropout is None else classifier_dropout
         self.classifier_dropout = dropout
         std = config.initializer_range
-        if family == "deberta":
+        if spec.classifier_head == "pooler":
             self.head = PoolerHead(config.hidden_size, num_labels, dropout, std)
         else:
-            self.head = ClassificationHead(config.hidden_size, num_labels, dropout,
-                                           "tanh" if family == "roberta" else "gelu", std)
+            self.head = ClassificationHead(config.hidden_size, num_labels, dropout, spec.classifier_head, std)
 
     @property
     def embedding_norm(self) -> nn.LayerNorm:
@@ -159,30 +146,9 @@ def backbone_from_native(name: str, config, state_dict: Dict[str, torch.Tensor])
 
     RTD models give their discriminator, its shared tables merged (E_D = E_G + E_Delta under GDES).
     """
-    heads = ("lm_head.", "nsp_head.")  # pretraining heads (NSP: models/nsp.py) are no part of a classifier
-    if name == "roberta":
-        return "roberta", _without_nsp(config), {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-    if name == "deberta":
-        keep = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-        if not config.position_biased_input:
-            keep.pop("embeddings.position.weight", None)  # the EMD's table: no EMD in a classifier
-        return "deberta", _without_nsp(_without_emd(config)), keep
-    if name == "electra":
-        shared = () if config.embedding_sharing == "none" else rtd.SHARED_TABLES
-        _, disc = rtd.split_state_dict(state_dict, shared, config.embedding_sharing)
-        return "electra", config.discriminator, {k: v for k, v in disc.items() if not k.startswith("head.")}
-    if name == "deberta_v3":
-        _, backbone, _ = deberta_v3.deberta_v3_split_state_dict(state_dict, config)
-        return "deberta", _without_emd(config.discriminator), backbone
-    raise UserError(f"cannot fine-tune model {name!r}; one of roberta, deberta, electra, deberta_v3")
-
-
-def _without_emd(config: DebertaConfig) -> DebertaConfig:
-    return dataclasses.replace(config, enhanced_mask_decoder=False)
-
-
-def _without_nsp(config):
-    return dataclasses.replace(config, next_sentence_head=False)
+    spec = get_spec(name)
+    tower, backbone = spec.backbone_of(config, state_dict)
+    return spec.family, tower, backbone
 
 
 # ------------------------------------------------------------------------------- Hugging Face
@@ -191,18 +157,10 @@ def hf_config(model: SequenceClassifier, label_names=None, regression: bool = Fa
     if model.pooling != "cls":
         raise UserError(f"a classifier with pooling {model.pooling!r} has no Hugging Face equivalent "
                         f"(transformers' sequence classifiers read the first token)")
-    cfg = model.config
-    if model.family == "roberta":
-        hf = roberta.hf_config(cfg)
-        hf.classifier_dropout = model.classifier_dropout
-    elif model.family == "electra":
-        hf = electra.tower_hf_config(cfg, "discriminator")
-        hf.classifier_dropout = model.classifier_dropout
-    else:
-        hf = deberta.hf_config(cfg, "backbone")
-        hf.pooler_hidden_size, hf.pooler_dropout, hf.pooler_hidden_act = cfg.hidden_size, 0.0, "gelu"
-        hf.cls_dropout = model.classifier_dropout
-    hf.architectures = [HF_CLASSES[model.family]]
+    family = get_family(model.family)
+    hf = family.hf_config(model.config)
+    family.classifier_hf_config(hf, model.classifier_dropout)
+    hf.architectures = [family.classifier_hf_class]
     hf.num_labels = model.num_labels
     hf.problem_type = "regression" if regression else "single_label_classification"
     if label_names:
@@ -211,91 +169,43 @@ def hf_config(model: SequenceClassifier, label_names=None, regression: bool = Fa
     return hf
 
 
-_HEAD_TO_HF = {
-    "roberta": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"},
-    "electra": {"head.dense": "classifier.dense", "head.out_proj": "classifier.out_proj"},
-    "deberta": {"head.pooler": "pooler.dense", "head.classifier": "classifier"},
-}
-
-
 def to_hf_state_dict(model_sd: Dict[str, torch.Tensor], family: str, config) -> Dict[str, torch.Tensor]:
     """Our classifier's state dict -> the XForSequenceClassification's (vocabulary padding trimmed)."""
+    spec = get_family(family)
     backbone = {k[len("backbone."):]: v for k, v in model_sd.items() if k.startswith("backbone.")}
-    if family == "roberta":
-        # roberta's map writes the tied MLM decoder from lm_head.bias: give it one, then drop the head.
-        placeholder = {"lm_head.bias": torch.zeros(config.padded_vocab_size)}
-        hf = {k: v for k, v in roberta.to_hf_state_dict({**backbone, **placeholder}, config).items()
-              if not k.startswith("lm_head.")}
-    elif family == "deberta":
-        hf = {HF_BACKBONE_PREFIX[family] + k: v
-              for k, v in deberta.to_hf_state_dict(backbone, config, component="backbone").items()}
-    else:
-        hf = electra.tower_to_hf_state_dict(backbone, config, "discriminator")
-    heads = _HEAD_TO_HF[family]
+    hf = spec.backbone_to_hf(backbone, config)
     for key, value in model_sd.items():
         if key.startswith("head."):
             module, param = key.rsplit(".", 1)
-            hf[f"{heads[module]}.{param}"] = value
+            hf[f"{spec.classifier_hf_names[module]}.{param}"] = value
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
 
 
 def config_from_hf(hf) -> Tuple[str, Any]:
-    """A transformers config (RoBERTa, DeBERTa-v2/v3, ELECTRA) -> (family, our tower config)."""
-    common = dict(
-        vocab_size=hf.vocab_size, padded_vocab_size=pad_vocab_size(hf.vocab_size), hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
-        max_position_embeddings=hf.max_position_embeddings, hidden_dropout=float(hf.hidden_dropout_prob),
-        attention_dropout=float(hf.attention_probs_dropout_prob), layer_norm_eps=float(hf.layer_norm_eps),
-        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
-        initializer_range=float(hf.initializer_range), type_vocab_size=hf.type_vocab_size,
-        activation=hf.hidden_act)
-    if hf.model_type == "roberta":
-        return "roberta", RobertaConfig(**common)
-    if hf.model_type == "electra":
-        return "electra", ElectraConfig(embedding_size=hf.embedding_size, **common)
-    if hf.model_type == "deberta-v2":
-        pos_att_type = hf.pos_att_type or []
-        if isinstance(pos_att_type, str):  # older configs: "p2c|c2p"
-            pos_att_type = [t for t in pos_att_type.lower().split("|") if t]
-        return "deberta", DebertaConfig(
-            **common, relative_attention=bool(hf.relative_attention), pos_att_type=list(pos_att_type),
-            position_buckets=getattr(hf, "position_buckets", -1),
-            max_relative_positions=getattr(hf, "max_relative_positions", -1),
-            norm_rel_ebd="layer_norm" if "layer_norm" in str(getattr(hf, "norm_rel_ebd", "none")) else "none",
-            share_att_key=bool(getattr(hf, "share_att_key", False)),
-            position_biased_input=bool(getattr(hf, "position_biased_input", True)),
-            enhanced_mask_decoder=False)
-    raise UserError(f"Hugging Face model type {hf.model_type!r} is not supported; use roberta, deberta-v2 or electra")
+    """A transformers config (of any FAMILIES' model_type) -> (family, our tower config)."""
+    from models.registry import family_of_hf
+
+    family = family_of_hf(hf.model_type)
+    spec = get_family(family)
+    return family, spec.config_class(**spec.fields_from_hf(hf))
 
 
 def from_hf_state_dict(hf_sd: Dict[str, torch.Tensor], family: str, config) -> Tuple[Dict, Dict]:
     """A Hugging Face state dict (XForMaskedLM / XForPreTraining / XModel / XForSequenceClassification)
     -> (our backbone state dict, the head's state dict (keys of `SequenceClassifier.head`) if it is a
     classifier of this family, else {})."""
-    prefix = HF_BACKBONE_PREFIX[family]
-    heads = {hf: ours for ours, hf in _HEAD_TO_HF[family].items()}
+    spec = get_family(family)
+    prefix = spec.hf_prefix
+    heads = {hf: ours for ours, hf in spec.classifier_hf_names.items()}
+    outside = spec.hf_head_prefixes + (prefix,)
     backbone_hf, head = {}, {}
     for key, value in hf_sd.items():
         module, param = key.rsplit(".", 1)
         if module in heads:
             head[f"{heads[module].removeprefix('head.')}.{param}"] = value  # keys of SequenceClassifier.head
-        elif key.startswith(prefix) or not any(key.startswith(p) for p in _HF_HEAD_PREFIXES[family]):
+        elif key.startswith(prefix) or not key.startswith(outside):
             backbone_hf[key if key.startswith(prefix) else prefix + key] = value
-    if family == "roberta":
-        ours = roberta.from_hf_state_dict(backbone_hf, config)
-    elif family == "deberta":
-        ours = deberta.from_hf_state_dict(backbone_hf, config)
-    else:
-        ours = electra.tower_from_hf_state_dict(backbone_hf, config, "discriminator")
+    ours = spec.backbone_from_hf(backbone_hf, config)
     # MLM / RTD heads of a pretraining checkpoint are no part of the classifier
     ours = {k: v for k, v in ours.items() if not k.startswith(("lm_head.", "head."))}
     return ours, head
-
-
-# Hugging Face keys outside the backbone that a pretraining checkpoint may carry (dropped on import).
-_HF_HEAD_PREFIXES = {
-    "roberta": ("lm_head.", "classifier.", "roberta."),
-    "deberta": ("lm_predictions.", "cls.", "mask_predictions.", "pooler.", "classifier.", "deberta."),
-    "electra": ("generator_predictions.", "generator_lm_head.", "discriminator_predictions.", "classifier.",
-                "electra."),
-}

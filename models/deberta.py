@@ -34,6 +34,7 @@ sums its gradient over ranks. Word embedding and tied decoder are vocab-parallel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import OrderedDict
@@ -45,7 +46,8 @@ from torch import nn
 from models.config import DebertaConfig, hf_encoder_kwargs
 from models.disentangled_attention import disentangled_attention, flat_relative_indices, relative_position_buckets
 from models.layers import (
-    CheckpointedLayer, FeedForward, activation_fn, masked_lm_metrics, predicted_positions, rows_at,
+    CheckpointedLayer, FeedForward, activation_fn, count_parameters, encoder_fields_from_hf, masked_lm_metrics,
+    predicted_positions, repad_vocab_rows, rows_at, without_pretraining_heads, word_embedding,
 )
 from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
@@ -63,7 +65,7 @@ class DebertaEmbeddings(nn.Module):
         super().__init__()
         std = config.initializer_range
         self.position_biased_input = config.position_biased_input
-        self.word = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size, std)
+        self.word = word_embedding(config, config.hidden_size, layers, std)  # pad and padding rows zero
         self.position = (
             layers.embedding(config.max_position_embeddings, config.hidden_size, std)
             if config.position_biased_input or position_table else None
@@ -74,13 +76,6 @@ class DebertaEmbeddings(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-
-        # The pad token's row and the vocabulary-padding rows start at zero (see roberta.py).
-        start, end = layers.vocab_range(config.padded_vocab_size)
-        with torch.no_grad():
-            if start <= config.pad_token_id < end:
-                self.word.weight[config.pad_token_id - start].zero_()
-            self.word.weight[max(config.vocab_size - start, 0) :].zero_()
 
     def absolute_positions(self, length: int) -> torch.Tensor:
         """(T, H) embeddings of positions 0..T-1 (DeBERTa counts from 0, with no pad offset)."""
@@ -288,9 +283,7 @@ class DebertaModel(nn.Module):
         super().__init__()
         self.config = config
         self.parallel = layers
-        layers.divide(config.num_heads, "num_heads")
-        layers.divide(config.intermediate_size, "intermediate_size")
-        layers.divide(config.padded_vocab_size, "padded_vocab_size")
+        layers.check_encoder(config)
         self.embeddings = DebertaEmbeddings(config, layers, position_table)
         self.encoder = DebertaEncoder(config, layers)
 
@@ -305,13 +298,7 @@ class DebertaModel(nn.Module):
         exclude_embeddings leaves out the word and absolute position tables (the count for FLOPs).
         """
         skip = {"embeddings.word.weight", "embeddings.position.weight"} if exclude_embeddings else set()
-        total = 0
-        for name, param in self.named_parameters():
-            if name in skip:
-                continue
-            split = getattr(param, "tensor_model_parallel", False)
-            total += param.numel() * (self.parallel.tp_size if split else 1)
-        return total
+        return count_parameters(self, skip.__contains__)
 
 
 class DebertaForMaskedLM(DebertaModel):
@@ -565,12 +552,65 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: DebertaConfig) -> di
         if our_key == "embeddings.position.weight" and not cfg.absolute_positions:
             continue  # Hugging Face also ignores a position table its config does not use
         if our_key in _VOCAB_ROWS:
-            if value.shape[0] != cfg.vocab_size:
-                raise ValueError(
-                    f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is "
-                    f"{cfg.vocab_size}"
-                )
-            padding = value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))
-            value = torch.cat([value, padding])
+            value = repad_vocab_rows(key, value, cfg)
         our_sd[our_key] = value
     return our_sd
+
+
+# ----------------------------------------------------------------------- adapter (models/README.md)
+def backbone(config: DebertaConfig, layers: ParallelLayers) -> DebertaModel:
+    """The encoder without head; no EMD, so no position table unless the input is position-biased."""
+    return DebertaModel(config, layers)
+
+
+def without_emd(config: DebertaConfig) -> DebertaConfig:
+    return dataclasses.replace(config, enhanced_mask_decoder=False)
+
+
+def backbone_of(config: DebertaConfig, sd: dict) -> tuple[DebertaConfig, dict]:
+    """A pretraining model (config, full state dict) -> (classifier backbone config, its state dict)."""
+    keep = without_pretraining_heads(sd)
+    if not config.position_biased_input:
+        keep.pop("embeddings.position.weight", None)  # the EMD's table: no EMD in a classifier
+    return dataclasses.replace(without_emd(config), next_sentence_head=False), keep
+
+
+def fields_from_hf(hf) -> dict:
+    """A transformers DebertaV2Config -> DebertaConfig fields (HF has no EMD: none here)."""
+    pos_att = hf.pos_att_type or []
+    if isinstance(pos_att, str):  # older configs: "p2c|c2p"
+        pos_att = [p.strip() for p in pos_att.lower().split("|") if p.strip()]
+    return dict(encoder_fields_from_hf(hf), relative_attention=bool(hf.relative_attention),
+                pos_att_type=list(pos_att), position_buckets=getattr(hf, "position_buckets", -1),
+                max_relative_positions=getattr(hf, "max_relative_positions", -1),
+                norm_rel_ebd="layer_norm" if "layer_norm" in str(getattr(hf, "norm_rel_ebd", "none")) else "none",
+                share_att_key=bool(getattr(hf, "share_att_key", False)),
+                position_biased_input=bool(getattr(hf, "position_biased_input", True)),
+                enhanced_mask_decoder=False)
+
+
+def backbone_hf_config(cfg: DebertaConfig):
+    return hf_config(cfg, "backbone")
+
+
+def backbone_to_hf(sd: dict[str, torch.Tensor], cfg: DebertaConfig) -> dict[str, torch.Tensor]:
+    """A backbone's state dict -> DebertaV2Model's keys under "deberta." (padding trimmed)."""
+    return {_BACKBONE_PREFIX + k: v for k, v in to_hf_state_dict(sd, cfg, component="backbone").items()}
+
+
+def classifier_hf_config(hf, dropout: float) -> None:
+    hf.pooler_hidden_size, hf.pooler_dropout, hf.pooler_hidden_act = hf.hidden_size, 0.0, "gelu"
+    hf.cls_dropout = dropout
+
+
+def max_input_length(cfg: DebertaConfig) -> int | None:
+    """Rows of the absolute position table the input reads; None: relative positions only."""
+    return cfg.max_position_embeddings if cfg.position_biased_input else None
+
+
+def verify_pairs(model, out, ids, mask, component=None, extras=None) -> dict:
+    """What an export must reproduce: DebertaV2ForMaskedLM's logits; with an EMD (which HF lacks)
+    the encoder's last hidden states."""
+    if model.config.enhanced_mask_decoder:
+        return {"hidden states": (model.encode(ids, mask), out.hidden_states[-1])}
+    return {"MLM logits": (model.logits(ids, mask), out.logits)}

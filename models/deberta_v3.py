@@ -31,7 +31,7 @@ from models.config import DebertaConfig, RTDConfig
 from models.deberta import DebertaModel
 from models.layers import activation_fn
 from models.parallel import ParallelLayers
-from models.rtd import RTDDiscriminator, join_state_dicts, split_state_dict
+from models.rtd import RTD_DEFAULTS, RTDDiscriminator, join_state_dicts, split_state_dict
 
 RTD_HEAD_FILE = "rtd_head.safetensors"  # the RTD head beside a discriminator export (not part of the HF model)
 
@@ -150,3 +150,70 @@ def deberta_v3_from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cf
         disc[f"head.{ours[module]}.{param}"] = value
     return join_state_dicts(gen, disc, deberta_v3_shared_tables(cfg), cfg.embedding_sharing,
                             _DEBERTA_V3_BACKBONE + "embeddings")
+
+
+# ----------------------------------------------------------------------- adapter (models/README.md)
+HF_EXTRA_FILES = {RTD_HEAD_FILE: "RTD head, microsoft/DeBERTa's key names; not part of the HF model"}
+
+
+def backbone_of(config: RTDConfig, sd: dict) -> tuple[DebertaConfig, dict]:
+    """An RTD model (config, full state dict) -> its discriminator backbone (E_D merged), no EMD."""
+    _, backbone, _ = deberta_v3_split_state_dict(sd, config)
+    return deberta.without_emd(config.discriminator), backbone
+
+
+def hf_extras(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig, component: str) -> dict[str, dict]:
+    """Files beside an export that the HF model has no place for: the discriminator's RTD head."""
+    return {RTD_HEAD_FILE: deberta_v3_rtd_head_state_dict(rtd_sd, cfg)} if component == "discriminator" else {}
+
+
+def hf_recognises(keys: set[str], files: set[str]) -> bool:
+    """A DebertaV2 directory is a DeBERTaV3 discriminator when it has an RTD head or no MLM head."""
+    has_mlm_head = any(k.startswith(("lm_predictions.", "cls.predictions.")) for k in keys)
+    return RTD_HEAD_FILE in files or any(k.startswith("mask_predictions.") for k in keys) or not has_mlm_head
+
+
+def hf_discriminator(hf_sd: dict[str, torch.Tensor]) -> tuple[dict, dict, bool]:
+    """A DebertaV2 state dict -> (DebertaV2Model's, {"rtd_head": its mask_predictions.* weights},
+    whether an MLM head was left out)."""
+    dropped = [k for k in hf_sd if k.startswith(("lm_predictions.", "cls.", "mask_predictions."))]
+    disc = {k.removeprefix(deberta._BACKBONE_PREFIX): v for k, v in hf_sd.items() if k not in dropped}
+    head = {k: v for k, v in hf_sd.items() if k.startswith("mask_predictions.")}
+    return disc, {"rtd_head": head}, any(k.startswith(("lm_predictions.", "cls.")) for k in dropped)
+
+
+def fresh_generator(disc_fields: dict) -> dict:
+    """The registry's DeBERTaV3 generator for a discriminator alone: the same width, half the depth."""
+    return dict(disc_fields, num_layers=max(1, disc_fields["num_layers"] // 2),
+                enhanced_mask_decoder=not disc_fields["position_biased_input"])
+
+
+def imported_config(gen_fields: dict, disc_fields: dict, sharing: str | None) -> RTDConfig:
+    sharing = sharing or RTD_DEFAULTS["deberta"].get("embedding_sharing", "es")
+    return RTDConfig(generator=gen_fields, discriminator=disc_fields, backbone="deberta", embedding_sharing=sharing)
+
+
+def rtd_head_with(head: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of our RTD head holding `tensors` (an exported RTD head file's, microsoft/DeBERTa's keys)."""
+    import copy
+
+    ours = {hf: our for our, hf in _DEBERTA_V3_HEAD.items()}
+    sd = {}
+    for key, value in tensors.items():
+        module, param = key.rsplit(".", 1)
+        sd[f"{ours[module]}.{param}"] = value
+    head = copy.deepcopy(head)
+    head.load_state_dict(sd, strict=True)
+    return head
+
+
+def verify_pairs(model, out, ids, mask, component="discriminator", extras=None) -> dict:
+    """What an export must reproduce: the generator's as deberta's; the discriminator's
+    DebertaV2Model states, and our RTD head (from the exported file) on them."""
+    if component == "generator":
+        return deberta.verify_pairs(model.generator, out, ids, mask)
+    disc = model.discriminator
+    hidden = out.hidden_states[-1]
+    return {"hidden states": (disc.backbone.encode(ids, mask), out.last_hidden_state),
+            "RTD logits (our head on HF states)": (disc.rtd_logits(ids, mask),
+                                                   rtd_head_with(disc.head, extras[RTD_HEAD_FILE])(hidden))}

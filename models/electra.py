@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ElectraConfig, RTDConfig, hf_encoder_kwargs
-from models.layers import (TransformerLayer, activation_fn, attention_bias, masked_lm_metrics,
-                           predicted_positions, rows_at)
+from models.layers import (HF_BERT_LAYER, TransformerLayer, activation_fn, attention_bias,
+                           encoder_fields_from_hf, masked_lm_metrics, predicted_positions, repad_vocab_rows,
+                           rows_at, word_embedding)
 from models.parallel import ParallelLayers
-from models.rtd import SHARED_TABLES, join_state_dicts, split_state_dict
+from models.rtd import RTD_DEFAULTS, SHARED_TABLES, join_state_dicts, split_state_dict
 
 
 # ------------------------------------------------------------------------------ ELECTRA towers
@@ -48,19 +49,11 @@ class ElectraEmbeddings(nn.Module):
     def __init__(self, config: ElectraConfig, layers: ParallelLayers):
         super().__init__()
         std, E = config.initializer_range, config.embedding_size
-        self.word = layers.vocab_embedding(config.padded_vocab_size, E, std)
+        self.word = word_embedding(config, E, layers, std)  # pad and vocabulary-padding rows zero
         self.position = layers.embedding(config.max_position_embeddings, E, std)
         self.token_type = layers.embedding(config.type_vocab_size, E, std)
         self.norm = nn.LayerNorm(E, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-
-        # As HF, the pad token's row starts at zero; so do the vocabulary-padding rows (never
-        # predicted nor sampled, so they stay zero and checkpoints round-trip exactly).
-        start, end = layers.vocab_range(config.padded_vocab_size)
-        with torch.no_grad():
-            if start <= config.pad_token_id < end:
-                self.word.weight[config.pad_token_id - start].zero_()
-            self.word.weight[max(config.vocab_size - start, 0) :].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -86,9 +79,7 @@ class ElectraBackbone(nn.Module):
         self.config = config
         self.parallel = layers
         std = config.initializer_range
-        layers.divide(config.num_heads, "num_heads")
-        layers.divide(config.intermediate_size, "intermediate_size")
-        layers.divide(config.padded_vocab_size, "padded_vocab_size")
+        layers.check_encoder(config)
         self.embeddings = ElectraEmbeddings(config, layers)
         self.project = (
             layers.linear(config.embedding_size, config.hidden_size, init_std=std)
@@ -221,16 +212,8 @@ _HF_HEADS = {
         "head.classifier": "discriminator_predictions.dense_prediction",
     },
 }
-_HF_LAYER = {  # under layers.{i}. / electra.encoder.layer.{i}. (BERT's layout)
-    "attention.query": "attention.self.query",
-    "attention.key": "attention.self.key",
-    "attention.value": "attention.self.value",
-    "attention.output": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm",
-    "ffn.up": "intermediate.dense",
-    "ffn.down": "output.dense",
-    "ffn_norm": "output.LayerNorm",
-}
+_HF_LAYER = HF_BERT_LAYER  # under layers.{i}. / electra.encoder.layer.{i}.
+
 _HF_LAYER_PREFIX = "electra.encoder.layer."
 _HF_ARCHITECTURES = {"generator": "ElectraForMaskedLM", "discriminator": "ElectraForPreTraining"}
 _HF_IGNORED = ("electra.embeddings.position_ids", "electra.embeddings.token_type_ids")
@@ -307,13 +290,7 @@ def tower_from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ElectraConfig,
         except (KeyError, ValueError):
             raise KeyError(f"from_hf_state_dict: unexpected Hugging Face {component} key {key!r}") from None
         if our_key in _VOCAB_ROWS:
-            if value.shape[0] != cfg.vocab_size:
-                raise ValueError(
-                    f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is "
-                    f"{cfg.vocab_size}"
-                )
-            padding = value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))
-            value = torch.cat([value, padding])
+            value = repad_vocab_rows(key, value, cfg)
         sd[our_key] = value
     return sd
 
@@ -346,3 +323,59 @@ def from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cfg: RTDConfi
     gen_sd = tower_from_hf_state_dict(hf_sds["generator"], cfg.generator, "generator")
     disc_sd = tower_from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator, "discriminator")
     return join_state_dicts(gen_sd, disc_sd, _electra_shared_tables(cfg), cfg.embedding_sharing)
+
+
+# ----------------------------------------------------------------------- adapter (models/README.md)
+def backbone_of(config: RTDConfig, sd: dict) -> tuple[ElectraConfig, dict]:
+    """An RTD model (config, full state dict) -> its discriminator tower without head (E_D merged)."""
+    _, disc = split_state_dict(sd, _electra_shared_tables(config), config.embedding_sharing)
+    return config.discriminator, {k: v for k, v in disc.items() if not k.startswith("head.")}
+
+
+def fields_from_hf(hf) -> dict:
+    """A transformers ElectraConfig -> ElectraConfig fields."""
+    return dict(encoder_fields_from_hf(hf), embedding_size=getattr(hf, "embedding_size", hf.hidden_size))
+
+
+def backbone_hf_config(cfg: ElectraConfig):
+    return tower_hf_config(cfg, "discriminator")
+
+
+def backbone_to_hf(sd: dict[str, torch.Tensor], cfg: ElectraConfig) -> dict[str, torch.Tensor]:
+    return tower_to_hf_state_dict(sd, cfg, "discriminator")
+
+
+def backbone_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ElectraConfig) -> dict[str, torch.Tensor]:
+    return tower_from_hf_state_dict(hf_sd, cfg, "discriminator")
+
+
+def classifier_hf_config(hf, dropout: float) -> None:
+    hf.classifier_dropout = dropout
+
+
+def hf_discriminator(hf_sd: dict[str, torch.Tensor]) -> tuple[dict, dict, bool]:
+    """An ElectraForPreTraining state dict -> (the discriminator's HF state dict, no extras, False:
+    nothing dropped); ValueError for a generator's (ElectraForMaskedLM)."""
+    if any(k.startswith("generator_predictions.") for k in hf_sd):
+        raise ValueError("is an ELECTRA generator (ElectraForMaskedLM); pass the discriminator as --from-hf "
+                         "and this directory as --generator")
+    return hf_sd, {}, False
+
+
+def fresh_generator(disc_fields: dict) -> dict:
+    """ELECTRA's generator for a discriminator alone: 1/4 of its width, the same embeddings."""
+    return dict(disc_fields, hidden_size=max(disc_fields["hidden_size"] // 4, 1),
+                num_heads=max(disc_fields["num_heads"] // 4, 1),
+                intermediate_size=max(disc_fields["intermediate_size"] // 4, 1))
+
+
+def imported_config(gen_fields: dict, disc_fields: dict, sharing: str | None) -> RTDConfig:
+    sharing = sharing or RTD_DEFAULTS["electra"].get("embedding_sharing", "es")
+    return RTDConfig(generator=gen_fields, discriminator=disc_fields, backbone="electra", embedding_sharing=sharing)
+
+
+def verify_pairs(model, out, ids, mask, component="discriminator", extras=None) -> dict:
+    """What an export must reproduce: ElectraForPreTraining's logits, or ElectraForMaskedLM's."""
+    if component == "generator":
+        return {"MLM logits": (model.generator.logits(ids, mask), out.logits)}
+    return {"RTD logits": (model.discriminator.rtd_logits(ids, mask), out.logits)}

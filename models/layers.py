@@ -199,3 +199,69 @@ class TransformerLayer(CheckpointedLayer):
     def layer_forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, bias)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+def encoder_fields_from_hf(hf) -> dict:
+    """A transformers config (its class's defaults where config.json leaves a key out) -> our
+    BERT-family config fields; the inverse of models/config.hf_encoder_kwargs, the vocabulary
+    padded for any TP <= 128."""
+    from models.config import pad_vocab_size
+
+    return dict(
+        vocab_size=hf.vocab_size, padded_vocab_size=pad_vocab_size(hf.vocab_size), hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
+        max_position_embeddings=hf.max_position_embeddings, hidden_dropout=float(hf.hidden_dropout_prob),
+        attention_dropout=float(hf.attention_probs_dropout_prob), layer_norm_eps=float(hf.layer_norm_eps),
+        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+        initializer_range=float(hf.initializer_range), type_vocab_size=hf.type_vocab_size,
+        activation=hf.hidden_act)
+
+
+def without_pretraining_heads(sd: dict) -> dict:
+    """`sd` without the pretraining heads (MLM, NSP), which are no part of a classifier's backbone."""
+    return {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "nsp_head."))}
+
+
+def word_embedding(config, width: int, layers: ParallelLayers, std: float) -> nn.Module:
+    """The (vocabulary-parallel) word table, its pad token's row and vocabulary-padding rows at zero:
+    as HF for the pad row; the padding rows are never predicted nor sampled (their logits are
+    masked), so they stay zero and checkpoints round-trip exactly."""
+    word = layers.vocab_embedding(config.padded_vocab_size, width, std)
+    start, end = layers.vocab_range(config.padded_vocab_size)
+    with torch.no_grad():
+        if start <= config.pad_token_id < end:
+            word.weight[config.pad_token_id - start].zero_()
+        word.weight[max(config.vocab_size - start, 0) :].zero_()
+    return word
+
+
+def repad_vocab_rows(key: str, value: torch.Tensor, cfg) -> torch.Tensor:
+    """A Hugging Face tensor of vocab_size rows (word table, MLM bias) -> ours, padded with zero rows
+    to padded_vocab_size; ValueError naming `key` when its vocabulary is not the config's."""
+    if value.shape[0] != cfg.vocab_size:
+        raise ValueError(f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is {cfg.vocab_size}")
+    return torch.cat([value, value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))])
+
+
+def count_parameters(model: nn.Module, skip: Callable[[str], bool] = lambda name: False) -> int:
+    """Parameters of the whole model (all TP ranks together, padded vocabulary included, a shared
+    parameter once), leaving out those whose name `skip` matches."""
+    total = 0
+    for name, param in model.named_parameters():
+        if skip(name):
+            continue
+        split = getattr(param, "tensor_model_parallel", False)
+        total += param.numel() * (model.parallel.tp_size if split else 1)
+    return total
+
+
+HF_BERT_LAYER = {  # TransformerLayer's modules -> Hugging Face BERT-family layer's (RoBERTa, ELECTRA)
+    "attention.query": "attention.self.query",
+    "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value",
+    "attention.output": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "ffn.up": "intermediate.dense",
+    "ffn.down": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}

@@ -144,6 +144,11 @@ class ParallelLayers:
         return self
 
     # ----------------------------------------------------------------------------- sizes
+    def check_encoder(self, config) -> None:
+        """UserError unless TP divides the encoder's heads, FFN width and padded vocabulary."""
+        for what in ("num_heads", "intermediate_size", "padded_vocab_size"):
+            self.divide(getattr(config, what), what)
+
     def divide(self, size: int, what: str) -> int:
         """`size / tp_size`, raising a UserError naming `what` when TP does not divide it."""
         if size % self.tp_size:
@@ -185,6 +190,8 @@ class ParallelLayers:
             tp_group=self.group,
         )
 
+    # duplicates: row_linear mirrors column_linear on purpose (the split dimension and megatron-core's
+    # gather_output / input_is_parallel keywords differ); one helper would hide which is which.
     def row_linear(
         self, in_features: int, out_features: int, bias: bool = True, init_std: float = 0.02
     ) -> nn.Module:

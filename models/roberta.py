@@ -11,12 +11,16 @@ TP region, multiply by the local embedding shard, never gather the logits for th
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.config import RobertaConfig, hf_encoder_kwargs
-from models.layers import TransformerLayer, attention_bias, masked_lm_metrics, predicted_positions, rows_at
+from models.layers import (HF_BERT_LAYER, TransformerLayer, attention_bias, count_parameters, masked_lm_metrics,
+                           predicted_positions, repad_vocab_rows, rows_at, without_pretraining_heads,
+                           word_embedding)
 from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
 
@@ -34,19 +38,12 @@ class RobertaEmbeddings(nn.Module):
         super().__init__()
         std = config.initializer_range
         self.pad_token_id = config.pad_token_id
-        self.word = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size, std)
+        self.word = word_embedding(config, config.hidden_size, layers, std)  # pad and padding rows zero
         self.position = layers.embedding(config.max_position_embeddings, config.hidden_size, std)
         self.token_type = layers.embedding(config.type_vocab_size, config.hidden_size, std)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
-
-        # As HF, the pad token's rows start at zero; so do the vocabulary-padding rows (their
-        # logits are masked, so they get no gradient and stay zero: checkpoints round-trip exactly).
-        start, end = layers.vocab_range(config.padded_vocab_size)
-        with torch.no_grad():
-            if start <= config.pad_token_id < end:
-                self.word.weight[config.pad_token_id - start].zero_()
-            self.word.weight[max(config.vocab_size - start, 0) :].zero_()
+        with torch.no_grad():  # as HF, the pad position's row starts at zero too
             self.position.weight[config.pad_token_id].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,9 +78,7 @@ class RobertaForMaskedLM(nn.Module):
         self.config = config
         self.parallel = layers
         std = config.initializer_range
-        layers.divide(config.num_heads, "num_heads")
-        layers.divide(config.intermediate_size, "intermediate_size")
-        layers.divide(config.padded_vocab_size, "padded_vocab_size")
+        layers.check_encoder(config)
 
         self.embeddings = RobertaEmbeddings(config, layers)
         self.layers = nn.ModuleList(
@@ -160,13 +155,7 @@ class RobertaForMaskedLM(nn.Module):
         exclude_embeddings leaves out the word and position tables (the usual count for FLOPs).
         """
         skip = {"embeddings.word.weight", "embeddings.position.weight"} if exclude_embeddings else set()
-        total = 0
-        for name, param in self.named_parameters():
-            if name in skip:
-                continue
-            split = getattr(param, "tensor_model_parallel", False)
-            total += param.numel() * (self.parallel.tp_size if split else 1)
-        return total
+        return count_parameters(self, skip.__contains__)
 
 
 # --------------------------------------------------------------------------------- Hugging Face
@@ -180,16 +169,8 @@ _HF_TOP = {
     "lm_head.norm": "lm_head.layer_norm",
     "lm_head": "lm_head",  # lm_head.bias
 }
-_HF_LAYER = {  # under layers.{i}. / roberta.encoder.layer.{i}.
-    "attention.query": "attention.self.query",
-    "attention.key": "attention.self.key",
-    "attention.value": "attention.self.value",
-    "attention.output": "attention.output.dense",
-    "attention_norm": "attention.output.LayerNorm",
-    "ffn.up": "intermediate.dense",
-    "ffn.down": "output.dense",
-    "ffn_norm": "output.LayerNorm",
-}
+_HF_LAYER = HF_BERT_LAYER  # under layers.{i}. / roberta.encoder.layer.{i}.
+
 _HF_LAYER_PREFIX = "roberta.encoder.layer."
 # HF keys that carry no weights of ours: the tied decoder (a copy of the word embedding and of
 # lm_head.bias), index buffers older checkpoints saved, and the pooler RobertaModel may carry.
@@ -260,12 +241,35 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: RobertaConfig) -> di
         except (KeyError, ValueError):
             raise KeyError(f"from_hf_state_dict: unexpected Hugging Face key {key!r}") from None
         if our_key in ("embeddings.word.weight", "lm_head.bias"):
-            if value.shape[0] != cfg.vocab_size:
-                raise ValueError(
-                    f"{key} has {value.shape[0]} vocabulary rows but the config's vocab_size is "
-                    f"{cfg.vocab_size}"
-                )
-            padding = value.new_zeros((cfg.padded_vocab_size - cfg.vocab_size, *value.shape[1:]))
-            value = torch.cat([value, padding])
+            value = repad_vocab_rows(key, value, cfg)
         our_sd[our_key] = value
     return our_sd
+
+
+# ----------------------------------------------------------------------- adapter (models/README.md)
+def backbone(config: RobertaConfig, layers: ParallelLayers) -> RobertaForMaskedLM:
+    """The encoder without its MLM head (which a classifier would leave without gradient)."""
+    model = RobertaForMaskedLM(config, layers)
+    del model.lm_head
+    return model
+
+
+def backbone_of(config: RobertaConfig, sd: dict) -> tuple[RobertaConfig, dict]:
+    """A pretraining model (config, full state dict) -> (classifier backbone config, its state dict)."""
+    return dataclasses.replace(config, next_sentence_head=False), without_pretraining_heads(sd)
+
+
+def backbone_to_hf(sd: dict[str, torch.Tensor], cfg: RobertaConfig) -> dict[str, torch.Tensor]:
+    """A backbone's state dict -> RobertaModel's keys under "roberta." (padding trimmed)."""
+    # the map writes the tied MLM decoder from lm_head.bias: give it one, then drop the head
+    placeholder = {"lm_head.bias": torch.zeros(cfg.padded_vocab_size)}
+    return {k: v for k, v in to_hf_state_dict({**sd, **placeholder}, cfg).items() if not k.startswith("lm_head.")}
+
+
+def classifier_hf_config(hf, dropout: float) -> None:
+    hf.classifier_dropout = dropout
+
+
+def verify_pairs(model, out, ids, mask, component=None, extras=None) -> dict:
+    """What an export must reproduce: the MLM logits of RobertaForMaskedLM."""
+    return {"MLM logits": (model.logits(ids, mask), out.logits)}

@@ -74,14 +74,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.seeding import derive_seed
 from data.errors import UserError
 from models.config import REMOVED_RTD_FIELDS, RTD_BACKBONE_CONFIGS, RTDConfig
-from models.layers import IGNORE_INDEX, global_argmax, predicted_positions, rows_at
+from models.layers import IGNORE_INDEX, count_parameters, global_argmax, predicted_positions, rows_at
 from models.parallel import ParallelLayers
 
 SAMPLING_STREAM = 0x47454E53  # "GENS": keeps the generator's sampling apart from masking's streams
@@ -271,8 +271,7 @@ def logit_histogram(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ sampling
 def sampling_seed(seed: int, sample_index: int) -> int:
     """The seed of one sample's sampling noise: from (run seed, global sample index) only."""
-    state = np.random.SeedSequence([seed, sample_index, SAMPLING_STREAM]).generate_state(1, np.uint64)[0]
-    return int(state) & (2**63 - 1)
+    return derive_seed(seed, sample_index, SAMPLING_STREAM, bits=64) & (2**63 - 1)
 
 
 @torch.no_grad()
@@ -316,8 +315,9 @@ def sample_replacements(
 class ReplacedTokenDetection(nn.Module):
     """Generator (MLM) + discriminator (RTD) trained jointly, with embedding sharing.
 
-    `sampling_seed` (the run's seed; the trainer sets it) and each sample's global index seed the
-    generator's samples, so TP peers agree and a resumed run replays the same replacements.
+    `sampling_seed` (the run's seed, given at construction: registry.build_model(..., sampling_seed=))
+    and each sample's global index seed the generator's samples, so TP peers agree and a resumed
+    run replays the same replacements.
     """
 
     def __init__(
@@ -423,15 +423,8 @@ class ReplacedTokenDetection(nn.Module):
 
         exclude_embeddings leaves out the word/position tables and E_Delta (the count for FLOPs).
         """
-        total = 0
-        for name, param in self.named_parameters():
-            if exclude_embeddings and (
-                ".embeddings.word." in name or ".embeddings.position." in name or "gdes_delta" in name
-            ):
-                continue
-            split = getattr(param, "tensor_model_parallel", False)
-            total += param.numel() * (self.parallel.tp_size if split else 1)
-        return total
+        tables = (".embeddings.word.", ".embeddings.position.", "gdes_delta")
+        return count_parameters(self, lambda name: exclude_embeddings and any(t in name for t in tables))
 
 
 def total_loss(output: dict, counts: dict[str, torch.Tensor | float]) -> torch.Tensor:

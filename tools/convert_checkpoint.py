@@ -24,6 +24,8 @@ from data.errors import UserError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    from models.registry import MODELS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="runs/NAME/checkpoints (or runs/NAME, or one global_stepN directory)")
@@ -37,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true", help="compare outputs with ours; fail above 1e-4")
     parser.add_argument("--generator", metavar="DIR", help="--from-hf RTD models: the HF generator to import "
                         "(default: a fresh one)")
-    parser.add_argument("--model", choices=("roberta", "deberta", "electra", "deberta_v3"), default=None,
+    parser.add_argument("--model", choices=tuple(MODELS), default=None,
                         help="--from-hf: the model to import as (default: from the directory)")
     parser.add_argument("--embedding-sharing", choices=("none", "es", "gdes", "all"), default=None,
                         help="--from-hf RTD models (default: es for ELECTRA, gdes for DeBERTaV3)")

@@ -32,7 +32,6 @@ from typing import Callable, Optional
 import torch
 
 from data.errors import UserError
-from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import NativeModel, config_from_dict, save_native
 from trainer.core.checkpoint import MANIFEST, TAG, committed, read_meta, resume_order, step_of, verify
 from trainer.convert.model_card import write_model_card
@@ -210,18 +209,16 @@ def read_checkpoint(tag_dir: Path, log: Optional[Log] = None, check_files: bool 
 
 
 # ----------------------------------------------------------------------------- components
-COMPONENTS = {"roberta": ("model",), "deberta": ("model",), "electra": ("discriminator", "generator"),
-              "deberta_v3": ("discriminator", "generator")}
-
-
 def check_component(name: str, component: Optional[str]) -> Optional[str]:
     """The tower to export (None for single-tower models); UserError for one the model lacks."""
-    towers = COMPONENTS[name]
+    from models.registry import get_spec
+
+    towers = get_spec(name).components
     if towers == ("model",):
         if component not in (None, "model"):
             raise UserError(f"--component {component}: a {name} model has one tower; leave --component out")
         return None
-    component = component or "discriminator"
+    component = component or towers[0]
     if component not in towers:
         raise UserError(f"--component must be one of {', '.join(towers)} for {name}, got {component!r}")
     return component
@@ -254,6 +251,9 @@ def _size(path: Path) -> str:
 def write_native(native: NativeModel, output: Path, tokenizer_dir: Optional[Path], log: Optional[Log] = None) -> Path:
     """models/native.py's file (a directory gets model.pt, and the run's tokenizer beside it)."""
     log = _quiet(log)
+    from models.registry import get_spec
+
+    spec = get_spec(native.name)
     path = save_native(output, native.name, native.config, native.state_dict, native.meta)
     if tokenizer_dir is not None and path.parent == Path(output):
         _copy_tokenizer(tokenizer_dir, path.parent / "tokenizer")
@@ -262,7 +262,7 @@ def write_native(native: NativeModel, output: Path, tokenizer_dir: Optional[Path
                          {"name": native.name, **asdict(native.config)}, log, location=str(output))
     params = sum(v.numel() for v in native.state_dict.values())
     log(f"wrote {path}: {native.name}, {len(native.state_dict)} tensors, {params / 1e6:.2f}M parameters"
-        f"{' (generator and discriminator)' if native.name in ('electra', 'deberta_v3') else ''}, "
+        f"{' (' + ' and '.join(reversed(spec.components)) + ')' if len(spec.components) > 1 else ''}, "
         f"fp32, {_size(path)}")
     return path
 
@@ -290,13 +290,7 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     files = ["config.json", "model.safetensors"]
-    (output / RTD_HEAD_FILE).unlink(missing_ok=True)  # a stale head from an earlier export here
-    if native.name == "deberta_v3" and component == "discriminator":
-        from safetensors.torch import save_file
-        from models.deberta_v3 import deberta_v3_rtd_head_state_dict
-        head = deberta_v3_rtd_head_state_dict(native.state_dict, native.config)
-        save_file({k: v.contiguous() for k, v in head.items()}, str(output / RTD_HEAD_FILE))
-        files.append(f"{RTD_HEAD_FILE} (RTD head, microsoft/DeBERTa's key names; not part of the HF model)")
+    files += _write_extras(native, component, output)
     if tokenizer_dir is not None:
         _copy_tokenizer(tokenizer_dir, output)
         files.append("tokenizer files")
@@ -312,6 +306,22 @@ def write_hf(native: NativeModel, output: Path, component: Optional[str], tokeni
         f"{' ' + component if component else ''}), {params / 1e6:.2f}M parameters, fp32, "
         f"vocabulary {hf_config.vocab_size} (padding trimmed), {_size(output)}: {', '.join(files)}")
     return {"architecture": hf_config.architectures[0], "parameters": params, "dropped": dropped}
+
+
+def _write_extras(native: NativeModel, component: Optional[str], output: Path) -> list[str]:
+    """The adapter's files beside the HF model (hf_extras: the DeBERTaV3 RTD head); stale ones removed."""
+    from safetensors.torch import save_file
+
+    from models.registry import get_spec
+
+    spec = get_spec(native.name)
+    for name in spec.hf_extra_files:
+        (output / name).unlink(missing_ok=True)  # a stale file from an earlier export here
+    written = []
+    for name, tensors in spec.hf_extras(native.state_dict, native.config, component).items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(output / name))
+        written.append(f"{name} ({spec.hf_extra_files[name]})")
+    return written
 
 
 # ----------------------------------------------------------------------------- verify
@@ -331,15 +341,19 @@ def _tower_config(native: NativeModel, component: Optional[str]):
 
 
 def verify_hf(native: NativeModel, output: Path, component: Optional[str], log: Optional[Log] = None) -> float:
-    """Max |ours - exported| on one batch (real tokens): logits where HF has the head, hidden states otherwise."""
+    """Max |ours - exported| on one batch (real tokens): what the adapter's verify_pairs names (logits
+    where HF has the head, hidden states otherwise)."""
     import transformers
+    from safetensors.torch import load_file
+
+    from models.registry import get_family, get_spec
 
     log = _quiet(log)
     component = check_component(native.name, component)
+    spec = get_spec(native.name)
     ours = native.build().eval()
     cfg = _tower_config(native, component)
-    length = min(16, cfg.max_position_embeddings - cfg.pad_token_id - 1 if native.name == "roberta"
-                 else cfg.max_position_embeddings)
+    length = min(16, get_family(spec.family).position_rows(cfg))
     ids, mask = verify_batch(cfg.vocab_size, cfg.pad_token_id, length)
     real = mask.bool()
     hf_config = transformers.AutoConfig.from_pretrained(output)
@@ -348,26 +362,10 @@ def verify_hf(native: NativeModel, output: Path, component: Optional[str], log: 
         raise UserError(f"{output}: transformers reports missing {info['missing_keys']}, "
                         f"unexpected {info['unexpected_keys']}")
     theirs_model.eval()
-    emd = getattr(cfg, "enhanced_mask_decoder", False)
+    extras = {name: load_file(str(output / name)) for name in spec.hf_extra_files if (output / name).is_file()}
     with torch.no_grad():
         out = theirs_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        if native.name == "roberta":
-            pairs = {"MLM logits": (ours.logits(ids, mask), out.logits)}
-        elif native.name == "deberta":
-            pairs = {"hidden states": (ours.encode(ids, mask), hidden)} if emd else \
-                {"MLM logits": (ours.logits(ids, mask), out.logits)}
-        elif component == "generator":
-            gen = ours.generator
-            pairs = {"hidden states": (gen.encode(ids, mask), hidden)} if emd else \
-                {"MLM logits": (gen.logits(ids, mask), out.logits)}
-        elif native.name == "electra":
-            pairs = {"RTD logits": (ours.discriminator.rtd_logits(ids, mask), out.logits)}
-        else:  # deberta_v3 discriminator: DebertaV2Model's states, and our head on them
-            disc = ours.discriminator
-            pairs = {"hidden states": (disc.backbone.encode(ids, mask), out.last_hidden_state),
-                     "RTD logits (our head on HF states)": (disc.rtd_logits(ids, mask),
-                                                            _rtd_head_from_file(disc.head, output)(hidden))}
+        pairs = spec.verify_pairs(ours, out, ids, mask, component, extras)
     worst = 0.0
     for what, (a, b) in pairs.items():
         if a.shape != b.shape:
@@ -378,22 +376,6 @@ def verify_hf(native: NativeModel, output: Path, component: Optional[str], log: 
     if not worst <= TOLERANCE:
         raise UserError(f"--verify failed: outputs differ by {worst:.3g} (> {TOLERANCE:g})")
     return worst
-
-
-def _rtd_head_from_file(head: torch.nn.Module, output: Path) -> torch.nn.Module:
-    """A copy of our RTD head holding the weights of the exported RTD head file."""
-    import copy
-    from safetensors.torch import load_file
-    from models.deberta_v3 import _DEBERTA_V3_HEAD
-
-    ours = {hf: our for our, hf in _DEBERTA_V3_HEAD.items()}
-    sd = {}
-    for key, value in load_file(str(output / RTD_HEAD_FILE)).items():
-        module, param = key.rsplit(".", 1)
-        sd[f"{ours[module]}.{param}"] = value
-    head = copy.deepcopy(head)
-    head.load_state_dict(sd, strict=True)
-    return head
 
 
 def verify_native(native: NativeModel, path: Path, log: Optional[Log] = None) -> float:

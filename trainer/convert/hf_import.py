@@ -1,18 +1,22 @@
 """Starting points from outside a run: a Hugging Face directory -> our model, and `model.init`.
 
-    import_hf(DIR, generator_dir=None)   DeBERTa-v2/v3, RoBERTa or ELECTRA directory -> NativeModel
+    read_hf_dir(DIR)                     (config.json, every tensor) of a transformers directory: the one
+                                         reader of HF weights (single or sharded safetensors / .bin)
+    transformers_config(config, DIR)     config.json's dict -> its transformers config (class defaults)
+    import_hf(DIR, generator_dir=None)   a Hugging Face directory -> NativeModel
     initial_model(path, ...)             a native file as the initial weights of a pretraining run
 
-What the model is comes from the directory: `model_type` roberta -> roberta; electra -> electra
-(DIR is the discriminator, ElectraForPreTraining); deberta-v2 -> deberta_v3 (DIR is the
-discriminator) when there is a generator, an RTD head or no MLM head, else deberta
-(DebertaV2ForMaskedLM); `--model` overrides. Hugging Face has no enhanced mask decoder, so
-imported DeBERTa towers have none: they compute what Hugging Face computes.
+What the model is comes from the directory: its `model_type` names a tower family (models/registry.py
+FAMILIES); of the architectures built on that family, the one that recognises the directory (its
+adapter's `hf_recognises`, e.g. a DeBERTaV3 discriminator by its RTD head or missing MLM head), the
+one conversion.json names, or the two-tower one when a generator is given; `--model` overrides.
+Hugging Face has no enhanced mask decoder, so imported DeBERTa towers have none: they compute what
+Hugging Face computes.
 RTD models need a generator: from `generator_dir` (its shared tables must match the discriminator's
-under `es`; under `gdes` E_Delta = E_D - E_G), or a fresh one (same width, half the depth for
-DeBERTaV3; ELECTRA's 1/4-width generator) whose shared tables start as the discriminator's, so
-E_Delta starts at zero as in the DeBERTaV3 paper. The DeBERTaV3 RTD head comes from DIR's
-rtd_head.safetensors or `mask_predictions.*` weights (microsoft/DeBERTa's names), else it is fresh.
+under `es`; under `gdes` E_Delta = E_D - E_G), or a fresh one (the adapter's `fresh_generator`)
+whose shared tables start as the discriminator's, so E_Delta starts at zero as in the DeBERTaV3
+paper. Files beside the weights that the adapter names (`hf_extra_files`: the DeBERTaV3 RTD head)
+win over the same weights inside the model file.
 """
 from __future__ import annotations
 
@@ -25,12 +29,10 @@ import torch
 
 from data.errors import UserError
 from data.jsonio import read_json_object
-from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import NativeModel, load_native
 from trainer.core.safe_load import WEIGHTS_ONLY, safe_torch_load
 
 Log = Callable[[str], None]
-_HF_TYPES = {"roberta": "roberta", "electra": "electra", "deberta-v2": "deberta"}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -49,7 +51,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
          lambda f: safe_torch_load(f, allowed=WEIGHTS_ONLY)),
     ):
         if (path / index).is_file():
-            for shard in sorted(set(json.loads((path / index).read_text())["weight_map"].values())):
+            for shard in _shards(path / index):
                 sd.update(load(path / shard))
             return config, sd
         if (path / single).is_file():
@@ -57,150 +59,137 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise UserError(f"{path}: no model.safetensors or pytorch_model.bin weights")
 
 
-def _model_type(config: dict, path: Path) -> str:
-    kind = config.get("model_type")
-    if kind not in _HF_TYPES:
-        raise UserError(f"{path}: model_type {kind!r} is not one this project imports "
-                        f"(roberta, electra, deberta-v2)")
-    return _HF_TYPES[kind]
+def _shards(index: Path) -> list[str]:
+    """The weight files a sharded checkpoint's index names: plain file names beside it, each once."""
+    weight_map = read_json_object(index, "fix the file or download the model again").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: no \"weight_map\" of parameter names to files")
+    shards = sorted(set(map(str, weight_map.values())))
+    for shard in shards:
+        if Path(shard).name != shard or not (index.parent / shard).is_file():
+            raise UserError(f"{index}: names weight file {shard!r}, which is not a file beside it")
+    return shards
 
 
-def _encoder_fields(hf: dict) -> dict:
-    """Inverse of models/config.hf_encoder_kwargs (our field names), vocabulary padded for any TP <= 128."""
-    from models.config import pad_vocab_size
+def transformers_config(config: dict, path: Path):
+    """config.json's dict -> the transformers config of its model_type (the class's defaults where
+    the file leaves a key out); UserError for a model_type no registered family reads."""
+    import transformers
 
-    return dict(
-        vocab_size=hf["vocab_size"], padded_vocab_size=pad_vocab_size(hf["vocab_size"], 128, 1),
-        hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        intermediate_size=hf["intermediate_size"], activation=hf.get("hidden_act", "gelu"),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 0),
-        initializer_range=hf.get("initializer_range", 0.02), layer_norm_eps=hf.get("layer_norm_eps", 1e-7),
-        pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
-    )
+    from models.registry import family_of_hf
 
-
-def _deberta_fields(hf: dict) -> dict:
-    """DebertaV2Config -> DebertaConfig fields (HF's own defaults where config.json leaves one out)."""
-    pos_att = hf.get("pos_att_type") or []
-    if isinstance(pos_att, str):
-        pos_att = [p.strip() for p in pos_att.lower().split("|") if p.strip()]
-    return dict(_encoder_fields(hf), relative_attention=hf.get("relative_attention", False),
-                pos_att_type=list(pos_att), position_buckets=hf.get("position_buckets", -1),
-                max_relative_positions=hf.get("max_relative_positions", -1),
-                norm_rel_ebd="layer_norm" if "layer_norm" in str(hf.get("norm_rel_ebd", "none")) else "none",
-                share_att_key=hf.get("share_att_key", False),
-                position_biased_input=hf.get("position_biased_input", True),
-                enhanced_mask_decoder=False)
+    family_of_hf(config.get("model_type"))  # the one-line error for a type we do not import
+    try:
+        return transformers.CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}/config.json: {err}") from None
 
 
-def _electra_fields(hf: dict) -> dict:
-    return dict(_encoder_fields(hf), embedding_size=hf.get("embedding_size", hf["hidden_size"]))
+def _family(config: dict, path: Path) -> str:
+    from models.registry import family_of_hf
+
+    try:
+        return family_of_hf(config.get("model_type"))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def _tower_fields(config: dict, path: Path) -> dict:
+    from models.registry import get_family
+
+    return get_family(_family(config, path)).fields_from_hf(transformers_config(config, path))
+
+
+def _pick_model(path: Path, family: str, hf_sd: dict, generator_given: bool) -> str:
+    """The architecture a directory of `family` holds (see the module docstring)."""
+    from models.registry import MODELS, hf_candidates
+
+    candidates = hf_candidates(family)
+    hint = path / "conversion.json"
+    named = json.loads(hint.read_text()).get("model") if hint.is_file() else None
+    if named in candidates:
+        return named
+    if generator_given:
+        towers = [name for name in candidates if MODELS[name].rtd_import is not None]
+        if towers:
+            return towers[0]
+    files = {p.name for p in path.iterdir()}
+    keys = set(hf_sd)
+    for name in candidates:
+        recognises = MODELS[name].hf_recognises
+        if recognises is None or recognises(keys, files):
+            return name
+    return candidates[-1]
 
 
 # ----------------------------------------------------------------------------- import
 def import_hf(path: str | Path, generator_dir: Optional[str | Path] = None, model: Optional[str] = None,
               embedding_sharing: Optional[str] = None, seed: int = 0, log: Optional[Log] = None) -> NativeModel:
     """A Hugging Face directory (and an optional generator directory) -> our full fp32 model."""
-    from models.config import DebertaConfig, RobertaConfig, RTDConfig
-    from models.registry import build_model, get_spec
+    from models.registry import MODELS, build_model, get_spec
 
     log = log or (lambda message: None)
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"--from-hf {path} is not a directory")
     hf_config, hf_sd = read_hf_dir(path)
-    kind = _model_type(hf_config, path)
-    has_mlm_head = any(k.startswith(("lm_predictions.", "cls.predictions.")) for k in hf_sd)
-    if model is None:
-        model = kind
-        if kind == "deberta":
-            hint = path / "conversion.json"
-            exported_v3 = hint.is_file() and json.loads(hint.read_text()).get("model") == "deberta_v3"
-            rtd_head = any(k.startswith("mask_predictions.") for k in hf_sd) or (path / RTD_HEAD_FILE).is_file()
-            v3 = generator_dir is not None or exported_v3 or rtd_head or not has_mlm_head
-            model = "deberta_v3" if v3 else "deberta"
-    expected = {"roberta": "roberta", "deberta": "deberta", "deberta_v3": "deberta", "electra": "electra"}
-    if model not in expected:
-        raise UserError(f"--model {model!r} is unknown; use roberta, deberta, electra or deberta_v3")
-    if expected[model] != kind:
+    family = _family(hf_config, path)
+    model = model or _pick_model(path, family, hf_sd, generator_dir is not None)
+    if model not in MODELS:
+        raise UserError(f"--model {model!r} is unknown; use {', '.join(MODELS)}")
+    spec = get_spec(model)
+    if spec.family != family:
         raise UserError(f"{path} holds a {hf_config.get('model_type')} model, not a {model} one")
     log(f"importing {path} ({hf_config.get('model_type')}, {len(hf_sd)} tensors) as {model}")
-    spec = get_spec(model)
-
-    def imported(*args):
+    fields = _tower_fields(hf_config, path)
+    if spec.rtd_import is None:
+        config = spec.config_class(**fields)
         try:
-            return spec.from_hf_state_dict(*args)
+            sd = spec.from_hf_state_dict(hf_sd, config)
         except (KeyError, ValueError) as err:
             raise UserError(f"{path}: {err.args[0] if err.args else err}") from None
-
-    if model in ("roberta", "deberta"):
-        if model == "deberta" and not has_mlm_head:
-            raise UserError(f"{path} has no MLM head (a DebertaV2Model); import it as --model deberta_v3")
-        config = RobertaConfig(**_encoder_fields(hf_config)) if model == "roberta" else \
-            DebertaConfig(**_deberta_fields(hf_config))
-        sd = imported(hf_sd, config)
         native_sd = _complete(build_model(config), sd, strict=True, what=str(path))
         return NativeModel(model, config, native_sd, {"source": str(path.resolve()), "imported_from": "hf"})
+    return _import_rtd(model, path, fields, hf_sd, generator_dir, embedding_sharing, seed, log)
 
-    # RTD: discriminator from `path`, generator from generator_dir or fresh
-    backbone = "deberta" if model == "deberta_v3" else "electra"
-    fields = _deberta_fields if backbone == "deberta" else _electra_fields
-    disc_fields = fields(hf_config)
-    rtd_head = {k: v for k, v in hf_sd.items() if k.startswith("mask_predictions.")}
-    if (path / RTD_HEAD_FILE).is_file():
-        from safetensors.torch import load_file
-        rtd_head = load_file(str(path / RTD_HEAD_FILE))
-    if backbone == "deberta":
-        dropped = [k for k in hf_sd if k.startswith(("lm_predictions.", "cls.", "mask_predictions."))]
-        disc_sd = {k.removeprefix("deberta."): v for k, v in hf_sd.items() if k not in dropped}
-        if any(k.startswith(("lm_predictions.", "cls.")) for k in dropped):
-            log(f"  {path}: its MLM head is not part of a DeBERTaV3 discriminator; left out")
-    else:
-        if any(k.startswith("generator_predictions.") for k in hf_sd):
-            raise UserError(f"{path} is an ELECTRA generator (ElectraForMaskedLM); pass the discriminator "
-                            f"as --from-hf and this directory as --generator")
-        disc_sd = hf_sd
+
+def _import_rtd(model: str, path: Path, disc_fields: dict, hf_sd: dict, generator_dir, embedding_sharing,
+                seed: int, log: Log) -> NativeModel:
+    """The discriminator from `path`, the generator from generator_dir or fresh (see the docstring)."""
+    from models.registry import build_model, get_family, get_spec
+
+    spec = get_spec(model)
+    try:
+        disc_sd, extras, dropped_mlm = spec.rtd_import.discriminator(hf_sd)
+    except ValueError as err:
+        raise UserError(f"{path} {err}") from None
+    if dropped_mlm:
+        log(f"  {path}: its MLM head is not part of a {model} discriminator; left out")
+    extras.update(_extra_files(spec, path))
     if generator_dir is not None:
         gen_config, gen_sd = read_hf_dir(Path(generator_dir))
-        if _model_type(gen_config, Path(generator_dir)) != expected[model]:
+        if _family(gen_config, Path(generator_dir)) != spec.family:
             raise UserError(f"--generator {generator_dir} holds a {gen_config.get('model_type')} model, "
-                            f"not a {expected[model]} one")
-        gen_fields = fields(gen_config)
+                            f"not a {get_family(spec.family).hf_model_type} one")
+        gen_fields = _tower_fields(gen_config, Path(generator_dir))
         source = f"generator from {generator_dir}"
     else:
-        gen_fields = dict(disc_fields)
-        if backbone == "deberta":
-            gen_fields.update(num_layers=max(1, disc_fields["num_layers"] // 2),  # the registry's v3 generator
-                              enhanced_mask_decoder=not disc_fields["position_biased_input"])
-        else:  # ELECTRA's generator: 1/4 of the discriminator's width, the same embeddings
-            gen_fields.update(hidden_size=max(disc_fields["hidden_size"] // 4, 1),
-                              num_heads=max(disc_fields["num_heads"] // 4, 1),
-                              intermediate_size=max(disc_fields["intermediate_size"] // 4, 1))
-        gen_sd = None
+        gen_fields, gen_sd = spec.rtd_import.fresh_generator(disc_fields), None
         source = f"fresh generator (seed {seed}), its shared embeddings copied from the discriminator"
-    from models.rtd import RTD_DEFAULTS
-    sharing = embedding_sharing or RTD_DEFAULTS[backbone].get("embedding_sharing", "es")
-    config = RTDConfig(generator=gen_fields, discriminator=disc_fields, backbone=backbone,
-                       embedding_sharing=sharing)
+    config = spec.rtd_import.config(gen_fields, disc_fields, embedding_sharing)
     torch.manual_seed(seed)
     fresh = build_model(config)
     if gen_sd is None:  # the fresh generator in Hugging Face form, shared tables = the discriminator's
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gen_sd = spec.to_hf_state_dict(fresh.state_dict(), config, "generator")
-        if sharing != "none":
-            for key in gen_sd:
-                bare = key.removeprefix("deberta.").removeprefix("electra.")
-                table = bare in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
-                for disc_key in (bare, "electra." + bare):
-                    if table and disc_key in disc_sd and disc_sd[disc_key].shape == gen_sd[key].shape:
-                        gen_sd[key] = disc_sd[disc_key].clone()
-    log(f"  {source}; embedding sharing {sharing}")
+        if config.embedding_sharing != "none":
+            _copy_shared_tables(gen_sd, disc_sd, get_family(spec.family).hf_prefix)
+    log(f"  {source}; embedding sharing {config.embedding_sharing}")
     towers = {"generator": gen_sd, "discriminator": disc_sd}
-    if backbone == "deberta":
-        towers["rtd_head"] = rtd_head
-        log(f"  RTD head: {'from ' + str(path) if rtd_head else 'fresh (seed ' + str(seed) + ')'}")
+    for name, tensors in extras.items():
+        towers[name] = tensors
+        log(f"  {name.replace('_', ' ')}: {'from ' + str(path) if tensors else 'fresh (seed ' + str(seed) + ')'}")
     try:
         sd = spec.from_hf_state_dict(towers, config)
     except ValueError as err:
@@ -211,6 +200,24 @@ def import_hf(path: str | Path, generator_dir: Optional[str | Path] = None, mode
     native_sd = _complete(fresh, sd, strict=False, what=str(path))
     meta = {"source": str(path.resolve()), "imported_from": "hf", "generator": source}
     return NativeModel(model, config, native_sd, meta)
+
+
+def _extra_files(spec, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter's files beside the HF weights (hf_extra_files), keyed by the file's stem ("rtd_head")."""
+    from safetensors.torch import load_file
+
+    return {Path(name).name.split(".")[0]: load_file(str(path / name))
+            for name in spec.hf_extra_files if (path / name).is_file()}
+
+
+def _copy_shared_tables(gen_sd: dict, disc_sd: dict, prefix: str) -> None:
+    """The fresh generator's word / position tables := the discriminator's, where shapes agree."""
+    for key in gen_sd:
+        bare = key.removeprefix(prefix)
+        table = bare in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight")
+        for disc_key in (bare, prefix + bare):
+            if table and disc_key in disc_sd and disc_sd[disc_key].shape == gen_sd[key].shape:
+                gen_sd[key] = disc_sd[disc_key].clone()
 
 
 def _complete(model: torch.nn.Module, sd: dict, strict: bool, what: str) -> dict[str, torch.Tensor]:
@@ -232,11 +239,14 @@ def initial_model(path: str, name: str, vocab_size: int, tp_size: int, seq_lengt
     The file's architecture and config are used as they are (model.size and model.overrides do not
     apply); the run's model.name, tokenizer size and sequence length must fit them.
     """
+    from models.registry import get_family, get_spec
+
     native = load_native(path)
     if native.name != name:
         raise UserError(f"model.init={path} holds a {native.name} model but model.name is {name}")
     towers = [native.config.generator, native.config.discriminator] if hasattr(native.config, "generator") \
         else [native.config]
+    family = get_family(get_spec(name).family)
     for cfg in towers:
         if cfg.vocab_size != vocab_size:
             raise UserError(f"model.init={path} has a vocabulary of {cfg.vocab_size}, the tokenizer "
@@ -244,7 +254,7 @@ def initial_model(path: str, name: str, vocab_size: int, tp_size: int, seq_lengt
         if cfg.padded_vocab_size % tp_size:
             raise UserError(f"model.init={path}: its padded vocabulary ({cfg.padded_vocab_size}) is not "
                             f"divisible by parallel.tensor={tp_size}")
-        limit = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if name == "roberta" else 0)
+        limit = family.position_rows(cfg)
         if seq_length > limit:
             raise UserError(f"model.init={path} takes at most {limit} positions; data.seq_length is {seq_length}")
     return native.config, native.state_dict

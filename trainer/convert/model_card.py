@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from models.registry import MODELS, get_spec
 from trainer.core.metrics import unique_temp
 
 CARD_FILE = "README.md"
@@ -26,10 +27,9 @@ CARD_FILE = "README.md"
 METRIC_KEYS = ("loss", "loss_mlm", "loss_rtd", "rtd_prior_loss", "rtd_auc", "rtd_accuracy", "generator_accuracy",
                "mlm_accuracy", "unigram_accuracy", "rtd_precision", "rtd_recall", "replaced_ratio", "probe_accuracy",
                "probe_majority_accuracy")
-TITLES = {"roberta": "RoBERTa", "deberta": "DeBERTa", "electra": "ELECTRA", "deberta_v3": "DeBERTaV3"}
 SHARING = {"none": "none (separate tables)", "es": "es (one table updated by both losses)",
            "gdes": "gdes (E_D = sg(E_G) + E_Delta: MLM updates E_G, RTD only E_Delta)",
-           "all": "all (one backbone for both towers, only the MLM and RTD heads apart; ELECTRA 3.2)"}
+           "all": "all (one backbone for both towers, only the MLM and RTD heads apart; Clark et al. 2020, 3.2)"}
 
 
 def read_metrics_upto(run_dir: Path) -> tuple[Optional[list], str]:
@@ -132,7 +132,7 @@ def model_card(conversion: dict, config: dict, model_config: dict, records: Opti
                      else "replaced-token-detection" if rtd and component == "discriminator" else "encoder"]
     if hf_class:
         front["pipeline_tag"] = "fill-mask" if masked_lm else "feature-extraction"
-    title = f"{TITLES.get(name, name)} {model.get('size', '')}".strip()
+    title = f"{get_spec(name).title if name in MODELS else name} {model.get('size', '')}".strip()
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {run_name}: {title}{' ' + component if component else ''}", "",
              f"Exported from step {step} of run `{run_name}` ({conversion.get('source', '?')})"
@@ -195,9 +195,9 @@ def model_card(conversion: dict, config: dict, model_config: dict, records: Opti
                   f'model = transformers.{hf_class}.from_pretrained("{location}")'
                   + ("" if hf_class.endswith("Model") else "  # transformers.AutoModel: the encoder alone"),
                   "```", ""]
-        if name == "deberta_v3" and component == "discriminator":
-            lines += ["Hugging Face has no DeBERTaV3 RTD head: `rtd_head.safetensors` beside the model holds it "
-                      "(microsoft/DeBERTa's key names); `DebertaV2Model` gives the hidden states it reads.", ""]
+        if name in MODELS and get_spec(name).hf_extra_files and component == "discriminator":
+            lines += [f"Beside the model, `{file}`: {what}; the model class above gives the hidden states it reads."
+                      for file, what in get_spec(name).hf_extra_files.items()] + [""]
     else:
         lines += ["```python", "from models.native import load_native", "",
                   f'native = load_native("{location}")  # fine-tuning: model.init={location}', "```", ""]

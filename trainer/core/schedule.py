@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from data.errors import UserError
+from models.registry import MODELS
 
 TOWERS = ("generator", "shared", "discriminator")
 RTD_SCHEDULES = ("joint", "two_stage")
@@ -146,8 +147,8 @@ def check_schedule(model: torch.nn.Module, schedule: str, n: int, total_steps: i
         raise UserError(f"train.rtd_schedule={schedule!r} is not one of {', '.join(RTD_SCHEDULES)}")
     if schedule == "two_stage":
         if not is_rtd(model):
-            raise UserError("train.rtd_schedule=two_stage needs a replaced-token-detection model "
-                            "(model.name electra or deberta_v3)")
+            rtd = " or ".join(name for name, spec in MODELS.items() if "sample_index" in spec.batch_keys)
+            raise UserError(f"train.rtd_schedule=two_stage needs a replaced-token-detection model (model.name {rtd})")
         if model.config.embedding_sharing == "all":
             raise UserError("train.rtd_schedule=two_stage needs towers of their own: under model embedding_sharing "
                             "all the discriminator's training moves the generator's backbone, which two_stage "

@@ -2,14 +2,13 @@
 beside the shared ones (trainer/core/config.py), loaded from YAML plus `key.sub=value` overrides."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from models.registry import MODELS, get_spec
 from data.errors import UserError
 from data.tasks import TaskFormat
-from trainer.core.config import (PRECISIONS, CheckpointSection, LogSection, ParallelSection, RunSection,
-                                 ZeroSection, _choice, _plain, get_key)
+from trainer.core.config import AdamWSection, CheckpointSection, LogSection, RunConfig, _choice, get_key
 from trainer.core.config import load_config as _load_config
 
 PACKINGS = ("full_sentences", "doc_sentences", "segment_pair", "sentence_pair")
@@ -118,14 +117,8 @@ class TrainSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 5e-4
-    """Peak learning rate, reached after warmup (fairseq RoBERTa-base: 5e-4 at batch 2048)."""
-    betas: Tuple[float, float] = (0.9, 0.98)
-    """RoBERTa's beta2 = 0.98 is more stable than 0.999 with large batches."""
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    """Applied to weights only, never to biases or LayerNorm parameters."""
+class OptimSection(AdamWSection):
+    """AdamW's lr, betas, eps, weight_decay (RoBERTa's defaults), then the schedule."""
     warmup_steps: int = 10
     """Linear warmup from 0 to `lr`, then linear decay to `min_lr` at `train.steps`."""
     min_lr: float = 0.0
@@ -193,16 +186,13 @@ class DebugSection:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
+    """The sections in config.yaml's order: model, run, data, train, optim, zero, precision, parallel
+    (RunConfig's places), then checkpoint, log, eval, probe, debug."""
     model: ModelSection = field(default_factory=ModelSection)
-    run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    zero: ZeroSection = field(default_factory=ZeroSection)
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16 (fp16 uses DeepSpeed's dynamic loss scaling)."""
-    parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -211,20 +201,20 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Checks that need no process group; `check_batch` needs the data-parallel size."""
-        _choice("precision", self.precision, PRECISIONS)
+        super().validate()
         _choice("data.masking", self.data.masking, ("dynamic", "static"))
         if self.data.masking == "static" and self.data.packing in ("segment_pair", "sentence_pair"):
             raise UserError(f"data.masking=static does not support data.packing={self.data.packing}; "
                             f"use data.masking=dynamic or another data.packing")
         _choice("data.packing", self.data.packing, PACKINGS)
-        if self.data.packing in PAIR_PACKINGS and self.model.name not in ("roberta", "deberta"):
+        if self.data.packing in PAIR_PACKINGS and "next_sentence_label" not in get_spec(self.model.name).batch_keys:
+            with_head = " / ".join(name for name, spec in MODELS.items() if "next_sentence_label" in spec.batch_keys)
             raise UserError(f"data.packing={self.data.packing} trains next-sentence prediction, which model "
                             f"{self.model.name} has no head for; use data.packing=full_sentences or doc_sentences "
-                            f"(or model.name=roberta / deberta)")
+                            f"(or model.name={with_head})")
         if self.model.overrides.get("next_sentence_head") is True and self.data.packing not in PAIR_PACKINGS:
             raise UserError(f"model.overrides next_sentence_head=true needs the NSP labels of data.packing="
                             f"segment_pair or sentence_pair, not {self.data.packing}")
-        _choice("zero.stage", self.zero.stage, (0, 1, 2, 3))
         if not self.data.prefix and not self.data.blend:
             raise UserError("data.prefix is not set: pass data.prefix=PATH/PREFIX (from tools/preprocess_data.py)")
         if self.data.blend and self.data.prefix and self.data.prefix not in [p for _, p in self.data.blend]:
@@ -240,16 +230,9 @@ class PretrainConfig:
         if self.train.tokens_per_step < 0 or 0 < self.train.tokens_per_step < self.data.seq_length:
             raise UserError(f"train.tokens_per_step={self.train.tokens_per_step} must be 0 (off) or at least "
                             f"data.seq_length={self.data.seq_length}")
-        positive = {
-            "data.seq_length": self.data.seq_length, "train.steps": self.train.steps,
-            "train.micro_batch_size": self.train.micro_batch_size,
-            "train.global_batch_size": self.train.global_batch_size, "parallel.tensor": self.parallel.tensor,
-            "model.vocab_pad_multiple": self.model.vocab_pad_multiple, "log.every_steps": self.log.every_steps,
-            "train.collective_timeout_s": self.train.collective_timeout_s,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise UserError(f"{key}={value} must be positive")
+        self.require_positive("data.seq_length", "train.steps", "train.micro_batch_size", "train.global_batch_size",
+                              "parallel.tensor", "model.vocab_pad_multiple", "log.every_steps",
+                              "train.collective_timeout_s")
         if self.data.seq_length < 8:
             raise UserError(f"data.seq_length={self.data.seq_length} is too short; use at least 8")
         for key in ("data.mask_prob", "data.mask_token_prob", "data.random_token_prob", "data.valid_fraction",
@@ -271,14 +254,11 @@ class PretrainConfig:
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
             raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
         self.probe.validate(self.data.seq_length)
-        for key in ("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
-                    "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps"):
-            if get_key(self, key) < 0:
-                raise UserError(f"{key}={get_key(self, key)} must not be negative")
+        self.require_not_negative("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
+                                  "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps")
 
     def check_batch(self, data_parallel_size: int) -> int:
-        """Returns the gradient-accumulation steps; the global batch must split evenly."""
-        per_pass = self.train.micro_batch_size * data_parallel_size
+        """RunConfig's, after the checks of a token budget per step."""
         budget = self.train.tokens_per_step
         if budget and budget < self.data.seq_length * data_parallel_size:
             raise UserError(f"train.tokens_per_step={budget} must be at least data.seq_length x data-parallel size "
@@ -286,15 +266,7 @@ class PretrainConfig:
         if budget and data_parallel_size > 1 and self.train.micro_batch_size < 2:
             raise UserError("train.micro_batch_size must be at least 2 with train.tokens_per_step and data "
                             "parallelism (rank shares differ by one sample and must split into as many micro-batches)")
-        if self.train.global_batch_size % per_pass:
-            raise UserError(
-                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.train.micro_batch_size} x data-parallel size {data_parallel_size} "
-                f"= {per_pass}; set train.global_batch_size to a multiple of {per_pass}")
-        return self.train.global_batch_size // per_pass
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return super().check_batch(data_parallel_size)
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PretrainConfig:

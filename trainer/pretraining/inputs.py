@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models.registry import get_family, get_spec
 from data.errors import UserError
 from data.indexed import check_dataset, open_indexed, read_sidecar
 from pathlib import Path
@@ -79,7 +80,7 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetuning/train.py)
     if cfg.data.packing in PAIR_PACKINGS:
         pairs = {"sentence_ends": tokenizer.sentence_end_ids(), "seed": cfg.train.seed,
-                 "pair_separators": 2 if cfg.model.name == "roberta" else 1}
+                 "pair_separators": get_family(get_spec(cfg.model.name).family).pair_separators}
     for _, prefix in corpora:
         dataset = open_indexed(prefix, check=False)  # check_corpora has checked it
         static.append(StaticMasks(prefix) if cfg.data.masking == "static" else None)

@@ -36,17 +36,15 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
             # the NSP head follows data.packing: a fresh one, or the file's left out (it would get no gradient)
             model_config = dataclasses.replace(model_config, next_sentence_head=bool(nsp))
             init_sd = {k: v for k, v in init_sd.items() if not k.startswith("nsp_head.")}
-    model = build_model(model_config, ParallelLayers(tp_size=1))
+    model = build_model(model_config, ParallelLayers(tp_size=1), sampling_seed=cfg.train.seed)
     if cfg.model.init:
         fresh_nsp = {k: v for k, v in model.state_dict().items() if k.startswith("nsp_head.")}
         model.load_state_dict({**fresh_nsp, **init_sd})
     if ctx.tp_size > 1:
         full = model.state_dict()
         with quiet_megatron_import():
-            model = build_model(model_config, ParallelLayers.from_parallel_state())
+            model = build_model(model_config, ParallelLayers.from_parallel_state(), sampling_seed=cfg.train.seed)
         model.load_state_dict(shard_state_dict(full, partition_dims(model), ctx.tp_rank, ctx.tp_size))
-    if hasattr(model, "sampling_seed"):  # RTD: replacements keyed by (seed, global sample index)
-        model.sampling_seed = cfg.train.seed
     from models.layers import compile_layers, enable_activation_checkpointing
 
     if cfg.model.activation_checkpointing:  # after the TP rebuild: flags live on the final modules
@@ -55,3 +53,4 @@ def build_model_for(cfg: PretrainConfig, tokenizer: Tokenizer, ctx: ParallelCont
     if cfg.model.compile:
         compile_layers(model)
     return model, {"name": cfg.model.name, **dataclasses.asdict(model_config)}
+

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models.registry import get_family, get_spec
+from data.seeding import derive_rng
 from data.errors import UserError
 from data.tasks import EncodedTask, collate, encode, label_ids, label_names, read_examples
 from trainer.pretraining.config import PretrainConfig, ProbeSection
@@ -55,7 +57,7 @@ def _probe_keys(err: UserError) -> UserError:
 def _subset(examples: list, limit: int) -> list:
     if len(examples) <= limit:
         return examples
-    rng = np.random.default_rng(np.random.SeedSequence([SUBSET_STREAM, len(examples)]))
+    rng = derive_rng(SUBSET_STREAM, len(examples))
     return [examples[i] for i in np.sort(rng.choice(len(examples), limit, replace=False))]
 
 
@@ -205,6 +207,6 @@ def build_probe(cfg: PretrainConfig, tokenizer) -> Optional[Probe]:
     if not cfg.probe.every_steps:
         return None
     max_length = cfg.probe.max_length or cfg.data.seq_length
-    separators = 2 if cfg.model.name == "roberta" else 1  # <s> a </s></s> b </s>, as RoBERTa fine-tunes
+    separators = get_family(get_spec(cfg.model.name).family).pair_separators  # RoBERTa: <s> a </s></s> b </s>
     task = load_probe_task(cfg.probe, tokenizer, max_length, separators)
     return Probe(cfg.probe, task, tokenizer.pad_id, cfg.train.micro_batch_size)
