@@ -193,12 +193,12 @@ def test_finetune_config_rejects_mistakes():
         load_finetune_config(str(recipe), base)  # every shipped recipe parses
     # YAML reads CoLA's labels as numbers; class names are text
     assert load_finetune_config("configs/finetune/debug.yaml", base + ["data.labels=[0, 1]"]).data.labels == ["0", "1"]
-    with pytest.raises(UserError, match="data.labels\\[0\\] must be of type str"):
+    with pytest.raises(UserError, match="data.labels\\[0\\] must be str"):
         load_finetune_config("configs/finetune/debug.yaml", base + ["data.labels=[true, 1]"])
 
 
 def test_random_init_keeps_the_architecture_and_draws_fresh_weights(tmp_path, spm_tokenizer):
-    from trainer.finetuning.train import build_classifier, load_initial_model
+    from trainer.finetuning.initial_model import build_classifier, load_initial_model
     from trainer.finetuning.config import load_finetune_config
 
     cfg_model = build_config("deberta_v3", "debug", vocab_size=spm_tokenizer.vocab_size, seq_length=64,

@@ -109,7 +109,7 @@ def test_every_process_group_gets_the_collective_timeout():
     """The world group (DeepSpeed's init) and megatron-core's data- and tensor-parallel groups, which carry
     the gradient all-reduces, all wait train.collective_timeout_s, not their libraries' 10 and 30 minutes."""
     code = ("import torch, torch.distributed as dist\n"
-            "from trainer.parallel import init_parallel\n"
+            "from trainer.core.parallel import init_parallel\n"
             "ctx = init_parallel(1, 12.5)\n"
             "for g in (dist.group.WORLD, ctx.dp_group, ctx.tp_group):\n"
             "    print('timeout', g._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n")

@@ -1,4 +1,4 @@
-"""trainer.parallel's process-level lifecycle: groups are torn down before the interpreter is."""
+"""trainer.core.parallel's process-level lifecycle: groups are torn down before the interpreter is."""
 import subprocess
 import sys
 import textwrap
@@ -32,7 +32,7 @@ def test_process_groups_are_destroyed_at_exit_before_interpreter_teardown():
 
 
 def test_shutdown_twice_is_a_no_op():
-    script = ("from trainer.parallel import init_parallel, shutdown_parallel\n"
+    script = ("from trainer.core.parallel import init_parallel, shutdown_parallel\n"
               "init_parallel(1); shutdown_parallel(); shutdown_parallel(); print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data.errors import UserError
-from launch import run
+from launch import as_overrides, run
 from trainer.core.safe_load import WEIGHTS_ONLY, safe_torch_load
 
 TAG = "global_step2"
@@ -52,8 +52,7 @@ def train_args(prefix: Path, runs: Path, name: str, steps: int = 2, **extra) -> 
               "model.size": "debug", "run.dir": runs, "run.name": name, "train.steps": steps,
               "train.micro_batch_size": 2, "train.global_batch_size": 2, "optim.warmup_steps": 0,
               "checkpoint.every_steps": 2, "eval.every_steps": 0, "zero.stage": 1}
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [sys.executable, "-m", "trainer.pretrain", *[f"{k}={v}" for k, v in values.items()]]
+    return [sys.executable, "-m", "trainer.pretrain", *as_overrides(values, **extra)]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def test_checkpoint_load_refuses_a_malicious_optimizer_partition(copy):
 def test_finetune_init_refuses_native_and_hf_files(tmp_path):
     from transformers import RobertaConfig
 
-    from trainer.finetuning.train import load_initial_model
+    from trainer.finetuning.initial_model import load_initial_model
     from trainer.convert.hf_import import read_hf_dir
 
     marker = tmp_path / "code_ran"

@@ -158,7 +158,9 @@ def test_with_sift_off_the_loop_equals_plain_finetuning(plain_run):
     from data.tasks import collate
     from models.classification import to_hf_state_dict
     from trainer.core.engine import warmup_linear_decay
-    from trainer.finetuning.train import build_classifier, layer_decay_groups, load_initial_model, load_task, resolve_tokenizer, step_micro_batches
+    from trainer.finetuning.initial_model import build_classifier, load_initial_model, resolve_tokenizer
+    from trainer.finetuning.task import load_task, step_micro_batches
+    from trainer.finetuning.train import layer_decay_groups
     from trainer.finetuning.config import load_finetune_config
 
     root, overrides = plain_run

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Optional
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from data.masking import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 def histogram_auc(positive: np.ndarray, negative: np.ndarray) -> Optional[float]:
@@ -99,6 +102,13 @@ class PlateauWatch:
                 f"within {self.accuracy_margin * 100:.0f} point of the unigram accuracy {unigram:.4f} for "
                 f"{self.patience} evaluations; {remedy}, or train longer (train.steps)")
         return messages
+
+    def report(self, step: int, valid: Dict[str, Optional[float]], is_main: bool) -> None:
+        """Logs the validation loss (global rank 0) and `update`'s warnings."""
+        if is_main:
+            logger.info("step %d validation loss %.4f", step, valid["valid_loss"])
+            for message in self.update(step, valid):
+                logger.warning(message)
 
     def _count(self, name: str, flat: bool) -> bool:
         """Counts the streak; True when it reaches `patience` (once per streak)."""

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_PEER_TIMEOUT = 69  # sysexits EX_UNAVAILABLE: a collective waited past train.collective_timeout_s
 _ROOT = Path(__file__).resolve().parents[1]
-_peer_hung = False  # set when a collective timed out: shutdown_parallel then leaves the groups alone
+_peer_hung = False  # process-wide on purpose (read at exit): after a timeout, shutdown leaves the groups
 
 
 def from_rank0(value):

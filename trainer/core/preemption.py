@@ -1,7 +1,7 @@
 """Preemption (SIGTERM, SIGUSR1) and the one small per-step collective every rank joins.
 
 Schedulers warn a job before killing it: Slurm sends SIGTERM (or the signal of `--signal`, often
-USR1) to every task; Kubernetes sends SIGTERM. The launchers differ (see README, "Fault tolerance"):
+USR1) to every task; Kubernetes sends SIGTERM. The launchers differ (see docs/fault_tolerance.md):
 `deepspeed` forwards SIGTERM to its ranks one by one and exits 1 itself, but does not forward
 SIGUSR1; torchrun forwards SIGTERM/SIGINT to its workers; srun delivers the signal to every task.
 So each rank handles the signals itself and only records that they arrived. The ranks agree on

@@ -120,7 +120,7 @@ class RunLock:
         _HELD.pop(self.path, None)
 
 
-_HELD: Dict[Path, RunLock] = {}
+_HELD: Dict[Path, RunLock] = {}  # process-wide on purpose: a flock belongs to the process that holds it until exit
 
 
 def acquire_run_lock(run_dir: Path) -> RunLock:

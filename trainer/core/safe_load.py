@@ -181,7 +181,7 @@ def run_module(checkpoint: str, module: str, argv: Sequence[str]) -> None:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-if __name__ == "__main__":  # python -m trainer.safe_load CHECKPOINT_DIR MODULE [ARGS...] (trainer/core/elastic.py)
+if __name__ == "__main__":  # python -m trainer.core.safe_load CHECKPOINT_DIR MODULE [ARGS...] (trainer/core/elastic.py)
     import sys
 
     from trainer.core.cli import run_cli

@@ -11,23 +11,24 @@ ranks; the N_global counts are known on the host before any forward and cost one
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.utils import clip_grad_norm_
 
+from data.seeding import derive_seed
 from data.masking import IGNORE_INDEX
 from trainer.core.diagnostics import binary_entropy, histogram_auc, target_counts, unigram_accuracy
 from trainer.core.parallel import ParallelContext
 
 Terms = Dict[str, Tuple[torch.Tensor, float, str]]  # name -> (sum, weight, normaliser)
+Forward = Callable[[object, Dict[str, torch.Tensor]], Dict]  # (engine, device batch) -> the loss sums, as a model's forward
 
 
 def dropout_seed(seed: int, step: int, dp_rank: int) -> int:
     """Dropout differs per step and data-parallel rank, and agrees between tensor-parallel peers."""
-    return int(np.random.SeedSequence([seed, step, dp_rank, 0x44524F50]).generate_state(1)[0])
+    return derive_seed(seed, step, dp_rank, 0x44524F50)
 
 
 def loss_terms(out: Dict) -> Terms:
@@ -157,6 +158,9 @@ def clip_or_skip(engine, clip: float) -> torch.Tensor:
     """Clips the reduced gradients to global norm `clip` (0: only measures it) and returns the norm; a
     non-finite norm drops every gradient, so the optimizer step leaves the parameters untouched (no Adam
     moments, no weight decay), as DeepSpeed's ZeRO/bf16/fp16 overflow skip does."""
+    # imported on first use, as everywhere in the trainer: a config error exits before DeepSpeed loads
+    from deepspeed.runtime.utils import clip_grad_norm_
+
     grad_norm = clip_grad_norm_(engine.module.parameters(), clip if clip > 0 else math.inf, mpu=engine.mpu)
     if not math.isfinite(float(grad_norm)):
         for p in engine.module.parameters():
@@ -165,12 +169,14 @@ def clip_or_skip(engine, clip: float) -> torch.Tensor:
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
-               clip: Optional[float] = None, inject_nan: bool = False, vocab_size: Optional[int] = None) -> Dict:
+               clip: Optional[float] = None, inject_nan: bool = False, vocab_size: Optional[int] = None,
+               forward: Optional[Forward] = None) -> Dict:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
-    Returns an Accumulator of device tensors (no host sync), the global token counts, and the
-    gradient norm when `clip` is given (the trainer clips: 0 measures only). With `vocab_size` the
-    Accumulator also counts the target ids (host labels), for `unigram_accuracy`.
+    Returns an Accumulator of device tensors (no host sync), the global token and sample counts, and
+    the gradient norm when `clip` is given (the trainer clips: 0 measures only). With `vocab_size` the
+    Accumulator also counts the target ids (host labels), for `unigram_accuracy`. `forward(engine,
+    batch)` returns the loss sums (default: the model's own, `engine(**batch)`).
     """
     counts = _counts(micro_batches, ctx)
     acc = Accumulator()
@@ -181,7 +187,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
         # The trainer owns the accumulation boundary: with token budgets a step has a varying number of
         # micro-batches (the same on every rank), so DeepSpeed's fixed gradient_accumulation_steps cannot tell.
         engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-        out = engine(**batch)
+        out = forward(engine, batch) if forward is not None else engine(**batch)
         terms = loss_terms(out)
         loss = sum(weight * value.float() * (ctx.dp_size / counts[normalizer].clamp(min=1.0)).float()
                    for value, weight, normalizer in terms.values())
@@ -196,7 +202,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
         engine.step()
         acc.add(out)
     acc.counts = dict(counts)
-    return {"acc": acc, "tokens": counts["tokens"], "grad_norm": grad_norm}
+    return {"acc": acc, "tokens": counts["tokens"], "samples": counts["samples"], "grad_norm": grad_norm}
 
 
 @torch.no_grad()

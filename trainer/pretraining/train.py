@@ -6,48 +6,60 @@
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import logging
 import re
-import sys
-import time
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from trainer.pretraining.config import PretrainConfig, load_config
+from data.loader import validation_batches
+from data.tokenizer import Tokenizer
+from models.parallel import partition_dims
+from models.registry import batch_keys
+from trainer.core import schedule
+from trainer.core.checkpoint import CheckpointManager, TrainState
 from trainer.core.deepspeed_json import trainer_clips_gradients
+from trainer.core.diagnostics import PlateauWatch
+from trainer.core.elastic import prepare_resume
+from trainer.core.engine import build_engine
+from trainer.core.cli import parse_run_args
+from trainer.core.loop import StepLoop, run_guarded
+from trainer.core.metrics import MetricsWriter
+from trainer.core.parallel import ParallelContext, init_parallel
+from trainer.core.preemption import EXIT_PREEMPTED, PreemptionHandler
 from trainer.core.run_dir import RunDirectory, setup_logging
+from trainer.core.step import evaluate
+from trainer.pretraining.config import PretrainConfig, load_config
+from trainer.pretraining.inputs import PretrainInputs, build_inputs, check_corpora, resolve_tokenizer
 from trainer.pretraining.model import build_model_for
+from trainer.pretraining.probe import Probe, build_probe
 
 logger = logging.getLogger("trainer.pretrain")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (configs/pretrain/*.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of any config field")
-    return parser.parse_args(argv)
+@dataclass
+class Pretraining:
+    """Everything a pretraining run builds before its first step."""
+    cfg: PretrainConfig
+    ctx: ParallelContext
+    tokenizer: Tokenizer
+    run: RunDirectory
+    inputs: PretrainInputs
+    probe: Optional[Probe]
+    model: torch.nn.Module
+    engine: object
+    checkpoints: CheckpointManager
+    state: TrainState
+    metrics: MetricsWriter
+    extra: dict  # what every checkpoint carries beside the engine's states
+    meta: dict
+    two_stage_n: int  # RTD two_stage: the generator's steps (0: joint)
 
 
-def train(cfg: PretrainConfig) -> Tuple[int, dict]:
-    """Runs (or resumes) pretraining; returns (exit status, summary)."""
-    from trainer.core.checkpoint import CheckpointManager, TrainState
-    from trainer.core.diagnostics import PlateauWatch
-    from trainer.core.elastic import prepare_resume
-    from trainer.core import schedule
-    from trainer.core.engine import build_engine
-    from trainer.pretraining.inputs import build_inputs, check_corpora, resolve_tokenizer
-    from trainer.core.metrics import MetricsWriter
-    from trainer.core.parallel import init_parallel
-    from trainer.core.preemption import EXIT_PREEMPTED, PreemptionHandler, StepFlags
-    from trainer.pretraining.probe import build_probe
-    from trainer.core.step import dropout_seed, evaluate, train_step
-    from data.loader import validation_batches
-
+def prepare(cfg: PretrainConfig) -> Pretraining:
+    """Parallel groups, inputs checked before anything is written, the run directory, the model and its
+    engine, and the state of the checkpoint to resume from (if any)."""
     ctx = init_parallel(cfg.parallel.tensor, cfg.train.collective_timeout_s)
     setup_logging(ctx.is_main)
     cfg.check_batch(ctx.dp_size)
@@ -65,115 +77,76 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     state = checkpoints.load(engine, resume.path, resume.universal) if resume else TrainState()
     inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples})
     metrics = MetricsWriter(run.path, enabled=ctx.is_main, resume_step=state.step)
-    extra = {"config": cfg.to_dict(), "model_config": model_config, "tokenizer_fingerprint": tokenizer.fingerprint(),
-             "universal_checkpoint_info": universal_checkpoint_info(model)}
-    meta = {"world_size": ctx.world_size, "dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "zero_stage": cfg.zero.stage,
-            "precision": cfg.precision, "global_batch_size": cfg.train.global_batch_size}
+    extra, meta = checkpoint_context(cfg, ctx, model, model_config, tokenizer)
     logger.info("model %s/%s: %.2fM parameters (this rank); world %d = tp %d x dp %d; steps %d..%d",
                 cfg.model.name, cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6,
                 ctx.world_size, ctx.tp_size, ctx.dp_size, state.step + 1, cfg.train.steps)
+    return Pretraining(cfg, ctx, tokenizer, run, inputs, probe, model, engine, checkpoints, state, metrics, extra,
+                       meta, two_stage_n)
 
-    accepted = set(inspect.signature(model.forward).parameters)  # e.g. sample_index: RTD models only
+
+def train(cfg: PretrainConfig) -> Tuple[int, dict]:
+    """Runs (or resumes) pretraining; returns (exit status, summary)."""
+    p = prepare(cfg)
+    ctx, engine, state, inputs, checkpoints, metrics = p.ctx, p.engine, p.state, p.inputs, p.checkpoints, p.metrics
+    keys = set(batch_keys(cfg.model.name))  # e.g. sample_index: RTD models only
+    only_keys = lambda batches: [{k: v for k, v in b.items() if k in keys} for b in batches]
     preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
-    flags = StepFlags(ctx.device)
-    clip = cfg.train.grad_clip if trainer_clips_gradients(cfg) else None
-    window = _new_window()
+    loop = StepLoop(engine, ctx, seed=cfg.train.seed, clip=cfg.train.grad_clip if trainer_clips_gradients(cfg.zero.stage, cfg.precision) else None,
+                    max_bad_steps=cfg.train.max_bad_steps, log_every=cfg.log.every_steps, metrics=metrics,
+                    preemption=preemption, vocab_size=p.tokenizer.vocab_size, skipped=state.skipped_steps)
+    enter_stage = (lambda step: schedule.enter_step(engine, step, p.two_stage_n)) if p.two_stage_n else None
     plateau = PlateauWatch()  # warns when validation sits at the prior / unigram baselines
-    unsynced_tokens, bad_in_a_row, status = 0.0, 0, 0
-    for step in range(state.step + 1, cfg.train.steps + 1):
-        batches = [{k: v for k, v in b.items() if k in accepted} for b in inputs.loader.next_step()]
-        torch.manual_seed(dropout_seed(cfg.train.seed, step, ctx.dp_rank))
-        if two_stage_n:
-            schedule.enter_step(engine, step, two_stage_n)
-        out = train_step(engine, batches, ctx, clip, inject_nan=step in cfg.debug.nan_loss_steps,
-                         vocab_size=tokenizer.vocab_size)
-        stop, bad, save_due = flags.exchange(preemption.requested, out["acc"].total(),
-                                             ctx.is_main and checkpoints.time_due())
-        state.step, state.consumed_samples = step, inputs.loader.consumed_samples
+    status = 0
+    for step in loop.steps(state.step + 1, cfg.train.steps, lambda step: only_keys(inputs.loader.next_step()),
+                           before_step=enter_stage, save_due=checkpoints.time_due, inject_nan=cfg.debug.nan_loss_steps):
+        state.step, state.consumed_samples, state.skipped_steps = step, inputs.loader.consumed_samples, loop.skipped
         engine.global_samples = state.consumed_samples  # DeepSpeed would count nominal batches (token budgets)
         state.data = inputs.loader.state_dict()
-        unsynced_tokens = unsynced_tokens + out["tokens"]  # device tensor: no host sync per step
-        if bad:
-            state.skipped_steps += 1
-            bad_in_a_row += 1
-            logger.warning("step %d: non-finite loss, update skipped (%d in a row)", step, bad_in_a_row)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TrainingDiverged(f"{bad_in_a_row} consecutive steps with a NaN/Inf loss, the last at step {step}; "
-                                       f"lower optim.lr, check the data, or resume from an earlier checkpoint")
-        else:
-            bad_in_a_row = 0
-            window["acc"].merge(out["acc"])
-            window["steps"] += 1
-        window["tokens"] = window["tokens"] + out["tokens"]
-        window["all_steps"] += 1
-        window["samples"] += inputs.loader.last_step_samples
 
-        if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.steps or stop:
-            state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
-            elapsed = time.perf_counter() - window["start"]
-            grad_norm = out["grad_norm"] if clip is not None else engine.get_global_grad_norm()
-            losses = window["acc"].reduce(ctx) if window["steps"] else {"loss": None}
-            record = {
-                "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                **losses,
-                "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_sec": float(window["tokens"]) / elapsed,
-                "samples_per_sec": window["samples"] / elapsed,
-                "skipped_steps": state.skipped_steps,
-                "data_parallel_size": ctx.dp_size,
-            }
-            metrics.log(step, record)
-            logger.info("step %d/%d loss %s lr %.3g grad_norm %s %.0f tok/s", step, cfg.train.steps,
-                        f"{record['loss']:.4f}" if record["loss"] is not None else "-", record["lr"],
-                        f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "-",
-                        record["tokens_per_sec"])
-            window = _new_window()
+        if loop.log_due(step, first_logged=1):
+            state.consumed_tokens += loop.take_tokens()
+            loop.log(step, {"consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
+                            "data_parallel_size": ctx.dp_size})
 
         if inputs.valid is not None and cfg.eval.every_steps and (
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             batches = validation_batches(inputs.valid, cfg.eval.samples, cfg.train.micro_batch_size,
                                          ctx.dp_rank, ctx.dp_size)
-            valid = evaluate(engine, [{k: v for k, v in b.items() if k in accepted} for b in batches], ctx,
-                             vocab_size=tokenizer.vocab_size)
+            valid = evaluate(engine, only_keys(batches), ctx, vocab_size=p.tokenizer.vocab_size)
             metrics.log(step, valid)
-            logger.info("step %d validation loss %.4f", step, valid["valid_loss"])
-            for message in plateau.update(step, valid) if ctx.is_main else ():
-                logger.warning(message)
+            plateau.report(step, valid, ctx.is_main)
 
-        if probe is not None and probe.due(step, cfg.train.steps):
-            metrics.log(step, probe.run(engine, ctx, step))  # every rank extracts features; rank 0 fits
+        if p.probe is not None and p.probe.due(step, cfg.train.steps):
+            metrics.log(step, p.probe.run(engine, ctx, step))  # every rank extracts features; rank 0 fits
 
-        if checkpoints.due(step, cfg.train.steps) or save_due or stop:
-            state.consumed_tokens, unsynced_tokens = state.consumed_tokens + int(unsynced_tokens), 0.0
+        if checkpoints.due(step, cfg.train.steps) or loop.save_due or loop.stop:
+            state.consumed_tokens += loop.take_tokens()
             if step == cfg.debug.crash_in_save_step:
                 checkpoints.crash_before_commit = True
-            checkpoints.save(engine, state, extra, meta)
-        if stop:
-            logger.warning("%s received: stopped after step %d with a checkpoint; exit status %d "
-                           "(run the same command again to resume)", preemption.signal_name or "signal", step,
-                           EXIT_PREEMPTED)
+            checkpoints.save(engine, state, p.extra, p.meta)
+        if loop.stop:
+            logger.warning("%s received: stopped after step %d with a checkpoint; exit status %d (run the same "
+                           "command again to resume)", preemption.signal_name or "signal", step, EXIT_PREEMPTED)
             status = EXIT_PREEMPTED
             break
 
     preemption.uninstall()
     metrics.close()
-    return status, run.summary()
+    return status, p.run.summary()
 
 
-class TrainingDiverged(Exception):
-    """Too many consecutive non-finite losses: the run stops with EXIT_DIVERGED."""
-
-
-def _new_window() -> dict:
-    from trainer.core.step import Accumulator
-    return {"acc": Accumulator(), "tokens": 0.0, "steps": 0, "all_steps": 0, "samples": 0, "start": time.perf_counter()}
+def checkpoint_context(cfg: PretrainConfig, ctx, model: torch.nn.Module, model_config: dict, tokenizer):
+    """What every checkpoint of the run carries beside the engine's states: (extra, meta)."""
+    extra = {"config": cfg.to_dict(), "model_config": model_config, "tokenizer_fingerprint": tokenizer.fingerprint(),
+             "universal_checkpoint_info": universal_checkpoint_info(model)}
+    meta = {"world_size": ctx.world_size, "dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "zero_stage": cfg.zero.stage,
+            "precision": cfg.precision, "global_batch_size": cfg.train.global_batch_size}
+    return extra, meta
 
 
 def universal_checkpoint_info(model: torch.nn.Module) -> dict:
     """What DeepSpeed's ds_to_universal needs to merge tensor-parallel shards of each parameter."""
-    from models.parallel import partition_dims
-
     dims = partition_dims(model)
     names = [name for name, _ in model.named_parameters()]
     exact = lambda items: [rf"^{re.escape(n)}$" for n in items]
@@ -185,17 +158,9 @@ def universal_checkpoint_info(model: torch.nn.Module) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    args = parse_run_args(__doc__, "configs/pretrain/*.yaml", argv)
     cfg = load_config(args.config, args.overrides)
-    from trainer.core.parallel import exit_if_a_peer_hangs
-    from trainer.core.preemption import EXIT_DIVERGED
-    try:
-        with exit_if_a_peer_hangs(cfg.train.collective_timeout_s):
-            status, summary = train(cfg)
-    except TrainingDiverged as err:
-        logger.error("training stopped: %s", err)
-        print(f"error: training stopped: {err}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
+    status, summary = run_guarded(lambda: train(cfg), cfg.train.collective_timeout_s, "training")
     if summary:
         print(summary["text"], flush=True)
     return status
