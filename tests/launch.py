@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,6 +87,12 @@ def bpe_pipeline(root: Path, corpus_mb: float, vocab_size: int, workers: int) ->
     python_tool("preprocess_data.py", "--input", root / "corpus.jsonl", "--tokenizer", root / "tok",
                 "--output-prefix", root / "bin" / "corpus", "--workers", workers)
     return str(root / "bin" / "corpus")
+
+
+def as_overrides(values: Mapping[str, object], **extra) -> List[str]:
+    """`key.sub=value` arguments: `values`, then `extra` (a keyword `a__b` names the key `a.b`), later ones winning."""
+    merged = {**values, **{k.replace("__", "."): v for k, v in extra.items()}}
+    return [f"{k}={v}" for k, v in merged.items()]
 
 
 def deepspeed_cmd(num_procs: int, overrides: Sequence[str], config: Optional[str] = None) -> List[str]:

@@ -2,12 +2,11 @@
 refusals; trainer/core/flops.py's count against a hand computation."""
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from tests.launch import ROOT, env
+from tests.launch import ROOT, run
 from tools import ablate
 from trainer.core.flops import training_flops_per_token
 
@@ -15,11 +14,7 @@ pytestmark = pytest.mark.distributed  # launches the trainer
 
 
 def _ablate(*args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "ablate.py"), *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ablate {args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run([sys.executable, ROOT / "tools" / "ablate.py", *args], timeout=900, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,12 +16,14 @@ import pytest
 import torch
 import yaml
 
-from launch import ROOT, deepspeed_cmd, env, run
+from launch import ROOT, as_overrides, deepspeed_cmd, run
 from data.errors import UserError
+from models.deberta_v3 import RTD_HEAD_FILE
 from models.native import load_native
 from models.parallel import partition_dims, shard_state_dict
-from trainer.convert.export import RTD_HEAD_FILE, locate, read_checkpoint, verify_batch, verify_hf, write_hf, write_native
+from trainer.convert.export import locate, read_checkpoint, verify_batch, verify_hf, write_hf, write_native
 from trainer.convert.hf_import import import_hf
+from tests.parity import LEGACY_MLM_HEAD, rename_modules
 
 pytestmark = pytest.mark.distributed
 
@@ -47,8 +48,7 @@ def overrides(prefix: Path, runs: Path, name: str, model: str, stage: int, tp: i
         "checkpoint.keep_last": 2, "eval.every_steps": 0, "zero.stage": stage, "parallel.tensor": tp,
         "precision": precision, "zero.param_persistence_threshold": 0,
     }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(values, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +219,9 @@ def test_native_file_round_trip(converted, tmp_path):
                                    native.build().eval().discriminator.rtd_logits(ids, mask), atol=0, rtol=0)
 
 
-def _hf_weights(path: Path) -> dict:
+def _hf_weights(path: Path, name: str = "model.safetensors") -> dict:
     from safetensors.torch import load_file
-    return load_file(str(path / "model.safetensors"))
+    return load_file(str(path / name))
 
 
 @pytest.mark.parametrize("name", ["roberta_z1_bf16", "deberta_z3", "electra_z2_tp2", "deberta_v3_z0_tp2_bf16"])
@@ -241,14 +241,9 @@ def test_import_then_export_gives_identical_weights(converted, exports, name, tm
                             and component == "discriminator") else 0
             torch.testing.assert_close(after[key], before[key], atol=atol, rtol=0, msg=f"{component} {key}")
         if (path / RTD_HEAD_FILE).is_file():
-            assert _hf_weights_file(path / RTD_HEAD_FILE).keys() == _hf_weights_file(again / RTD_HEAD_FILE).keys()
-            for key, value in _hf_weights_file(path / RTD_HEAD_FILE).items():
-                assert torch.equal(value, _hf_weights_file(again / RTD_HEAD_FILE)[key])
-
-
-def _hf_weights_file(path: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
+            assert _hf_weights(path, RTD_HEAD_FILE).keys() == _hf_weights(again, RTD_HEAD_FILE).keys()
+            for key, value in _hf_weights(path, RTD_HEAD_FILE).items():
+                assert torch.equal(value, _hf_weights(again, RTD_HEAD_FILE)[key])
 
 
 def test_import_without_generator_starts_a_fresh_one(exports):
@@ -297,9 +292,8 @@ def test_user_errors(runs, exports, tmp_path):
 
 def test_cli_exports_and_fails_in_one_line(runs, tmp_path):
     tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
-    ok = subprocess.run(tool + ["--checkpoint", runs / "electra_z2_tp2" / "checkpoints", "--output", tmp_path / "g",
-                                "--component", "generator", "--step", "2", "--verify"],
-                        capture_output=True, text=True, env=env(), cwd=ROOT)
+    ok = run(tool + ["--checkpoint", runs / "electra_z2_tp2" / "checkpoints", "--output", tmp_path / "g",
+                     "--component", "generator", "--step", "2", "--verify"], check=False)
     assert ok.returncode == 0, ok.stderr
     assert "ZeRO-2, TP=2" in ok.stdout and "ElectraForMaskedLM" in ok.stdout and "verify: MLM logits" in ok.stdout
     # the model card: step 2's training record, not step 3's (logged after the exported checkpoint)
@@ -308,8 +302,7 @@ def test_cli_exports_and_fails_in_one_line(runs, tmp_path):
     records = {r["step"]: r for r in map(json.loads, (runs / "electra_z2_tp2" / "metrics.jsonl").open()) if "loss" in r}
     assert "Exported from step 2 of run `electra_z2_tp2`" in card and "the generator tower" in card
     assert f"| loss | {records[2]['loss']:.4f} |" in card and f"{records[3]['loss']:.4f}" not in card
-    bad = subprocess.run(tool + ["--checkpoint", runs / "electra_z2_tp2", "--output", tmp_path / "x", "--step", "9"],
-                         capture_output=True, text=True, env=env(), cwd=ROOT)
+    bad = run(tool + ["--checkpoint", runs / "electra_z2_tp2", "--output", tmp_path / "x", "--step", "9"], check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "no checkpoint of step 9" in bad.stderr
 
@@ -356,8 +349,6 @@ def _transformers_models():
 
 @pytest.mark.parametrize("name", ["roberta", "deberta_legacy_head", "deberta_v3", "electra"])
 def test_import_of_a_transformers_model_computes_the_same_and_exports_back(name, tmp_path):
-    from safetensors.torch import load_file
-
     torch.manual_seed(0)
     hf, generator, expected = _transformers_models()[name]
     hf.save_pretrained(tmp_path / "hf")
@@ -382,15 +373,8 @@ def test_import_of_a_transformers_model_computes_the_same_and_exports_back(name,
         torch.testing.assert_close(ours(ids, mask)[real], theirs[real], atol=1e-5, rtol=0)
     component = "discriminator" if expected in ("electra", "deberta_v3") else None
     write_hf(native, tmp_path / "again", component, None)
-    before, after = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(
-        str(tmp_path / "again" / "model.safetensors"))
+    before, after = _hf_weights(tmp_path / "hf"), _hf_weights(tmp_path / "again")
     # the legacy MLM head (cls.predictions.*) is written in the current layout (lm_predictions.lm_head.*)
-    legacy = {"cls.predictions.transform.dense": "lm_predictions.lm_head.dense",
-              "cls.predictions.transform.LayerNorm": "lm_predictions.lm_head.LayerNorm",
-              "cls.predictions": "lm_predictions.lm_head"}
-    renamed = {}
-    for key, value in before.items():
-        module, param = key.rsplit(".", 1)
-        renamed[f"{legacy.get(module, module)}.{param}"] = value
+    renamed = rename_modules(before, {legacy: current for current, legacy in LEGACY_MLM_HEAD.items()})
     assert set(renamed) == set(after)
     assert all(torch.equal(renamed[k], after[k]) for k in after)

@@ -2,37 +2,25 @@
 fp32 attention scores, config, registry, and TP=2 against TP=1."""
 
 import warnings
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
-import yaml
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from data.errors import UserError
 from models.config import DebertaConfig, pad_vocab_size
-from models.deberta import (
-    DebertaForMaskedLM,
-    DebertaModel,
-    DroppedOnExportWarning,
-    from_hf_state_dict,
-    hf_config,
-    key_padding_mask,
-    relative_position_buckets,
-    to_hf_state_dict,
-)
-from models.parallel import (
-    ParallelLayers,
-    merge_state_dicts,
-    partition_dims,
-    shard_state_dict,
-)
-from models.registry import MODEL_SIZES, build_config, build_model
+from models.deberta import (DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning, from_hf_state_dict, hf_config,
+                            key_padding_mask, relative_position_buckets, to_hf_state_dict)
+from models.parallel import ParallelLayers, partition_dims
+from models.registry import build_config, build_model
+from tests import parity
 from tests.launch import free_port, tensor_parallel_group
+from tests.parity import (LEGACY_MLM_HEAD, assert_reloads_unchanged, merged_grads, mlm_labels, rename_modules,
+                          sharded_pair)
 
 VOCAB = 99
 
@@ -55,12 +43,9 @@ def tiny_config(**overrides) -> DebertaConfig:
 
 
 def perturb_(model: torch.nn.Module, seed: int = 3):
-    """Make every parameter (biases, LayerNorms too) non-trivial so a mapping mistake shows; the
-    vocabulary-padding rows stay zero as in a trained model (their logits are masked)."""
-    gen = torch.Generator().manual_seed(seed)
+    """parity.perturb_; the vocabulary-padding rows stay zero as in a trained model (their logits are masked)."""
+    parity.perturb_(model, seed)
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
         model.embeddings.word.weight[VOCAB:].zero_()
         model.lm_head.bias[VOCAB:].zero_()
 
@@ -75,21 +60,7 @@ def tiny_model(seed: int = 0, **overrides) -> DebertaForMaskedLM:
 def padded_batch(cfg: DebertaConfig, length: int, lengths=None, seed: int = 1):
     """Ids of rows of different lengths (default: full, about half, one token), right-padded."""
     lengths = lengths if lengths is not None else (length, length // 2 + 1, 1)
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, cfg.vocab_size, (len(lengths), length), generator=gen)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, n in enumerate(lengths):
-        attention_mask[row, :n] = 1
-    input_ids[attention_mask == 0] = cfg.pad_token_id
-    return input_ids, attention_mask
-
-
-def mlm_labels(input_ids, attention_mask, seed: int = 2):
-    """Labels on ~30% of the real tokens (at least one per non-empty row), -100 elsewhere."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = (torch.rand(input_ids.shape, generator=gen) < 0.3) & attention_mask.bool()
-    chosen[:, 0] |= attention_mask[:, 0].bool()
-    return torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    return parity.padded_ids(lengths, length, cfg.vocab_size, cfg.pad_token_id, low=3, seed=seed)
 
 
 # ----------------------------------------------------------------------------- relative positions
@@ -167,14 +138,10 @@ def test_saved_hugging_face_model_loads_without_missing_keys(tmp_path):
     for component, cls in classes.items():
         hf = cls(hf_config(cfg, component=component)).eval()
         hf.load_state_dict(to_hf_state_dict(model.state_dict(), cfg, component=component), strict=True)
-        hf.save_pretrained(tmp_path / component)
-        reloaded, info = cls.from_pretrained(tmp_path / component, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-        assert reloaded.config.share_att_key is False and reloaded.config.position_buckets == 256
         with torch.no_grad():
             before = hf(input_ids=input_ids, attention_mask=attention_mask)[0]
-            after = reloaded.eval()(input_ids=input_ids, attention_mask=attention_mask)[0]
-        torch.testing.assert_close(after, before, atol=0, rtol=0)
+        reloaded = assert_reloads_unchanged(hf, tmp_path / component, input_ids, attention_mask, before)
+        assert reloaded.config.share_att_key is False and reloaded.config.position_buckets == 256
 
 
 def test_hf_state_dict_round_trips_from_both_head_layouts_and_the_backbone():
@@ -187,13 +154,7 @@ def test_hf_state_dict_round_trips_from_both_head_layouts_and_the_backbone():
         assert torch.equal(back[key], ours[key]), key
 
     # The legacy head (transformers' default `legacy=True`), with its tied decoder copies.
-    legacy_names = {"lm_predictions.lm_head.dense": "cls.predictions.transform.dense",
-                    "lm_predictions.lm_head.LayerNorm": "cls.predictions.transform.LayerNorm",
-                    "lm_predictions.lm_head": "cls.predictions"}
-    legacy = {}
-    for key, value in hf_sd.items():
-        module, param = key.rsplit(".", 1)
-        legacy[f"{legacy_names.get(module, module)}.{param}"] = value
+    legacy = rename_modules(hf_sd, LEGACY_MLM_HEAD)
     legacy["cls.predictions.decoder.weight"] = legacy["deberta.embeddings.word_embeddings.weight"]
     legacy["cls.predictions.decoder.bias"] = legacy["cls.predictions.bias"]
     legacy_config = hf_config(cfg)
@@ -468,8 +429,6 @@ def test_registry():
     xsmall, small = (build_config("deberta", s, vocab_size=100, seq_length=8) for s in ("xsmall", "small"))
     assert (xsmall.num_layers, xsmall.hidden_size, xsmall.num_heads) == (12, 384, 6)
     assert (small.num_layers, small.hidden_size) == (6, 768)
-    mirror = Path(__file__).resolve().parents[1] / "configs" / "models" / "deberta.yaml"
-    assert yaml.safe_load(mirror.read_text()) == MODEL_SIZES["deberta"]
     with pytest.raises(UserError, match="'hidden_dim' is not a deberta config field"):
         build_config("deberta", "debug", vocab_size=100, seq_length=16, hidden_dim=8)
     # RoBERTa keeps its own position layout.
@@ -490,19 +449,13 @@ TP_CASES = {
 
 def _tp_worker(rank: int, port: int):
     with tensor_parallel_group(rank, port, TP):
-        layers = ParallelLayers.from_parallel_state()
         for overrides in TP_CASES.values():
             cfg = tiny_config(padded_vocab_size=pad_vocab_size(VOCAB, 64, TP), **overrides)
-            torch.manual_seed(0)
-            reference = DebertaForMaskedLM(cfg, ParallelLayers(1))
-            perturb_(reference)
-            dims = partition_dims(reference)
+            reference, parallel, dims = sharded_pair(partial(DebertaForMaskedLM, cfg), rank, TP, perturb_)
             assert dims["encoder.layers.0.attention.query.weight"] == 0
             assert dims["encoder.layers.0.attention.output.weight"] == 1
             assert "encoder.relative_embeddings.weight" not in dims  # replicated on every rank
-            parallel = DebertaForMaskedLM(cfg, layers)
             assert partition_dims(parallel) == dims
-            parallel.load_state_dict(shard_state_dict(reference.state_dict(), dims, rank, TP), strict=True)
 
             input_ids, attention_mask = padded_batch(cfg, 12, lengths=(12, 7, 0))  # same on both ranks
             labels = mlm_labels(input_ids, attention_mask)
@@ -512,10 +465,7 @@ def _tp_worker(rank: int, port: int):
             assert int(tp_out["num_predicted"]) == int(ref_out["num_predicted"])
             ref_out["loss_sum"].backward()
             tp_out["loss_sum"].backward()
-            grads = {name: p.grad for name, p in parallel.named_parameters()}
-            per_rank = [None] * TP
-            dist.all_gather_object(per_rank, grads)
-            merged = merge_state_dicts(per_rank, dims)
+            merged = merged_grads(parallel, dims, TP)
             for name, param in reference.named_parameters():
                 torch.testing.assert_close(merged[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)
             with torch.no_grad():

@@ -3,15 +3,13 @@
 
 import dataclasses
 import warnings
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
-import yaml
 
 from data.errors import UserError
 from models import deberta_v3
@@ -19,15 +17,11 @@ from models.config import DebertaConfig, RTDConfig
 from models.deberta import DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning
 from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.layers import predicted_positions
-from models.parallel import (
-    ParallelLayers,
-    merge_state_dicts,
-    partition_dims,
-    shard_state_dict,
-)
 from models.registry import MODEL_SIZES, build_config, build_model
-from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
+from models.rtd import ReplacedTokenDetection, RTDDiscriminator, total_loss
 from tests.launch import free_port, tensor_parallel_group
+from tests.parity import (assert_rtd_loss_terms_by_hand, favour_token_, has_grad, masked_batch, merged_grads,
+                          metric_counts, mlm_labels, no_grad, padded_ids, perturb_, sharded_pair)
 
 SEQ = 16
 VOCAB = 99  # padded to 128: rows 99..127 are vocabulary padding
@@ -41,14 +35,6 @@ def v3_config(vocab: int = VOCAB, tp_size: int = 1, **overrides) -> RTDConfig:
                         hidden_dropout=0.0, attention_dropout=0.0, **overrides)
 
 
-def perturb_(module: torch.nn.Module, seed: int = 3):
-    """Make every parameter (biases, LayerNorms, E_Delta too) non-trivial so a mistake shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
-
-
 def v3_model(seed: int = 0, perturb: bool = True, **overrides) -> ReplacedTokenDetection:
     torch.manual_seed(seed)
     model = build_model(v3_config(**overrides)).eval()
@@ -59,35 +45,10 @@ def v3_model(seed: int = 0, perturb: bool = True, **overrides) -> ReplacedTokenD
 
 def rtd_batch(lengths=(SEQ, 11, 4), seed: int = 1, first_index: int = 100, vocab: int = VOCAB):
     """What the data pipeline gives: ids masked (100% mask token), labels, mask, sample indices."""
-    gen = torch.Generator().manual_seed(seed)
-    original = torch.randint(5, vocab, (len(lengths), SEQ), generator=gen)
-    attention_mask = torch.zeros_like(original)
-    for row, length in enumerate(lengths):
-        attention_mask[row, :length] = 1
-    original[attention_mask == 0] = PAD_ID
-    chosen = (torch.rand(original.shape, generator=gen) < 0.3) & attention_mask.bool()
-    chosen[:, 1] |= attention_mask[:, 1].bool()
-    labels = torch.where(chosen, original, torch.full_like(original, -100))
-    input_ids = torch.where(chosen, torch.full_like(original, MASK_ID), original)
-    sample_index = torch.arange(first_index, first_index + len(lengths))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "sample_index": sample_index}
-
-
-def no_grad(param: torch.nn.Parameter) -> bool:
-    return param.grad is None or not param.grad.any()
-
-
-def has_grad(param: torch.nn.Parameter) -> bool:
-    return param.grad is not None and bool(param.grad.abs().sum() > 0)
-
-
-def metric_counts(out: dict) -> dict:
-    return {k: v.tolist() for k, v in out["metrics"].items()}  # ints; lists for the logit histograms
-
-
-def logit_histogram_by_hand(logits: torch.Tensor, where: torch.Tensor) -> list:
-    return torch.histc(logits[where].clamp(-16, 16), bins=256, min=-16, max=16).long().tolist()
+    gen = torch.Generator().manual_seed(seed)  # one stream: the ids, then the labelled positions
+    original, attention_mask = padded_ids(lengths, SEQ, vocab, PAD_ID, low=5, seed=gen)
+    labels = mlm_labels(original, attention_mask, gen, always=1)
+    return masked_batch(original, attention_mask, labels, MASK_ID, first_index)
 
 
 def word_tables(model: ReplacedTokenDetection):
@@ -124,7 +85,7 @@ def test_registry_builds_debertav3_towers_at_debug():
     assert RTDConfig(**dataclasses.asdict(cfg)) == cfg  # the trainer's saved form rebuilds it
 
 
-def test_registry_sizes_follow_the_paper_and_the_yaml_mirror():
+def test_registry_sizes_follow_the_paper():
     # (discriminator layers, hidden, heads, FFN, generator layers): same width, half the depth.
     sizes = {"xsmall": (12, 384, 6, 1536, 6), "small": (6, 768, 12, 3072, 3),
              "base": (12, 768, 12, 3072, 6), "large": (24, 1024, 16, 4096, 12)}
@@ -140,8 +101,6 @@ def test_registry_sizes_follow_the_paper_and_the_yaml_mirror():
             assert tower.padded_vocab_size == 128128 and tower.type_vocab_size == 0
         assert cfg.generator.enhanced_mask_decoder and not cfg.discriminator.enhanced_mask_decoder
     assert set(MODEL_SIZES["deberta_v3"]) == {"debug", "xsmall", "small", "base", "large"}
-    mirror = Path(__file__).resolve().parents[1] / "configs" / "models" / "deberta_v3.yaml"
-    assert yaml.safe_load(mirror.read_text()) == MODEL_SIZES["deberta_v3"]
 
 
 def test_registry_overrides_and_validation():
@@ -180,53 +139,12 @@ def test_forward_contract_and_loss_terms_by_hand():
     model = v3_model()
     model.sampling_seed = 1234
     batch = rtd_batch(seed=4)
-    # Half the originals are token 7, which the generator favours: its argmax is right there and
-    # some samples equal the original (labelled original), so both paths are exercised.
-    chosen = (batch["labels"] != -100).nonzero()[::2]
-    batch["labels"][chosen[:, 0], chosen[:, 1]] = 7
-    with torch.no_grad():
-        model.generator.lm_head.bias[7] += 4.0
+    favour_token_(model, batch, 7)
     out = model(**batch)
     assert set(out["loss_sums"]) == {"mlm", "rtd"}
     assert out["loss_weights"] == {"mlm": 1.0, "rtd": 50.0}
     assert out["normalizers"] == {"mlm": "predicted", "rtd": "tokens"}
-
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    predicted, real = labels != -100, mask.bool()
-    with torch.no_grad():
-        full = model.generator.logits(ids, mask)  # (B, T, V)
-        mlm = F.cross_entropy(full[predicted], labels[predicted], reduction="sum")
-        local = model.generator.predicted_logits(ids, mask, predicted_positions(labels))
-        sampled = sample_replacements(local, predicted.sum(1), batch["sample_index"], 1234, 1.0, VOCAB,
-                                      ParallelLayers(1))
-        original = torch.where(predicted, labels, ids)
-        corrupted = original.clone()
-        corrupted[predicted] = sampled
-        replaced = (corrupted != original) & real
-        logits = model.discriminator.rtd_logits(corrupted, mask)
-        rtd = F.binary_cross_entropy_with_logits(logits[real], replaced[real].float(), reduction="sum")
-    torch.testing.assert_close(out["loss_sums"]["mlm"], mlm, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out["loss_sums"]["rtd"], rtd, atol=1e-4, rtol=1e-5)
-
-    guess = (logits > 0) & real
-    expected = {
-        "mlm_correct": int((full[predicted].argmax(-1) == labels[predicted]).sum()),
-        "mlm_predicted": int(predicted.sum()),
-        "rtd_correct": int(((guess == replaced) & real).sum()),
-        "rtd_tokens": int(real.sum()),
-        "rtd_true_positives": int((guess & replaced).sum()),
-        "rtd_predicted_positives": int(guess.sum()),
-        "rtd_actual_positives": int(replaced.sum()),
-        "rtd_replaced_histogram": logit_histogram_by_hand(logits, replaced & real),
-        "rtd_original_histogram": logit_histogram_by_hand(logits, real & ~replaced),
-    }
-    assert metric_counts(out) == expected
-    assert 0 < expected["mlm_correct"] < expected["mlm_predicted"]
-    assert 0 < expected["rtd_actual_positives"] < expected["mlm_predicted"]
-
-    counts = {"predicted": predicted.sum(), "tokens": real.sum()}
-    torch.testing.assert_close(total_loss(out, counts), mlm / predicted.sum() + 50.0 * rtd / real.sum(),
-                               atol=1e-5, rtol=1e-5)
+    assert_rtd_loss_terms_by_hand(model, batch, out, seed=1234, vocab=VOCAB, rtd_weight=50.0)
 
 
 # -------------------------------------------------------------------------------------- GDES
@@ -365,15 +283,9 @@ def _tp_worker(rank: int, port: int):
     with tensor_parallel_group(rank, port, TP):
         # vocab 99 -> rank 1 holds ids 64..127 (35 real); vocab 60 -> rank 1 holds only padding.
         for vocab in (VOCAB, 60):
-            cfg = v3_config(vocab=vocab, tp_size=TP)
-            torch.manual_seed(0)
-            reference = build_model(cfg, ParallelLayers(1))
-            perturb_(reference)
-            dims = partition_dims(reference)
+            reference, parallel, dims = sharded_pair(partial(build_model, v3_config(vocab=vocab, tp_size=TP)), rank, TP)
             assert dims["discriminator.backbone.embeddings.word.gdes_delta.weight"] == 0
             assert dims["generator.embeddings.word.weight"] == 0
-            parallel = build_model(cfg, ParallelLayers.from_parallel_state())
-            parallel.load_state_dict(shard_state_dict(reference.state_dict(), dims, rank, TP), strict=True)
 
             batch = rtd_batch(vocab=vocab)  # same on both ranks
             ref_out, tp_out = reference(**batch), parallel(**batch)
@@ -384,9 +296,7 @@ def _tp_worker(rank: int, port: int):
             torch.testing.assert_close(tp_loss, ref_loss, atol=1e-5, rtol=1e-5)
             ref_loss.backward()
             tp_loss.backward()
-            grads = [None] * TP
-            dist.all_gather_object(grads, {n: p.grad for n, p in parallel.named_parameters()})
-            merged = merge_state_dicts(grads, dims)
+            merged = merged_grads(parallel, dims, TP)
             for name, param in reference.named_parameters():
                 assert param.grad is not None, name
                 torch.testing.assert_close(merged[name], param.grad, atol=1e-5, rtol=1e-5, msg=name)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import (bpe_pipeline, deepspeed_cmd, finish, free_port, metrics, run, start, torchrun_cmd,
+from launch import (as_overrides, bpe_pipeline, deepspeed_cmd, finish, free_port, metrics, run, start, torchrun_cmd,
                     train_records)
 
 pytestmark = pytest.mark.distributed
@@ -40,8 +40,7 @@ def overrides(prefix: str, runs: Path, name: str, **extra) -> list:
         "log.every_steps": 1, "checkpoint.every_steps": 8, "checkpoint.keep_last": 1,
         "eval.every_steps": 8, "eval.samples": 16, "zero.stage": 0, "precision": "fp32",
     }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(values, **extra)
 
 
 @pytest.fixture(scope="module")

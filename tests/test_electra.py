@@ -2,32 +2,28 @@
 sampling, labels, the loss contract, TP independence, config and registry."""
 
 import dataclasses
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
-import yaml
 
 from data.errors import UserError
 from models import electra
 from models.config import ElectraConfig, RobertaConfig, RTDConfig, pad_vocab_size
 from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.electra import ElectraDiscriminator, ElectraGenerator
-from models.layers import predicted_positions, rows_at
-from models.parallel import (
-    ParallelLayers,
-    merge_state_dicts,
-    partition_dims,
-    shard_state_dict,
-)
+from models.layers import rows_at
+from models.parallel import ParallelLayers
 from models.registry import MODEL_SIZES, build_config, build_model, build_rtd
 from models.roberta import RobertaForMaskedLM
 from models.rtd import ReplacedTokenDetection, RTDDiscriminator, sample_replacements, total_loss
 from tests.launch import free_port, tensor_parallel_group
+from tests.parity import (assert_reloads_unchanged, assert_rtd_loss_terms_by_hand, favour_token_, has_grad,
+                          masked_batch, merged_grads, metric_counts, mlm_labels, no_grad, padded_ids, perturb_,
+                          sharded_pair)
 
 SEQ = 16
 VOCAB = 99
@@ -55,51 +51,15 @@ def rtd_model(sharing: str, seed: int = 0, **overrides) -> ReplacedTokenDetectio
     return build_rtd(rtd_config(sharing, **overrides), ParallelLayers(1)).eval()
 
 
-def perturb_(module: torch.nn.Module, seed: int = 3):
-    """Make every parameter (biases, LayerNorms, E_Delta too) non-trivial so a mistake shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
-
-
 def padded_batch(lengths=(SEQ, 11, 4), seed: int = 1, pad_id: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, VOCAB, (len(lengths), SEQ), generator=gen)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        attention_mask[row, :length] = 1
-    input_ids[attention_mask == 0] = pad_id
-    return input_ids, attention_mask
+    return padded_ids(lengths, SEQ, VOCAB, pad_id, low=5, seed=seed)
 
 
 def rtd_batch(lengths=(SEQ, 11, 4), seed: int = 1, first_index: int = 100):
     """What the data pipeline gives: ids masked (100% mask token), labels, mask, sample indices."""
     original, attention_mask = padded_batch(lengths, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    chosen = (torch.rand(original.shape, generator=gen) < 0.3) & attention_mask.bool()
-    chosen[:, 0] |= attention_mask[:, 0].bool()
-    labels = torch.where(chosen, original, torch.full_like(original, -100))
-    input_ids = torch.where(chosen, torch.full_like(original, MASK_ID), original)
-    sample_index = torch.arange(first_index, first_index + len(lengths))
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "sample_index": sample_index}
-
-
-def no_grad(param: torch.nn.Parameter) -> bool:
-    return param.grad is None or not param.grad.any()
-
-
-def has_grad(param: torch.nn.Parameter) -> bool:
-    return param.grad is not None and bool(param.grad.abs().sum() > 0)
-
-
-def metric_counts(out: dict) -> dict:
-    return {k: v.tolist() for k, v in out["metrics"].items()}  # ints; lists for the logit histograms
-
-
-def logit_histogram_by_hand(logits: torch.Tensor, where: torch.Tensor) -> list:
-    return torch.histc(logits[where].clamp(-16, 16), bins=256, min=-16, max=16).long().tolist()
+    return masked_batch(original, attention_mask, mlm_labels(original, attention_mask, seed + 1), MASK_ID,
+                        first_index)
 
 
 # ----------------------------------------------------------------------- parity with Hugging Face
@@ -120,13 +80,7 @@ def test_discriminator_matches_hugging_face(tmp_path):
         theirs = hf(input_ids=input_ids, attention_mask=attention_mask).logits
     assert ours.shape == theirs.shape == (3, SEQ)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-
-    hf.save_pretrained(tmp_path)
-    reloaded, info = transformers.ElectraForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    with torch.no_grad():
-        again = reloaded.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
-    torch.testing.assert_close(again, theirs, atol=0, rtol=0)
+    assert_reloads_unchanged(hf, tmp_path, input_ids, attention_mask, theirs)
 
 
 def test_generator_matches_hugging_face():
@@ -384,52 +338,11 @@ def test_loss_terms_agree_with_a_hand_computation():
     perturb_(model)
     model.sampling_seed = 1234
     batch = rtd_batch(seed=4)
-    # Half the originals are token 7, which the generator favours: its argmax is right there and
-    # some samples equal the original (labelled original), so both paths are exercised.
-    chosen = (batch["labels"] != -100).nonzero()[::2]
-    batch["labels"][chosen[:, 0], chosen[:, 1]] = 7
-    with torch.no_grad():
-        model.generator.lm_head.bias[7] += 4.0
+    favour_token_(model, batch, 7)
     out = model(**batch)
     assert out["loss_weights"] == {"mlm": 1.0, "rtd": 50.0}
     assert out["normalizers"] == {"mlm": "predicted", "rtd": "tokens"}
-
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    predicted, real = labels != -100, mask.bool()
-    with torch.no_grad():
-        full = model.generator.logits(ids, mask)  # (B, T, V)
-        mlm = F.cross_entropy(full[predicted], labels[predicted], reduction="sum")
-        local = model.generator.predicted_logits(ids, mask, predicted_positions(labels))
-        sampled = sample_replacements(local, predicted.sum(1), batch["sample_index"], 1234, 1.0, VOCAB,
-                                      ParallelLayers(1))
-        original = torch.where(predicted, labels, ids)
-        corrupted = original.clone()
-        corrupted[predicted] = sampled
-        replaced = (corrupted != original) & real
-        logits = model.discriminator.rtd_logits(corrupted, mask)
-        rtd = F.binary_cross_entropy_with_logits(logits[real], replaced[real].float(), reduction="sum")
-    torch.testing.assert_close(out["loss_sums"]["mlm"], mlm, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out["loss_sums"]["rtd"], rtd, atol=1e-4, rtol=1e-5)
-
-    guess = (logits > 0) & real
-    expected = {
-        "mlm_correct": int((full[predicted].argmax(-1) == labels[predicted]).sum()),
-        "mlm_predicted": int(predicted.sum()),
-        "rtd_correct": int(((guess == replaced) & real).sum()),
-        "rtd_tokens": int(real.sum()),
-        "rtd_true_positives": int((guess & replaced).sum()),
-        "rtd_predicted_positives": int(guess.sum()),
-        "rtd_actual_positives": int(replaced.sum()),
-        "rtd_replaced_histogram": logit_histogram_by_hand(logits, replaced & real),
-        "rtd_original_histogram": logit_histogram_by_hand(logits, real & ~replaced),
-    }
-    assert metric_counts(out) == expected
-    assert 0 < expected["mlm_correct"] < expected["mlm_predicted"]
-    assert 0 < expected["rtd_actual_positives"] < expected["mlm_predicted"]
-
-    counts = {"predicted": predicted.sum(), "tokens": real.sum()}
-    torch.testing.assert_close(total_loss(out, counts), mlm / predicted.sum() + 50.0 * rtd / real.sum(),
-                               atol=1e-5, rtol=1e-5)
+    assert_rtd_loss_terms_by_hand(model, batch, out, seed=1234, vocab=VOCAB, rtd_weight=50.0)
 
 
 # ------------------------------------------------------------------ other towers: the RTD interface
@@ -495,13 +408,8 @@ def _tp_worker(rank: int, port: int):
         for vocab in (VOCAB, 60):
             cfg = RTDConfig(tower(vocab_size=vocab, hidden_size=16, num_heads=2, intermediate_size=20),
                             tower(vocab_size=vocab, intermediate_size=36), embedding_sharing="gdes")
-            torch.manual_seed(0)
-            reference = build_rtd(cfg, ParallelLayers(1))
-            perturb_(reference)
-            dims = partition_dims(reference)
+            reference, parallel, dims = sharded_pair(partial(build_rtd, cfg), rank, TP)
             assert "discriminator.embeddings.word.gdes_delta.weight" in dims
-            parallel = build_rtd(cfg, ParallelLayers.from_parallel_state())
-            parallel.load_state_dict(shard_state_dict(reference.state_dict(), dims, rank, TP), strict=True)
 
             batch = rtd_batch()
             batch["input_ids"].clamp_(max=vocab - 1)
@@ -515,9 +423,7 @@ def _tp_worker(rank: int, port: int):
                                            atol=1e-5, rtol=1e-5)
             total_loss(ref_out, {"predicted": 10, "tokens": 31}).backward()
             total_loss(tp_out, {"predicted": 10, "tokens": 31}).backward()
-            grads = [None] * TP
-            dist.all_gather_object(grads, {n: p.grad for n, p in parallel.named_parameters()})
-            merged = merge_state_dicts(grads, dims)
+            merged = merged_grads(parallel, dims, TP)
             for name, param in reference.named_parameters():
                 if param.grad is None:
                     assert merged[name] is None, name
@@ -544,8 +450,6 @@ def test_registry_sizes_follow_the_paper():
         assert d.max_position_embeddings == 512 and d.layer_norm_eps == 1e-12 and d.type_vocab_size == 2
         assert (cfg.embedding_sharing, cfg.rtd_weight, cfg.temperature) == ("es", 50.0, 1.0)
     assert set(MODEL_SIZES["electra"]) == {"debug", "small", "base", "large"}
-    mirror = Path(__file__).resolve().parents[1] / "configs" / "models" / "electra.yaml"
-    assert yaml.safe_load(mirror.read_text()) == MODEL_SIZES["electra"]
 
     # ELECTRA-Small is 14M parameters (the shared tables counted once).
     small = build_model(build_config("electra", "small", vocab_size=30522, seq_length=128))

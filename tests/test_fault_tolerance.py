@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ROOT, deepspeed_cmd, env, run, train_records
+from launch import ROOT, as_overrides, deepspeed_cmd, env, run, train_records
 
 pytestmark = pytest.mark.distributed
 LR = 2e-3
@@ -27,8 +27,7 @@ def args(prefix, runs: Path, name: str, **extra) -> list:
         "optim.warmup_steps": 0, "log.every_steps": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 2,
         "eval.every_steps": 0, "zero.stage": 0,
     }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(values, **extra)
 
 
 def single(*overrides) -> subprocess.CompletedProcess:

@@ -11,20 +11,11 @@ from data.loader import MaskedSamples, PretrainLoader, StepPlanner
 from data.masking import IGNORE_INDEX, MaskingRecipe, sample_rng
 from data.packing import DocSentences, build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity
+from tests.indexed import write_indexed
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
 SPECIALS = (BOS, PAD, EOS, UNK, MASK)
 VOCAB = 300
-
-
-def write_indexed(prefix, documents):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for doc in documents:
-        builder.add_item(torch.from_numpy(doc))
-        builder.end_document()
-    builder.finalize(f"{prefix}.idx")
-    return IndexedDataset(str(prefix))
 
 
 def random_documents(seed, count, max_length):

@@ -15,6 +15,7 @@ from data.packing import build_packed
 from data.pairs import PairSamples, pair_room, sentences, truncate_pair
 from data.sample_cache import SampleIndexCache
 from data.tasks import truncate_longest_first
+from tests.indexed import write_indexed
 from tests.launch import ROOT, deepspeed_cmd, metrics, run
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
@@ -22,16 +23,6 @@ DOT, QUOTE = 10, 11  # sentence-ending ids of the hand-made vocabulary ('.' and 
 VOCAB = 200
 TABLE = np.zeros(VOCAB, dtype=bool)
 TABLE[[DOT, QUOTE]] = True
-
-
-def write_indexed(path, documents):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(f"{path}.bin", dtype=np.uint16)
-    for doc in documents:
-        builder.add_item(torch.from_numpy(np.asarray(doc, dtype=np.int64)))
-        builder.end_document()
-    builder.finalize(f"{path}.idx")
-    return IndexedDataset(str(path))
 
 
 def random_documents(count, seed=0):

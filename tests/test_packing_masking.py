@@ -6,6 +6,7 @@ import torch
 from data.loader import MaskedSamples, PretrainLoader, validation_batches, validation_samples
 from data.masking import IGNORE_INDEX, MaskingRecipe, sample_rng
 from data.packing import FullSentences, split_documents
+from tests.indexed import write_indexed
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4
 VOCAB = 200
@@ -20,14 +21,7 @@ def documents():
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, documents):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-    prefix = str(tmp_path_factory.mktemp("idx") / "docs")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for doc in documents:
-        builder.add_item(torch.from_numpy(doc))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
-    return IndexedDataset(prefix)
+    return write_indexed(tmp_path_factory.mktemp("idx") / "docs", documents)
 
 
 def packed(indexed, first_doc, last_doc, seq_length):

@@ -3,18 +3,13 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from models.parallel import (
-    ParallelLayers,
-    merge_state_dicts,
-    partition_dims,
-    shard_state_dict,
-)
+from models.parallel import ParallelLayers, merge_state_dicts, partition_dims, shard_state_dict
 from models.registry import build_config, build_model
 from tests.launch import free_port, tensor_parallel_group
+from tests.parity import merged_grads
 
 TP = 2
 ATOL = RTOL = 1e-6
@@ -36,13 +31,6 @@ class _Toy(torch.nn.Module):
 
 def _grads(model) -> dict:
     return {name: p.grad for name, p in model.named_parameters()}
-
-
-def _gather_merged(sd: dict, dims: dict) -> dict:
-    """Every TP rank's `sd` merged into the full one."""
-    per_rank = [None] * TP
-    dist.all_gather_object(per_rank, sd)
-    return merge_state_dicts(per_rank, dims)
 
 
 def _assert_tp_matches_reference(make, inputs, loss_fn, rank):
@@ -70,7 +58,7 @@ def _assert_tp_matches_reference(make, inputs, loss_fn, rank):
     torch.testing.assert_close(tp_outputs, ref_outputs, atol=ATOL, rtol=RTOL)
     loss_fn(ref_outputs).backward()
     loss_fn(tp_outputs).backward()
-    merged = _gather_merged(_grads(parallel), dims)
+    merged = merged_grads(parallel, dims, TP)
     for name, grad in _grads(reference).items():
         torch.testing.assert_close(merged[name], grad, atol=ATOL, rtol=RTOL, msg=name)
     for ref_input, tp_input in zip(ref_inputs, tp_inputs):

@@ -14,7 +14,7 @@ from data.errors import UserError
 from trainer.pretraining.config import ProbeSection, load_config
 from trainer.pretraining.probe import extract_features, fit_linear_probe, load_probe_task, pool
 
-from launch import deepspeed_cmd, metrics, run, train_records
+from launch import as_overrides, deepspeed_cmd, metrics, run, train_records
 
 
 # ----------------------------------------------------------------------------- the logistic regression
@@ -152,8 +152,7 @@ def overrides(root: Path, name: str, **extra) -> list:
         "optim.warmup_steps": 0, "log.every_steps": 1, "checkpoint.every_steps": 0, "eval.every_steps": 0,
         "probe.every_steps": 2, "probe.train": root / "train.tsv", "probe.validation": root / "validation.tsv",
     }
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in values.items()]
+    return as_overrides(values, **extra)
 
 
 def probe_records(run_dir: Path) -> dict:

@@ -1,24 +1,17 @@
 """RoBERTa: parity with Hugging Face transformers, the MLM loss contract, init, config and registry."""
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-import yaml
 
 from data.errors import UserError
 from models.config import RobertaConfig, pad_vocab_size
 from models.parallel import ParallelLayers
 from models.registry import MODEL_SIZES, build_config, build_model
-from models.roberta import (
-    RobertaForMaskedLM,
-    from_hf_state_dict,
-    hf_config,
-    position_ids,
-    to_hf_state_dict,
-)
+from models.roberta import RobertaForMaskedLM, from_hf_state_dict, hf_config, position_ids, to_hf_state_dict
+from tests.parity import assert_reloads_unchanged, mlm_labels, padded_ids, perturb_
 
 SEQ = 16
 
@@ -46,29 +39,7 @@ def tiny_model(seed: int = 0, **overrides) -> RobertaForMaskedLM:
 
 def padded_batch(cfg: RobertaConfig, lengths=(SEQ, 11, 4), seed: int = 1):
     """Ids of rows of different lengths, right-padded with pad_token_id, and their mask."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, cfg.vocab_size, (len(lengths), SEQ), generator=gen)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        attention_mask[row, :length] = 1
-    input_ids[attention_mask == 0] = cfg.pad_token_id
-    return input_ids, attention_mask
-
-
-def mlm_labels(input_ids, attention_mask, seed: int = 2):
-    """Labels on ~30% of the real tokens (at least one per non-empty row), -100 elsewhere."""
-    gen = torch.Generator().manual_seed(seed)
-    chosen = (torch.rand(input_ids.shape, generator=gen) < 0.3) & attention_mask.bool()
-    chosen[:, 0] |= attention_mask[:, 0].bool()
-    return torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-
-
-def perturb_(model: torch.nn.Module, seed: int = 3):
-    """Make every parameter (biases, LayerNorms too) non-trivial so a mapping mistake shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    return padded_ids(lengths, SEQ, cfg.vocab_size, cfg.pad_token_id, low=3, seed=seed)
 
 
 def test_position_ids_follow_hf_roberta():
@@ -96,14 +67,7 @@ def test_logits_match_hugging_face(tmp_path):
     assert ours.shape == theirs.shape == (3, SEQ, 99)
     # Padded positions too: both give padding position row pad_token_id and mask the same keys.
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-
-    # The saved-and-reloaded form (what the checkpoint converter writes) loads with nothing missing.
-    hf.save_pretrained(tmp_path)
-    reloaded, info = transformers.RobertaForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    with torch.no_grad():
-        again = reloaded.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
-    torch.testing.assert_close(again, theirs, atol=0, rtol=0)
+    assert_reloads_unchanged(hf, tmp_path, input_ids, attention_mask, theirs)
 
 
 def test_hf_state_dict_round_trips():
@@ -237,8 +201,6 @@ def test_registry():
     assert (large.num_layers, large.hidden_size, large.num_heads) == (24, 1024, 16)
     assert large.padded_vocab_size == 50304 and large.hidden_dropout == 0.0
     assert set(MODEL_SIZES["roberta"]) == {"debug", "xsmall", "small", "base", "large"}
-    mirror = Path(__file__).resolve().parents[1] / "configs" / "models" / "roberta.yaml"
-    assert yaml.safe_load(mirror.read_text()) == MODEL_SIZES["roberta"]
 
     with pytest.raises(UserError, match="model.size 'huge'.*debug, xsmall, small, base, large"):
         build_config("roberta", "huge", vocab_size=100, seq_length=16)

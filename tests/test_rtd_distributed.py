@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from launch import deepspeed_cmd, metrics, python_tool, run, torchrun_cmd, train_records
+from launch import as_overrides, deepspeed_cmd, metrics, python_tool, run, torchrun_cmd, train_records
 
 pytestmark = pytest.mark.distributed
 
@@ -24,8 +24,7 @@ def args(prefix, runs, name, recipe, **extra):
               "train.steps": 3, "train.seed": 5, "log.every_steps": 1, "checkpoint.every_steps": 0,
               "eval.every_steps": 0, "optim.warmup_steps": 1, "optim.lr": 2e-3,
               "model.overrides": "{embedding_sharing: gdes, hidden_dropout: 0.0, attention_dropout: 0.0}"}
-    values.update({k.replace("__", "."): v for k, v in extra.items()})
-    return ["--config", recipe] + [f"{k}={v}" for k, v in values.items()]
+    return ["--config", recipe] + as_overrides(values, **extra)
 
 
 def assert_same_steps(a, b):

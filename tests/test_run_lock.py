@@ -66,8 +66,8 @@ def test_a_second_launch_exits_2_and_touches_nothing(finished, runs):
     try:
         before = snapshot(runs)
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", *overrides(finished["prefix"], runs, 4)],
-                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        proc = run([sys.executable, "-m", "trainer.pretrain", *overrides(finished["prefix"], runs, 4)], timeout=120,
+                   check=False)
         elapsed = time.monotonic() - start
         assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
         lines = proc.stderr.strip().splitlines()
@@ -86,7 +86,7 @@ def test_two_ranks_both_exit_instead_of_hanging(finished, runs):
     try:
         before = snapshot(runs)
         cmd = deepspeed_cmd(2, overrides(finished["prefix"], runs, 4, "train.micro_batch_size=1"))
-        proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+        proc = run(cmd, timeout=180, check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0, out[-3000:]
         assert out.count("in use by another run") >= 2, out[-3000:]  # rank 0's decision, on both ranks

@@ -2,7 +2,7 @@
 
 One module fixture preprocesses the demo corpus through tools/preprocess_data.py with --static-masks 3;
 the tests read its companion PREFIX.static_masks.bin/.idx directly, through the packed streams and the
-loader, through trainer.inputs, and damage copies of it for the bad-input errors.
+loader, through trainer.pretraining.inputs, and damage copies of it for the bad-input errors.
 """
 from __future__ import annotations
 

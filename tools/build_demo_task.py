@@ -103,6 +103,7 @@ def build_demo_task(corpus: str | Path, output: str | Path, num_classes: int = 4
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Alike in shape to build_word_order_task.main (argparse lines), intentionally: each task tool owns its flags.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="the demo corpus JSONL (tools/build_demo_corpus.py)")
     parser.add_argument("--output", required=True, help="directory for train.tsv and validation.tsv")
