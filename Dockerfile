@@ -32,5 +32,5 @@ COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
 
 # The deepspeed launcher reaches other nodes over ssh (pdsh); schedulers that start one launcher per
-# node use `deepspeed --no_ssh --node_rank N ...` instead (see README, "Several nodes").
+# node use `deepspeed --no_ssh --node_rank N ...` instead (see docs/pretraining.md, "Several nodes").
 CMD ["bash"]
