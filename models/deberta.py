@@ -341,7 +341,8 @@ class DebertaForMaskedLM(DebertaModel):
         return hidden, hidden
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> this rank's logits (..., Vp/tp), padded vocabulary entries at finfo.min."""
+        """(..., H) -> this rank's logits (..., Vp/tp), padded vocabulary entries at finfo.min (the same
+        three lines as the ELECTRA generator's `vocab_logits`: each model's own head and tables)."""
         logits = self.lm_head(hidden, self.embeddings.word.weight)
         return logits.masked_fill(self.padded_vocab, torch.finfo(logits.dtype).min)
 
@@ -356,6 +357,7 @@ class DebertaForMaskedLM(DebertaModel):
         """
         return self._vocab_logits(rows_at(self.mlm_hidden(input_ids, attention_mask), positions))
 
+    # The MLM models' forward contract (models/README.md): RoBERTa's signature and result, on purpose.
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         next_sentence_label: torch.Tensor | None = None,

@@ -75,6 +75,7 @@ class ElectraBackbone(nn.Module):
     """What embedding_sharing all shares between the towers (models/rtd.py `share_embeddings`)."""
 
     def __init__(self, config: ElectraConfig, layers: ParallelLayers):
+        # the encoders' shared prologue (config, TP layers, init std, the TP divisibility check), as RoBERTa's
         super().__init__()
         self.config = config
         self.parallel = layers

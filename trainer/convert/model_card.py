@@ -119,39 +119,61 @@ def model_card(conversion: dict, config: dict, model_config: dict, records: Opti
     files: what the export holds; notes:
     warnings of the export (e.g. the EMD dropped).
     """
-    name, component, step = conversion["model"], conversion.get("component"), conversion["step"]
-    section = lambda key: config.get(key) or {}  # noqa: E731  (an old checkpoint may lack a section)
-    model, data, train, optim = section("model"), section("data"), section("train"), section("optim")
-    rtd = "discriminator" in model_config
-    tower = model_config[component] if rtd and component else model_config
-    run_name = section("run").get("name", "?")
+    step = conversion["step"]
+    lines = _heading(conversion, config, model_config, hf_class)
+    lines += _architecture(conversion, config, model_config, parameters)
+    lines += _recipe(conversion, config, model_config)
+    lines += _data(conversion, config)
+    lines += ["## Diagnostics", ""] + diagnostics(records, step, metrics_problem)
+    lines += _how_to_load(conversion, hf_class, location, notes, files)
+    lines += ["## Conversion", "", "What conversion.json records:", ""]
+    lines += [f"- {key}: `{value}`" for key, value in conversion.items()]
+    return "\n".join(lines) + "\n"
 
+
+def _section(config: dict, key: str) -> dict:
+    return config.get(key) or {}  # an old checkpoint may lack a section
+
+
+def _heading(conversion: dict, config: dict, model_config: dict, hf_class: Optional[str]) -> list[str]:
+    """The front matter (library, tags, pipeline) and the title."""
+    name, component, step = conversion["model"], conversion.get("component"), conversion["step"]
+    rtd = "discriminator" in model_config
+    run_name = _section(config, "run").get("name", "?")
     masked_lm = hf_class is not None and hf_class.endswith("ForMaskedLM")
     front = {"library_name": "transformers"} if hf_class else {}
     front["tags"] = [name.replace("_", "-"), "fill-mask" if masked_lm or (hf_class is None and not rtd)
                      else "replaced-token-detection" if rtd and component == "discriminator" else "encoder"]
     if hf_class:
         front["pipeline_tag"] = "fill-mask" if masked_lm else "feature-extraction"
-    title = f"{get_spec(name).title if name in MODELS else name} {model.get('size', '')}".strip()
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {run_name}: {title}{' ' + component if component else ''}", "",
-             f"Exported from step {step} of run `{run_name}` ({conversion.get('source', '?')})"
-             + (f", the {component} tower" if component else "")
-             + (f", as `{hf_class}`." if hf_class else
-                f", as the project's native file{' (both towers)' if rtd else ''}."), ""]
+    title = f"{get_spec(name).title if name in MODELS else name} {_section(config, 'model').get('size', '')}".strip()
+    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+            f"# {run_name}: {title}{' ' + component if component else ''}", "",
+            f"Exported from step {step} of run `{run_name}` ({conversion.get('source', '?')})"
+            + (f", the {component} tower" if component else "")
+            + (f", as `{hf_class}`." if hf_class else
+               f", as the project's native file{' (both towers)' if rtd else ''}."), ""]
 
-    lines += ["## Architecture", "", f"- model: `{name}`, size `{model.get('size', '?')}`"]
+
+def _architecture(conversion: dict, config: dict, model_config: dict, parameters: Optional[int]) -> list[str]:
+    name, component = conversion["model"], conversion.get("component")
+    rtd = "discriminator" in model_config
+    lines = ["## Architecture", "", f"- model: `{name}`, size `{_section(config, 'model').get('size', '?')}`"]
     if rtd:
         for which in ("discriminator", "generator"):
             lines.append(f"- {which}{' (exported)' if which == component else ''}: {_tower_line(model_config[which])}")
     else:
-        lines.append(f"- {_tower_line(tower)}")
+        lines.append(f"- {_tower_line(model_config)}")
     if parameters is not None:
         lines.append(f"- parameters: {parameters / 1e6:.2f}M (fp32)")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Training recipe", ""]
-    if rtd:
+
+def _recipe(conversion: dict, config: dict, model_config: dict) -> list[str]:
+    """Objective, masking, optimiser, steps and batch, precision and parallelism."""
+    data, train, optim = _section(config, "data"), _section(config, "train"), _section(config, "optim")
+    lines = ["## Training recipe", ""]
+    if "discriminator" in model_config:
         two_stage = train.get("rtd_schedule") == "two_stage"
         sharing = model_config.get("embedding_sharing")
         lines.append(f"- objective: RTD (replaced token detection), L = L_MLM + {model_config.get('rtd_weight')}"
@@ -165,30 +187,36 @@ def model_card(conversion: dict, config: dict, model_config: dict, records: Opti
                  f"{data.get('random_token_prob')} random), whole-word masking {data.get('whole_word_mask')}, "
                  f"max span {data.get('max_span')}")
     generator_lr = f", generator_lr {optim['generator_lr']}" if optim.get("generator_lr") is not None else ""
-    lines += [f"- optimiser: AdamW, lr {optim.get('lr')}{generator_lr}, betas {tuple(optim.get('betas') or ())}, "
-              f"eps {optim.get('eps')}, weight decay {optim.get('weight_decay')}, warmup {optim.get('warmup_steps')} "
-              f"steps then linear decay to {optim.get('min_lr')}, gradient clip {train.get('grad_clip')}",
-              f"- steps: {train.get('steps')} planned (this export: step {step}), global batch "
-              f"{train.get('global_batch_size')} sequences (micro batch {train.get('micro_batch_size')}), "
-              f"sequence length {data.get('seq_length')}, packing {data.get('packing')}, seed {train.get('seed')}",
-              f"- precision {config.get('precision', conversion.get('precision'))}, ZeRO stage "
-              f"{section('zero').get('stage', conversion.get('zero_stage'))}, tensor parallel "
-              f"{section('parallel').get('tensor', conversion.get('tp_size'))}, "
-              f"data parallel {conversion.get('dp_size')}",
-              ""]
+    return lines + [
+        f"- optimiser: AdamW, lr {optim.get('lr')}{generator_lr}, betas {tuple(optim.get('betas') or ())}, "
+        f"eps {optim.get('eps')}, weight decay {optim.get('weight_decay')}, warmup {optim.get('warmup_steps')} "
+        f"steps then linear decay to {optim.get('min_lr')}, gradient clip {train.get('grad_clip')}",
+        f"- steps: {train.get('steps')} planned (this export: step {conversion['step']}), global batch "
+        f"{train.get('global_batch_size')} sequences (micro batch {train.get('micro_batch_size')}), "
+        f"sequence length {data.get('seq_length')}, packing {data.get('packing')}, seed {train.get('seed')}",
+        f"- precision {config.get('precision', conversion.get('precision'))}, ZeRO stage "
+        f"{_section(config, 'zero').get('stage', conversion.get('zero_stage'))}, tensor parallel "
+        f"{_section(config, 'parallel').get('tensor', conversion.get('tp_size'))}, "
+        f"data parallel {conversion.get('dp_size')}",
+        ""]
 
-    lines += ["## Data", ""]
+
+def _data(conversion: dict, config: dict) -> list[str]:
+    data, step = _section(config, "data"), conversion["step"]
+    lines = ["## Data", ""]
     if data.get("prefix") or not data.get("blend"):
         lines.append(f"- data.prefix: `{data.get('prefix')}`")
     for weight, prefix in data.get("blend") or []:
         lines.append(f"- data.blend: weight {weight} `{prefix}`")
-    lines += [f"- tokenizer fingerprint: `{conversion.get('tokenizer_fingerprint')}`",
-              f"- consumed at step {step}: {_number(conversion.get('consumed_samples'))} samples, "
-              f"{_number(conversion.get('consumed_tokens'))} tokens", ""]
+    return lines + [f"- tokenizer fingerprint: `{conversion.get('tokenizer_fingerprint')}`",
+                    f"- consumed at step {step}: {_number(conversion.get('consumed_samples'))} samples, "
+                    f"{_number(conversion.get('consumed_tokens'))} tokens", ""]
 
-    lines += ["## Diagnostics", ""] + diagnostics(records, step, metrics_problem)
 
-    lines += ["## How to load", ""]
+def _how_to_load(conversion: dict, hf_class: Optional[str], location: str, notes: Sequence[str],
+                 files: Sequence[str]) -> list[str]:
+    name, component = conversion["model"], conversion.get("component")
+    lines = ["## How to load", ""]
     if hf_class:
         lines += ["```python", "import transformers", "",
                   f'tokenizer = transformers.AutoTokenizer.from_pretrained("{location}")',
@@ -205,10 +233,7 @@ def model_card(conversion: dict, config: dict, model_config: dict, records: Opti
         lines += ["Left out of the export:", ""] + [f"- {note}" for note in notes] + [""]
     if files:
         lines += ["Files: " + ", ".join(files) + ".", ""]
-
-    lines += ["## Conversion", "", "What conversion.json records:", ""]
-    lines += [f"- {key}: `{value}`" for key, value in conversion.items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_model_card(output: Path, conversion: dict, config: dict, model_config: dict,
