@@ -19,7 +19,8 @@ Decisions:
   map to Hugging Face's query_proj/key_proj/value_proj is one to one.
 - Attention scores (q.k, the c2p and p2c terms) and the softmax are computed in fp32 whatever the
   parameter dtype or autocast: in fp16 the unscaled sums overflow, a known DeBERTa failure.
-- Only padded keys are masked (Hugging Face also masks padded query rows; their outputs are ignored).
+- Only padded keys (and, with document ids, other documents' keys) are masked (Hugging Face also
+  masks padded query rows; their outputs are ignored).
   A fully padded row softmaxes to a uniform distribution, not NaN.
 - The gather indices of the relative positions are cached per (length, device), the 8 most recent.
 - `DebertaModel` is the backbone alone (embeddings + encoder, Hugging Face's DebertaV2Model), for
@@ -47,7 +48,8 @@ from models.config import DebertaConfig, hf_encoder_kwargs
 from models.disentangled_attention import disentangled_attention, flat_relative_indices, relative_position_buckets
 from models.layers import (
     CheckpointedLayer, FeedForward, activation_fn, count_parameters, encoder_fields_from_hf, masked_lm_metrics,
-    predicted_positions, repad_vocab_rows, rows_at, without_pretraining_heads, word_embedding,
+    document_offsets, predicted_positions, repad_vocab_rows, rows_at, same_document, without_pretraining_heads,
+    word_embedding,
 )
 from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
@@ -56,6 +58,12 @@ RELATIVE_CACHE_SIZE = 8  # sequence lengths whose relative-position indices stay
 
 
 # --------------------------------------------------------------------------------------- modules
+def per_document(positions: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(T, H) embeddings of positions 0..T-1 -> (B, T, H) those of each token's position within
+    its document (attention_mask's document ids, models/layers.py); None: (T, H) as they are."""
+    return positions if attention_mask is None else positions[document_offsets(attention_mask)]
+
+
 class DebertaEmbeddings(nn.Module):
     """word (+ absolute position if position_biased_input) (+ token type row 0), LayerNorm,
     dropout. The position table is also the EMD's, hence `absolute_positions`; `position_table`
@@ -85,10 +93,11 @@ class DebertaEmbeddings(nn.Module):
             )
         return self.position.weight[:length]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (and document ids, for position_biased_input) -> (B, T, H)."""
         x = self.word(input_ids)  # (B, T, H)
         if self.position_biased_input:
-            x = x + self.absolute_positions(input_ids.shape[1])
+            x = x + per_document(self.absolute_positions(input_ids.shape[1]), attention_mask)
         if self.token_type is not None:
             x = x + self.token_type.weight[0]  # token-type id is always 0
         # Hugging Face also zeroes padding positions here; no real token can see them (their keys
@@ -141,7 +150,8 @@ class DisentangledSelfAttention(nn.Module):
         relative_indices: tuple[torch.Tensor, torch.Tensor] | None = None,
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden, query_states (B, T, H); key_padding (B, 1, 1, T) bool, True = padding key;
+        """hidden, query_states (B, T, H); key_padding (B, 1, T, T) (or (B, 1, 1, T)) bool, True
+        where the query may not see the key (`key_padding_mask`);
         relative_table (2k, H) and relative_indices from DebertaEncoder.relative_inputs.
         -> (B, T, H), summed over TP ranks."""
         query_states = hidden if query_states is None else query_states
@@ -271,8 +281,10 @@ class MaskedLMHead(nn.Module):
 
 
 def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask, 1 = token, 0 = padding -> (B, 1, 1, T) bool, True where a key is padding."""
-    return ~attention_mask.bool()[:, None, None, :]
+    """(B, T) mask, 1 = token, 0 = padding, or document ids 1..k -> (B, 1, T, T) bool, True where
+    the query may not see the key: padding, or another document (`same_document`). Relative
+    positions need nothing more: a pair within one document has the distance it has alone."""
+    return ~same_document(attention_mask)
 
 
 class DebertaModel(nn.Module):
@@ -288,8 +300,9 @@ class DebertaModel(nn.Module):
         self.encoder = DebertaEncoder(config, layers)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and mask (1 = token, 0 = padding) -> encoder output (B, T, H), without EMD."""
-        x = self.embeddings(input_ids)
+        """(B, T) ids and mask (1 = token, 0 = padding; or document ids 1..k, models/layers.py)
+        -> encoder output (B, T, H), without EMD."""
+        x = self.embeddings(input_ids, attention_mask)
         return self.encoder(x, key_padding_mask(attention_mask))[0]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -316,14 +329,17 @@ class DebertaForMaskedLM(DebertaModel):
         padded = torch.arange(start, end) >= config.vocab_size  # (Vp/tp,)
         self.register_buffer("padded_vocab", padded, persistent=False)
 
-    def enhanced_mask_decoder(self, last_input: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    def enhanced_mask_decoder(
+        self, last_input: torch.Tensor, key_padding: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """H_{L-1} (B, T, H) -> the EMD's output (B, T, H): the last encoder layer applied
-        emd_layers times with keys/values H_{L-1}, first query H_{L-1} + absolute positions, each
-        pass's output the next pass's query (microsoft/DeBERTa's EnhancedMaskDecoder)."""
+        emd_layers times with keys/values H_{L-1}, first query H_{L-1} + absolute positions (from
+        each document's start given document ids), each pass's output the next pass's query
+        (microsoft/DeBERTa's EnhancedMaskDecoder)."""
         T = last_input.shape[1]
         layer = self.encoder.layers[-1]
         table, indices = self.encoder.relative_inputs(T, last_input.device)
-        query = last_input + self.embeddings.absolute_positions(T)  # (B, T, H)
+        query = last_input + per_document(self.embeddings.absolute_positions(T), attention_mask)  # (B, T, H)
         for _ in range(self.config.emd_layers):
             query = layer(last_input, key_padding, table, indices, query_states=query)
         return query
@@ -334,10 +350,10 @@ class DebertaForMaskedLM(DebertaModel):
 
     def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(encoder output, states the MLM head reads), each (B, T, H)."""
-        key_padding = key_padding_mask(attention_mask)
-        hidden, last_input = self.encoder(self.embeddings(input_ids), key_padding)
+        key_padding = key_padding_mask(attention_mask)  # (B, 1, T, T)
+        hidden, last_input = self.encoder(self.embeddings(input_ids, attention_mask), key_padding)
         if self.config.enhanced_mask_decoder:
-            return hidden, self.enhanced_mask_decoder(last_input, key_padding)
+            return hidden, self.enhanced_mask_decoder(last_input, key_padding, attention_mask)
         return hidden, hidden
 
     def _vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:

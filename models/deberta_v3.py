@@ -12,7 +12,8 @@ Shapes: B batch, T sequence, H hidden, V vocab_size.
 
 Decisions:
 - The RTD head adds the first token's state to every token's (LayerNorm(h_CLS + h_t)) before its
-  dense -> activation -> classifier, as microsoft/DeBERTa's: each decision sees the sequence.
+  dense -> activation -> classifier, as microsoft/DeBERTa's: each decision sees the sequence (in a
+  packed row, its own document's first token).
 - Export reuses models/deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's position
   table dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the discriminator as
   DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head, so
@@ -29,7 +30,7 @@ from torch import nn
 from models import deberta
 from models.config import DebertaConfig, RTDConfig
 from models.deberta import DebertaModel
-from models.layers import activation_fn
+from models.layers import activation_fn, document_starts
 from models.parallel import ParallelLayers
 from models.rtd import RTD_DEFAULTS, RTDDiscriminator, join_state_dicts, split_state_dict
 
@@ -51,9 +52,16 @@ class DebertaV3DiscriminatorHead(nn.Module):
         self.activation = activation_fn(config.activation)
         self.classifier = layers.linear(config.hidden_size, 1, init_std=std)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, T) logits of "replaced"."""
-        x = self.norm(hidden[:, :1] + hidden)  # (B, T, H); h_CLS broadcast over T
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) (and the (B, T) mask: with document ids, each token adds the first token of
+        its own document) -> (B, T) logits of "replaced"."""
+        first = hidden[:, :1]  # (B, 1, H); h_CLS broadcast over T
+        if attention_mask is not None:
+            starts = document_starts(attention_mask)[..., None]  # (B, T, 1)
+            # The row's first token where the document starts there: a 0/1 mask then takes the
+            # broadcast alone, forward and backward bit for bit (the gather's gradient is all zero).
+            first = torch.where(starts == 0, first, hidden.gather(1, starts.expand_as(hidden)))  # (B, T, H)
+        x = self.norm(first + hidden)  # (B, T, H)
         return self.classifier(self.activation(self.dense(x))).squeeze(-1)
 
 

@@ -62,7 +62,9 @@ def disentangled_attention(
 
     q, k, v (B, nh, T, hs); pos_key / pos_query (1, nh, 2k, hs) or None (term off); relative_indices
     the cached (c2p, p2c) gather indices (T, T), optionally followed by their `flat_relative_indices`
-    (DebertaEncoder.relative_inputs caches those too); key_padding (B, 1, 1, T) bool, True = padding.
+    (DebertaEncoder.relative_inputs caches those too); key_padding (B, 1, T, T) bool, True where
+    query i may not see key j (padding, another document: models/layers.py `same_document`), or
+    (B, 1, 1, T) for padding alone; the relative positions of the pairs left are within one document.
     c2p[i, j] = q_i . Pk[c2p_index[i, j]] and p2c[i, j] = k_j . Pq[p2c_index[j, i]] are gathers
     from the small (B, nh, T, 2k) score tables into one additive bias of the content scores.
 
@@ -185,7 +187,7 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         kept = probs if keep is None else torch.where(keep, probs, 0.0)
         grad_v = kept.transpose(-1, -2) @ grad
         del kept
-        # Padded keys have P = 0 and so dS = 0, except in rows whose keys are all padding (uniform
+        # Masked keys have P = 0 and so dS = 0, except in rows whose keys are all masked (uniform
         # P), where masked_fill's backward gives dS = 0. Zeroing those rows of the output gradient
         # on its way to dS does that with a (B, nh, T, hs) product: no (T, T) pass, no host sync.
         # grad_v keeps them (uniform P does carry a gradient to v).

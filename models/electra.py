@@ -1,8 +1,9 @@
 """ELECTRA's towers (Clark et al., 2020) and their map to Hugging Face transformers.
 
-Each tower is a BERT encoder (post-LN, learned absolute positions 0..T-1, token type always 0)
-whose embeddings have their own width E, projected to H when E != H (Hugging Face's
-`embeddings_project`), so a narrow generator can share the discriminator's tables.
+Each tower is a BERT encoder (post-LN, learned absolute positions 0..T-1, restarting at each
+document of a packed row, token type always 0) whose embeddings have their own width E, projected
+to H when E != H (Hugging Face's `embeddings_project`), so a narrow generator can share the
+discriminator's tables.
 `ElectraGenerator` is the backbone + the MLM head (HF ElectraForMaskedLM: dense H -> E, GELU,
 LayerNorm, decoder tied to the word table); `ElectraDiscriminator` the backbone + the per-token head
 (HF ElectraForPreTraining: one logit of "replaced" per token). They are the "electra" backbone of
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ElectraConfig, RTDConfig, hf_encoder_kwargs
-from models.layers import (HF_BERT_LAYER, TransformerLayer, activation_fn, attention_bias,
+from models.layers import (HF_BERT_LAYER, TransformerLayer, activation_fn, attention_bias, document_offsets,
                            encoder_fields_from_hf, masked_lm_metrics, predicted_positions, repad_vocab_rows,
                            rows_at, word_embedding)
 from models.parallel import ParallelLayers
@@ -55,14 +56,17 @@ class ElectraEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(E, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (and document ids: positions restart at each document) -> (B, T, E)."""
         T = input_ids.shape[1]
         if T > self.position.num_embeddings:
             raise ValueError(
                 f"sequence length {T} exceeds max_position_embeddings ({self.position.num_embeddings})"
             )
+        index = (torch.arange(T, device=input_ids.device) if attention_mask is None
+                 else document_offsets(attention_mask))  # (T,) or (B, T)
         # Tables are called, never indexed, so a shared table's owner runs its own forward.
-        positions = self.position(torch.arange(T, device=input_ids.device))  # (T, E)
+        positions = self.position(index)  # (T, E) or (B, T, E)
         token_type = self.token_type(input_ids.new_zeros(()))  # (E,), token-type id is always 0
         x = self.word(input_ids) + token_type + positions  # (B, T, E)
         return self.dropout(self.norm(x))
@@ -95,11 +99,12 @@ class ElectraBackbone(nn.Module):
         )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and mask (1 = token, 0 = padding) -> final hidden states (B, T, H)."""
-        x = self.embeddings(input_ids)  # (B, T, E)
+        """(B, T) ids and mask (1 = token, 0 = padding; or document ids 1..k, models/layers.py)
+        -> final hidden states (B, T, H)."""
+        x = self.embeddings(input_ids, attention_mask)  # (B, T, E)
         if self.project is not None:
             x = self.project(x)  # (B, T, H)
-        bias = attention_bias(attention_mask, x.dtype)  # (B, 1, 1, T)
+        bias = attention_bias(attention_mask, x.dtype)  # (B, 1, T, T): within each document
         for layer in self.layers:
             x = layer(x, bias)
         return x

@@ -67,13 +67,53 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) mask, 1 = real token, 0 = padding -> (B, 1, 1, T) additive bias for the scores.
+# ------------------------------------------------------------------------------ document masks
+# A row's attention_mask may number its documents: 0 = padding, 1..k = the row's k-th document, in
+# order along the row (data.packing's packed_documents); a 0/1 mask is the one-document case. A
+# token attends only within its document and its absolute position restarts there. Both helpers are
+# pure tensor ops on the device (no host sync), built once per forward.
 
-    Padding keys get finfo(dtype).min rather than -inf: a row whose keys are all padding then
-    softmaxes to a uniform distribution instead of NaN (its outputs are ignored anyway).
+
+def same_document(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool, True where query i may attend key j: j is a real
+    token of i's document. A padding query (id 0) attends every real key, as a 0/1 mask always
+    let it: for a 0/1 mask this is the key-padding mask broadcast over the queries, exactly."""
+    ids = attention_mask
+    real_key = (ids != 0)[:, None, :]  # (B, 1, T)
+    query_pad = (ids == 0)[:, :, None]  # (B, T, 1)
+    same = ids[:, :, None] == ids[:, None, :]  # (B, T, T)
+    return (real_key & (same | query_pad))[:, None]  # (B, 1, T, T)
+
+
+def document_starts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) long: the index where each token's document begins.
+
+    A document begins where the id rises above every earlier nonzero id; the row's first
+    document (and any padding before the second) counts from index 0, so a 0/1 mask gives all
+    zeros and positions are exactly the ones without documents. Padding after a document
+    continues it (its positions are never attended to)."""
+    ids = attention_mask.long()
+    seen = ids.cummax(dim=1).values  # (B, T) highest id so far
+    before = F.pad(seen[:, :-1], (1, 0))  # (B, T) highest id strictly before
+    begins = (ids > before) & (before > 0)
+    index = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return torch.where(begins, index, 0).cummax(dim=1).values
+
+
+def document_offsets(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, T) long position of each token within its document (from 0)."""
+    index = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return index - document_starts(attention_mask)
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) document ids (0/1: 1 = real token, 0 = padding) -> (B, 1, T, T) additive bias for the
+    scores: 0 where `same_document` lets the query see the key, finfo(dtype).min elsewhere.
+
+    finfo.min rather than -inf: a row whose keys are all padding then softmaxes to a uniform
+    distribution instead of NaN (its outputs are ignored anyway).
     """
-    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    keep = same_document(attention_mask)  # (B, 1, T, T)
     bias = torch.zeros(keep.shape, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~keep, torch.finfo(dtype).min)
 

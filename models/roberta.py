@@ -18,17 +18,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import RobertaConfig, hf_encoder_kwargs
-from models.layers import (HF_BERT_LAYER, TransformerLayer, attention_bias, count_parameters, masked_lm_metrics,
-                           predicted_positions, repad_vocab_rows, rows_at, without_pretraining_heads,
-                           word_embedding)
+from models.layers import (HF_BERT_LAYER, TransformerLayer, attention_bias, count_parameters, document_starts,
+                           masked_lm_metrics, predicted_positions, repad_vocab_rows, rows_at,
+                           without_pretraining_heads, word_embedding)
 from models.nsp import NextSentenceHead, drop_for_export, with_next_sentence_loss
 from models.parallel import ParallelLayers
 
 
-def position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """HF/fairseq RoBERTa positions: real tokens count from pad_token_id + 1, padding gets pad_token_id."""
+def position_ids(
+    input_ids: torch.Tensor, pad_token_id: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """HF/fairseq RoBERTa positions: real tokens count from pad_token_id + 1, padding gets
+    pad_token_id. With document ids in attention_mask (models/layers.py) the count restarts at each
+    document, so a packed document gets the positions it would get alone."""
     mask = (input_ids != pad_token_id).long()  # (B, T)
-    return torch.cumsum(mask, dim=1) * mask + pad_token_id
+    count = torch.cumsum(mask, dim=1)  # (B, T) real tokens up to and including t
+    if attention_mask is not None:  # minus those before the token's document
+        count = count - (count - mask).gather(1, document_starts(attention_mask))
+    return count * mask + pad_token_id
 
 
 class RobertaEmbeddings(nn.Module):
@@ -46,8 +53,9 @@ class RobertaEmbeddings(nn.Module):
         with torch.no_grad():  # as HF, the pad position's row starts at zero too
             self.position.weight[config.pad_token_id].zero_()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = position_ids(input_ids, self.pad_token_id)  # (B, T)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (and document ids: positions restart at each document) -> (B, T, H)."""
+        positions = position_ids(input_ids, self.pad_token_id, attention_mask)  # (B, T)
         x = self.word(input_ids) + self.token_type.weight[0]  # (B, T, H); token-type id is always 0
         x = x + self.position(positions)
         return self.dropout(self.norm(x))
@@ -105,9 +113,10 @@ class RobertaForMaskedLM(nn.Module):
         self.register_buffer("padded_vocab", padded, persistent=False)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and mask (1 = token, 0 = padding) -> final hidden states (B, T, H)."""
-        x = self.embeddings(input_ids)  # (B, T, H)
-        bias = attention_bias(attention_mask, x.dtype)  # (B, 1, 1, T)
+        """(B, T) ids and mask (1 = token, 0 = padding; or document ids 1..k, models/layers.py)
+        -> final hidden states (B, T, H)."""
+        x = self.embeddings(input_ids, attention_mask)  # (B, T, H)
+        bias = attention_bias(attention_mask, x.dtype)  # (B, 1, T, T): within each document
         for layer in self.layers:
             x = layer(x, bias)
         return x

@@ -10,7 +10,8 @@ Forward contract of `ReplacedTokenDetection` (what the trainer relies on)
 input_ids (B, T): the generator's input, already masked by the data pipeline (the selected tokens
     replaced by the mask token with probability data.mask_token_prob, by a random token with
     data.random_token_prob, the rest unchanged: the RTD recipes mask them all); labels (B, T): the original id at selected positions, -100
-    elsewhere; attention_mask (B, T): 1 = token, 0 = padding; sample_index (B,) long: the global
+    elsewhere; attention_mask (B, T): 1 = token, 0 = padding, or document ids 1..k (both towers
+    then attend within each document, models/layers.py); sample_index (B,) long: the global
     index of each sample in the run's consumed-sample stream (seeds the generator's sampling).
 out = {
   "loss_sums":    {"mlm": sum of the generator's cross-entropy over predicted positions,
@@ -22,7 +23,7 @@ out = {
 The trainer sums loss_sums and metrics over micro-batches and data-parallel ranks and computes
     loss = sum_k loss_weights[k] * loss_sums[k] / global_count[normalizers[k]]
 where global_count["predicted"] counts labels != -100 and global_count["tokens"] counts
-attention_mask == 1 over the whole global batch (`total_loss` is that formula), so the loss does
+attention_mask != 0 over the whole global batch (`total_loss` is that formula), so the loss does
 not depend on micro-batching or the data-parallel size.
 
 Embedding sharing (`RTDConfig.embedding_sharing`) covers the word table and, where both towers
@@ -62,8 +63,9 @@ Any tower pair plugs in: the generator exposes `embeddings` (with `word`, option
 `config.vocab_size/padded_vocab_size`, `parallel` and `predicted_logits(input_ids,
 attention_mask, predicted)`; the discriminator exposes `embeddings` and `rtd_logits(input_ids,
 attention_mask)` (`RTDDiscriminator` makes one from any backbone with `encode` and a head such as
-`models.deberta_v3.DebertaV3DiscriminatorHead`); under `all` the generator also names its
-backbone's submodules in `backbone_modules` (the discriminator has them under the same names).
+`models.deberta_v3.DebertaV3DiscriminatorHead`, called as head(hidden, attention_mask)); under
+`all` the generator also names its backbone's submodules in `backbone_modules` (the discriminator
+has them under the same names).
 The towers are in models/electra.py (ELECTRA) and models/deberta.py + models/deberta_v3.py
 (DeBERTaV3); the registry's `build_rtd` pairs them by `RTDConfig.backbone`, so this file imports
 no tower.
@@ -111,7 +113,8 @@ class RTDDiscriminator(nn.Module):
         return self.backbone.encode(input_ids, attention_mask)
 
     def rtd_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encode(input_ids, attention_mask))
+        """(B, T) ids and mask -> (B, T) logits; the head also gets the mask (document ids)."""
+        return self.head(self.encode(input_ids, attention_mask), attention_mask)
 
     forward = rtd_logits
 
@@ -354,7 +357,7 @@ class ReplacedTokenDetection(nn.Module):
         rows_per_sample = labels.ne(IGNORE_INDEX).sum(dim=1)  # (B,)
         host = torch.cat([rows_per_sample, sample_index.to(rows_per_sample)]).tolist()
         rows_per_sample, sample_ids = host[: len(host) // 2], host[len(host) // 2:]
-        real = attention_mask.bool()  # (B, T)
+        real = attention_mask != 0  # (B, T); document ids 1..k are all real tokens
         targets = rows_at(labels, positions)  # (N,) original ids
         gen_logits = self.generator.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
 

@@ -47,7 +47,7 @@ def _counts(batches: Iterable[Dict[str, torch.Tensor]], ctx: ParallelContext) ->
     """Global numbers of predicted and input tokens and of samples (rows: NSP), from host tensors (no device sync)."""
     batches = list(batches)
     counts = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                           sum(int(b["attention_mask"].sum()) for b in batches),
+                           sum(int((b["attention_mask"] != 0).sum()) for b in batches),  # ids 1..k: real
                            sum(b["attention_mask"].shape[0] for b in batches)],
                           dtype=torch.float64, device=ctx.device)
     _all_reduce_dp(counts, ctx)
@@ -212,7 +212,7 @@ def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = 
     acc = Accumulator()
     for batch in batches:
         counts = {"predicted": (batch["labels"] != IGNORE_INDEX).sum().double().to(ctx.device),
-                  "tokens": batch["attention_mask"].sum().double().to(ctx.device),
+                  "tokens": (batch["attention_mask"] != 0).sum().double().to(ctx.device),
                   "samples": torch.tensor(float(batch["attention_mask"].shape[0]), dtype=torch.float64,
                                           device=ctx.device)}
         acc.add_targets([batch], vocab_size)
