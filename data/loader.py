@@ -10,6 +10,8 @@ run of the stream:
   tokens per step stay about constant.
 
 Either way the step's samples depend on the consumed count only, never on the data-parallel size.
+A batch's `attention_mask` holds document ids: 1..k for the row's k documents (several only with
+data.packing=packed_documents), 0 for padding; `check_document_ids` enforces that where batches are built.
 Rank r of D takes the r-th of D near-equal contiguous slices and cuts it into K micro-batches of at
 most `micro_batch` samples, with K the same on every rank (ZeRO-2/3 run collectives in every
 backward/forward, so every rank must run as many). The loader's state is the consumed count alone, so
@@ -17,6 +19,7 @@ a resumed run, or one with another data-parallel size, continues at the same glo
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,8 +27,39 @@ import numpy as np
 import torch
 
 from data.blending import SampleStream
-from data.masking import IGNORE_INDEX, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, sample_rng
+from data.masking import IGNORE_INDEX, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, mask_prob_at, sample_rng
 from data.static_masks import StaticMasks, stored_batch
+
+
+def check_document_ids(ids: np.ndarray, sample_index: Sequence[int] = (),
+                       lengths: Optional[np.ndarray] = None) -> None:
+    """Raise ValueError unless every row of `ids` (B, W) is 1 1 .. 2 2 .. k k 0 .. 0: starts at 1 (or is
+    all padding), never decreases, steps by at most 1, has 0 (padding) only after its last token, and
+    (given `lengths`) has as many nonzero ids as the row has tokens."""
+    ids = np.asarray(ids)
+    step = np.diff(ids, axis=1)
+    padding = ids == 0
+    bad = (ids[:, 0] != 1) & ~padding[:, 0]  # starts at 1
+    bad |= (ids < 0).any(axis=1)
+    bad |= ((step < 0) & ~padding[:, 1:]).any(axis=1)  # only a fall to padding
+    bad |= ((step > 1) | ((step == 1) & padding[:, :-1])).any(axis=1)  # consecutive; nothing after padding
+    if lengths is not None:
+        bad |= (~padding).sum(axis=1) != np.asarray(lengths)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        which = f" (global sample {int(sample_index[row])})" if len(sample_index) > row else ""
+        raise ValueError(f"malformed document ids in row {row}{which} of a batch: {ids[row].tolist()}; "
+                         f"expected 1..k in order, each consecutive, then 0 padding at the end only "
+                         f"(a corrupt sample-index cache? delete data.cache_dir's index and rebuild)")
+
+
+class StepIndices(list):
+    """A micro-batch's global indices and `step`, the optimizer step that consumes them (what the
+    sampler hands `MaskedSamples.__getitems__`, through DataLoader workers too)."""
+
+    def __init__(self, indices=(), step: Optional[int] = None):
+        super().__init__(indices)
+        self.step = step
 
 
 def already_collated(batch):
@@ -38,7 +72,8 @@ class MaskedSamples(torch.utils.data.Dataset):
 
     def __init__(self, packed, recipe: MaskingRecipe, seq_length: int, pad_id: int, seed: int,
                  shuffle: bool = True, mask_stream: int = TRAIN_MASK_STREAM, pad_to_multiple_of: int = 0,
-                 static_masks: Optional[Sequence[StaticMasks]] = None, static_copy: Optional[int] = None):
+                 static_masks: Optional[Sequence[StaticMasks]] = None, static_copy: Optional[int] = None,
+                 mask_prob_schedule: Sequence[Tuple[int, float]] = ()):
         """`packed`: one packed corpus (data/packing.py) or a SampleStream over several.
 
         pad_to_multiple_of > 0: a batch is as wide as its longest sample rounded up to that multiple
@@ -47,6 +82,9 @@ class MaskedSamples(torch.utils.data.Dataset):
 
         static_masks (one per corpus of the stream): the masks stored at preprocessing replace the
         recipe's, copy = the sample's corpus epoch mod copies, or `static_copy` when given (validation: 0).
+
+        mask_prob_schedule ([[0, p0], [n1, p1], ...], data.mask_prob_schedule): a batch of `StepIndices` of
+        step s is masked at rate `mask_prob_at(schedule, s)`; plain index lists at the recipe's rate.
         """
         self.stream = packed if isinstance(packed, SampleStream) else SampleStream([packed], seed=seed, shuffle=shuffle)
         self.recipe = recipe
@@ -54,6 +92,8 @@ class MaskedSamples(torch.utils.data.Dataset):
         self.shuffle, self.mask_stream = shuffle, mask_stream
         self.pad_to_multiple_of = pad_to_multiple_of
         self.static_masks, self.static_copy = static_masks, static_copy
+        self.mask_prob_schedule = [(int(n), float(p)) for n, p in mask_prob_schedule]
+        self._recipes = {recipe.mask_prob: recipe}  # one recipe per rate of the curriculum
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -62,31 +102,46 @@ class MaskedSamples(torch.utils.data.Dataset):
         """The packed sample that global index g reads (its corpus: `self.stream.locate`)."""
         return int(self.stream.locate([global_index])[1][0])
 
+    def width(self, lengths: np.ndarray) -> int:
+        """Columns of a batch of samples of these lengths."""
+        if self.pad_to_multiple_of > 0 and len(lengths):
+            multiple = self.pad_to_multiple_of
+            return min(self.seq_length, -(-int(np.max(lengths)) // multiple) * multiple)
+        return self.seq_length
+
+    def _document_ids(self, corpus: int, sample: int, length: int) -> np.ndarray:
+        """The row's document ids: its packing's (data.packing=packed_documents), else one document."""
+        packed = self.stream.corpora[corpus]
+        if hasattr(packed, "document_ids"):
+            return packed.document_ids(sample)
+        return np.ones(length, dtype=np.int64)
+
     def __getitems__(self, global_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
-        """A collated micro-batch: input_ids, labels, attention_mask (B, W), sample_index (B,)
-        (next_sentence_label (B,) too for the pair formats); W is
+        """A collated micro-batch: input_ids, labels, attention_mask (B, W) (document ids: 1..k, 0 =
+        padding), sample_index (B,) (next_sentence_label (B,) too for the pair formats); W is
         seq_length, or the longest sample rounded up to pad_to_multiple_of."""
         indices = [int(g) for g in global_indices]
         corpus, samples = self.stream.locate(indices)
         rows = [self.stream.tokens(c, s) for c, s in zip(corpus.tolist(), samples.tolist())]
         lengths = np.array([len(row) for row in rows], dtype=np.int64)
-        width = self.seq_length
-        if self.pad_to_multiple_of > 0 and len(rows):
-            multiple = self.pad_to_multiple_of
-            width = min(self.seq_length, -(-int(lengths.max()) // multiple) * multiple)
+        width = self.width(lengths)
         tokens = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        attention = np.zeros((len(rows), width), dtype=np.int64)
         draws = []
-        for row, (g, sample) in enumerate(zip(indices, rows)):
+        for row, (g, c, s, sample) in enumerate(zip(indices, corpus.tolist(), samples.tolist(), rows)):
             tokens[row, : len(sample)] = sample
+            ids = self._document_ids(c, s, len(sample))
+            attention[row, : len(ids)] = ids
             if self.static_masks is None:
                 draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), len(sample)))
+        check_document_ids(attention, indices, lengths)
         if self.static_masks is not None:
             copies = (self.stream.corpus_epochs(indices) if self.static_copy is None
                       else np.full(len(indices), self.static_copy))
             inputs, labels = stored_batch(self.static_masks, self.stream.corpora, corpus, samples, copies, tokens)
         else:
-            inputs, labels = self.recipe.apply_batch(tokens, lengths, draws)
-        attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+            recipe = self.recipe_at(getattr(global_indices, "step", None))
+            inputs, labels = recipe.apply_batch(tokens, lengths, draws, documents=attention)
         batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                  "attention_mask": torch.from_numpy(attention),
                  # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
@@ -95,6 +150,15 @@ class MaskedSamples(torch.utils.data.Dataset):
         if next_sentence is not None:
             batch["next_sentence_label"] = torch.from_numpy(next_sentence)  # (B,) 0 = B continues A
         return batch
+
+    def recipe_at(self, step: Optional[int]) -> MaskingRecipe:
+        """The recipe of optimizer step `step` (None: the configured rate): the same draws at another rate."""
+        if step is None or not self.mask_prob_schedule:
+            return self.recipe
+        rate = mask_prob_at(self.mask_prob_schedule, step, self.recipe.mask_prob)
+        if rate not in self._recipes:
+            self._recipes[rate] = dataclasses.replace(self.recipe, mask_prob=rate)
+        return self._recipes[rate]
 
     def __getitem__(self, global_index: int) -> Dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([global_index]).items()}
@@ -138,12 +202,18 @@ class StepPlanner:
                 return max(1, int(np.searchsorted(total, self.tokens_per_step, side="right")))
             window *= 2
 
-    def _micro_batches(self, consumed: int, count: int) -> List[List[int]]:
+    def every_rank_micro_batches(self, consumed: int) -> List[List[List[int]]]:
+        """The micro-batches of every data-parallel rank (in rank order) of the step starting at `consumed`."""
+        count = self.step_size(consumed)
+        return [self._micro_batches(consumed, count, rank) for rank in range(self.dp_size)]
+
+    def _micro_batches(self, consumed: int, count: int, rank: Optional[int] = None) -> List[List[int]]:
+        rank = self.dp_rank if rank is None else rank
         shares = np.array_split(np.arange(consumed, consumed + count), self.dp_size)
         k = -(-max(len(s) for s in shares) // self.micro_batch)  # the same on every rank
-        mine = shares[self.dp_rank]
+        mine = shares[rank]
         if len(mine) < k:
-            raise ValueError(f"a step of {count} samples leaves data-parallel rank {self.dp_rank} fewer samples "
+            raise ValueError(f"a step of {count} samples leaves data-parallel rank {rank} fewer samples "
                              f"than the {k} micro-batches of its peers; raise train.tokens_per_step")
         if not self.tokens_per_step:  # fixed batches: full micro-batches as before
             return [mine[i:i + self.micro_batch].tolist() for i in range(0, len(mine), self.micro_batch)]
@@ -151,17 +221,19 @@ class StepPlanner:
 
 
 class _RankBatches(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of global indices from `consumed` on, forever."""
+    """Yields this rank's micro-batches of global indices from `consumed` on, forever, as `StepIndices`
+    of their optimizer step (`steps_taken` + 1 first; None when the step is not tracked)."""
 
-    def __init__(self, planner: StepPlanner, consumed: int):
-        self.planner, self.consumed = planner, consumed
+    def __init__(self, planner: StepPlanner, consumed: int, steps_taken: Optional[int] = None):
+        self.planner, self.consumed, self.steps_taken = planner, consumed, steps_taken
 
     def __iter__(self) -> Iterator[List[int]]:
-        consumed = self.consumed
+        consumed, step = self.consumed, None if self.steps_taken is None else self.steps_taken + 1
         while True:
             count, parts = self.planner.plan(consumed)
-            yield from parts
+            yield from (StepIndices(part, step) for part in parts)
             consumed += count
+            step = None if step is None else step + 1
 
 
 class PretrainLoader:
@@ -175,11 +247,19 @@ class PretrainLoader:
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.planner = StepPlanner(samples.stream, global_batch, micro_batch, dp_rank, dp_size, tokens_per_step)
         self.consumed_samples = consumed_samples
+        self.steps_taken: Optional[int] = 0 if consumed_samples == 0 else None
+        """Optimizer steps whose batches were taken (None: not known yet, derived from the consumed
+        count when a masking curriculum needs it: `derive_steps_taken`)."""
         self.last_step_samples = 0
+        self.last_step_packing_efficiency = 0.0
+        """Real (non-padding) tokens / row tokens (B x W) of the last step's micro-batches on every
+        rank: the same on every rank, for metrics.jsonl."""
         self._iterator = None
 
     def _start(self) -> None:
-        sampler = _RankBatches(self.planner, self.consumed_samples)
+        if self.steps_taken is None and self.samples.mask_prob_schedule:
+            self.steps_taken = self.derive_steps_taken(self.consumed_samples)
+        sampler = _RankBatches(self.planner, self.consumed_samples, self.steps_taken)
         # A private generator: creating an iterator must not draw from the global torch RNG, which
         # drives dropout (a resumed run creates its iterator at a different point than an uninterrupted one).
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, num_workers=self.num_workers,
@@ -188,21 +268,51 @@ class PretrainLoader:
                                              generator=torch.Generator().manual_seed(0))
         self._iterator = iter(loader)
 
-    def next_step(self) -> List[Dict[str, torch.Tensor]]:
-        """The micro-batches of the next optimizer step for this rank (as many on every rank)."""
+    def next_step(self, step: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
+        """The micro-batches of the next optimizer step for this rank (as many on every rank); `step`,
+        when given, is its number (the masking curriculum follows it)."""
+        if step is not None and self.steps_taken != step - 1:
+            self.steps_taken, self._iterator = step - 1, None
         if self._iterator is None:
             self._start()
         count, parts = self.planner.plan(self.consumed_samples)
         batches = [next(self._iterator) for _ in parts]
+        self.last_step_packing_efficiency = self.packing_efficiency(self.consumed_samples)
         self.consumed_samples += count
         self.last_step_samples = count
+        self.steps_taken = None if self.steps_taken is None else self.steps_taken + 1
         return batches
+
+    def derive_steps_taken(self, consumed: int) -> int:
+        """The optimizer steps that consumed the first `consumed` samples: consumed / global batch, or, with
+        a token budget, the steps replayed from sample 0 (the plans depend on the consumed count only)."""
+        if not self.planner.tokens_per_step:
+            return consumed // self.global_batch
+        steps = done = 0
+        while done < consumed:
+            done += self.planner._step_size(done)
+            steps += 1
+        return steps
+
+    def packing_efficiency(self, consumed: int) -> float:
+        """Real tokens / row tokens of the step starting at `consumed`, over every rank's micro-batches
+        (from the samples' lengths: no batch is read and no rank talks to another)."""
+        real = rows = 0
+        for rank_parts in self.planner.every_rank_micro_batches(consumed):
+            for part in rank_parts:
+                lengths = self.samples.stream.lengths(np.asarray(part, dtype=np.int64))
+                real += int(lengths.sum())
+                rows += len(part) * self.samples.width(lengths)
+        return real / rows if rows else 0.0
 
     def state_dict(self) -> Dict[str, int]:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """{"consumed_samples": n} and optionally "step", the optimizer steps already taken (else derived
+        from n when the masking curriculum needs it)."""
         self.consumed_samples = int(state["consumed_samples"])
+        self.steps_taken = int(state["step"]) if "step" in state else (0 if self.consumed_samples == 0 else None)
         self._iterator = None
 
 

@@ -12,7 +12,10 @@ sample's length), then makes every decision for the whole (B, L) batch at once i
   word-start mark, 'Ġ' for byte-level BPE or '▁' for SentencePiece, and after any special token);
 - spans: with `max_span` n > 1, the non-special units are tiled into blocks of k + 1 units with k
   drawn from p(k) ∝ 1/k on 1..n (ALBERT's n-gram masking); only the first k units of a block can be
-  masked, so masked spans never touch and each is at most n units long;
+  masked, so masked spans never touch and each is at most n units long. A row of several documents
+  (data.packing=packed_documents: `documents` holds their ids) is tiled per document, each from its
+  own first position's draws, so no word or span crosses a document and a row of one document is
+  masked as before;
 - selection: blocks in random order are taken while the midpoint of their token count stays
   within the budget round(mask_prob x candidate tokens) (randomised rounding, as fairseq), so the
   masked fraction is mask_prob on average whatever the word lengths;
@@ -83,15 +86,21 @@ class MaskingRecipe:
         inputs, labels = self.apply_batch(tokens[None], np.array([len(tokens)]), [self.draws(rng, len(tokens))])
         return inputs[0], labels[0]
 
-    def apply_batch(self, tokens: np.ndarray, lengths: np.ndarray, draws: Sequence[np.ndarray]
-                    ) -> Tuple[np.ndarray, np.ndarray]:
-        """tokens (B, L) int64, padded past `lengths`; draws[b] = self.draws(rng_b, >= lengths[b]).
+    def apply_batch(self, tokens: np.ndarray, lengths: np.ndarray, draws: Sequence[np.ndarray],
+                    documents: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """tokens (B, L) int64, padded past `lengths`; draws[b] = self.draws(rng_b, >= lengths[b]);
+        documents (B, L): document ids 1..k of the row's tokens, 0 past `lengths` (None: one per row).
 
-        Returns (inputs, labels), both (B, L). Row b depends on tokens[b] and draws[b] only.
+        Returns (inputs, labels), both (B, L). Row b depends on tokens[b], draws[b], documents[b] only.
         """
         batch, width = tokens.shape
         positions = np.arange(width)
         real = positions[None, :] < np.asarray(lengths)[:, None]
+        if documents is None:
+            documents = real.astype(np.int64)
+        # a segment is a run of one document id (padding included)
+        new_segment = np.ones((batch, width), dtype=bool)
+        new_segment[:, 1:] = documents[:, 1:] != documents[:, :-1]
         u = np.ones((5, batch, width))  # padding gets priority 1.0 (never first) and no span
         for b, d in enumerate(draws):
             n = int(lengths[b])
@@ -101,9 +110,8 @@ class MaskingRecipe:
 
         # units: a unit starts at every token, or at word starts and at/after specials
         if self.whole_word:
-            starts = self._word_start[tokens] | ~real
+            starts = self._word_start[tokens] | ~real | new_segment
             starts[:, 1:] |= special[:, :-1]
-            starts[:, 0] = True
         else:
             starts = np.ones_like(special)
         unit = np.cumsum(starts, axis=1) - 1  # (B, L) unit index of each token
@@ -111,19 +119,27 @@ class MaskingRecipe:
         # blocks of units (spans); a unit's rank counts the non-special units before it
         unit_is_candidate = starts & candidate
         if self.max_span > 1:
-            rank = np.cumsum(unit_is_candidate, axis=1) - 1  # valid on candidate tokens (a word is all-candidate)
-            spans = np.searchsorted(self._span_cdf, u[3]) + 1  # (B, L): block j has spans[:, j] maskable units
-            spans = np.minimum(spans, self.max_span)
-            block_ends = np.cumsum(spans + 1, axis=1)  # exclusive unit-rank end of each block
-            # one 1-D searchsorted for the whole batch: rows shifted apart by more than any rank
-            shift = (np.arange(batch) * (int(block_ends[:, -1].max()) + width + 1))[:, None]
-            block = np.searchsorted((block_ends + shift).ravel(), (rank + shift).ravel(), side="right")
-            block = block.reshape(batch, width) - (np.arange(batch) * width)[:, None]
-            begin = np.take_along_axis(block_ends - (spans + 1), np.clip(block, 0, width - 1), axis=1)
-            offset = rank - begin
-            span_len = np.take_along_axis(spans, np.clip(block, 0, width - 1), axis=1)
-            maskable = candidate & (offset < span_len)
-            group = np.where(maskable, block, width)  # width: the bin of tokens never selected
+            # per segment: rank of a unit among the segment's non-special units, and the segment's blocks,
+            # block j of the segment sized by the draw at the segment's j-th position
+            segment = np.cumsum(new_segment.ravel()) - 1  # flat: every segment of the batch numbered
+            segment_start = np.flatnonzero(new_segment.ravel())[segment]  # flat index of its first token
+
+            def within_segment(values):  # cumulative sum restarted at every segment, flat
+                total = np.cumsum(values.ravel())
+                return total - (total - values.ravel())[segment_start]
+
+            rank = within_segment(unit_is_candidate.astype(np.int64)) - 1  # valid on candidate tokens
+            spans = np.searchsorted(self._span_cdf, u[3]) + 1  # (B, L)
+            spans = np.minimum(spans, self.max_span).ravel()
+            block_ends = within_segment(spans + 1)  # exclusive unit-rank end of each block of the segment
+            # one 1-D searchsorted for the whole batch: segments shifted apart by more than any rank
+            shift = segment * (int(block_ends.max()) + width + 1)
+            block = np.searchsorted(block_ends + shift, rank + shift, side="right")  # flat index of the block
+            block = np.clip(block, 0, batch * width - 1)  # (a segment has fewer blocks than tokens)
+            offset = rank - (block_ends - (spans + 1))[block]
+            maskable = candidate & (offset < spans[block]).reshape(batch, width)
+            row_position = block.reshape(batch, width) - (np.arange(batch) * width)[:, None]
+            group = np.where(maskable, row_position, width)  # width: the bin of tokens never selected
         else:
             maskable = candidate
             group = np.where(maskable, unit, width)
@@ -153,3 +169,13 @@ class MaskingRecipe:
         pick = np.minimum((u[2] * len(self._random_ids)).astype(np.int64), len(self._random_ids) - 1)
         inputs[to_random] = self._random_ids[pick[to_random]]
         return inputs, labels
+
+
+def mask_prob_at(schedule: Sequence[Tuple[int, float]], step: int, default: float) -> float:
+    """The masking rate of optimizer step `step` (from 1) under a curriculum [[0, p0], [n1, p1], ...]:
+    p_k for the steps after n_k up to n_{k+1} (data.mask_prob_schedule); `default` when it is empty."""
+    rate = default
+    for start, prob in schedule:
+        if step > start:
+            rate = float(prob)
+    return rate

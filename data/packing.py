@@ -13,8 +13,17 @@ DOC-SENTENCES cuts each document on its own into pieces of C tokens: no sample c
 and a document's last piece, or a short document, gives a short sample (the token-budget batches
 of data/loader.py then take more of them). Empty documents give no sample.
 
+PACKED-DOCUMENTS fills rows with whole documents, each framed as DOC-SENTENCES frames it alone
+(`<s> doc </s>`; a document longer than C is first cut into DOC-SENTENCES' pieces, each its own
+document), so that no row wastes space on padding and attention can still be kept inside each
+document: the collator (data/loader.py) gives the row's k-th document the id k in `attention_mask`
+(0 = padding). Rows are built by best-fit decreasing within windows of PACKING_WINDOW documents in
+corpus order: longest first, each into the open row with the least room that still holds it, else a
+new row. The rows are fixed for the run (like every packing here); the sample stream shuffles them
+per (seed, epoch). Building costs one Python iteration per document (~2 us: ~20 s per 10M documents).
+
 SEGMENT-PAIR and SENTENCE-PAIR (sentence pairs with next-sentence labels) are data/pairs.py's;
-`build_packed` builds and caches all four the same way.
+`build_packed` builds and caches all five the same way.
 
 The index (per-item stream offsets; for DOC-SENTENCES the (begin, length) of every sample) is built
 with vectorised numpy and can come from data/sample_cache.py; only offsets are held in memory,
@@ -23,6 +32,8 @@ never the text.
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
+
+import bisect
 
 import numpy as np
 
@@ -63,6 +74,61 @@ def doc_sentences_index(item_lengths: np.ndarray, document_indices: Sequence[int
     return {**stream, "begin": begin, "length": length, "document": owner + first_doc}
 
 
+PACKING_WINDOW = 1000  # documents packed together: bounds memory and keeps rows near corpus order
+
+
+def best_fit_rows(framed: np.ndarray, capacity: int) -> np.ndarray:
+    """Row number (from 0, in order of opening) of each item of `framed` (lengths <= capacity):
+    best-fit decreasing, i.e. longest first (ties in given order), each into the open row with the
+    least room that still holds it (the latest opened of equals), else into a new row."""
+    rows = np.empty(len(framed), dtype=np.int64)
+    by_room: Dict[int, list] = {}  # room left -> open rows with that room
+    rooms: list = []  # sorted rooms that have open rows
+    opened = 0
+    smallest = int(framed.min()) if len(framed) else 0
+    for i in np.argsort(-framed, kind="stable").tolist():
+        need = int(framed[i])
+        k = bisect.bisect_left(rooms, need)
+        if k < len(rooms):
+            room = rooms[k]
+            waiting = by_room[room]
+            row = waiting.pop()
+            if not waiting:
+                del by_room[room]
+                rooms.pop(k)
+        else:
+            room, row = capacity, opened
+            opened += 1
+        rows[i] = row
+        left = room - need
+        if left >= smallest:  # a row with less room than the shortest item is closed
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(row)
+    return rows
+
+
+def packed_documents_index(item_lengths: np.ndarray, document_indices: Sequence[int], first_doc: int,
+                           last_doc: int, seq_length: int, window: int = PACKING_WINDOW) -> Arrays:
+    """DOC-SENTENCES' pieces grouped into rows: the pieces (begin, length, document) in row order,
+    row r holding pieces row_start[r]:row_start[r + 1] in corpus order."""
+    pieces = doc_sentences_index(item_lengths, document_indices, first_doc, last_doc, seq_length - 2)
+    framed = pieces["length"] + 2  # <s> piece </s>
+    bounds = np.searchsorted(pieces["document"], np.arange(first_doc, last_doc + window, window))
+    row = np.empty(len(framed), dtype=np.int64)
+    opened = 0
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if hi > lo:
+            row[lo:hi] = best_fit_rows(framed[lo:hi], seq_length) + opened
+            opened = int(row[lo:hi].max()) + 1
+    order = np.lexsort((np.arange(len(row)), row))  # by row, then corpus order
+    row_start = np.searchsorted(row[order], np.arange(opened + 1))
+    return {**{k: pieces[k] for k in ("lengths", "separator", "starts")},
+            "begin": pieces["begin"][order], "length": pieces["length"][order],
+            "document": pieces["document"][order], "row_start": row_start}
+
+
 class _PackedStream:
     """Reads token ranges of the split's stream (items end to end, optional `</s>` separators)."""
 
@@ -96,6 +162,10 @@ class _PackedStream:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         begin, end = self.span(index)
+        return np.concatenate(self._framed(source, item_offset, begin, end, bos, eos))
+
+    def _framed(self, source, item_offset: int, begin: int, end: int, bos, eos) -> list:
+        """Stream range [begin, end) as arrays `<s>`, its tokens (separators as `eos`), `</s>`."""
         pieces = [np.array([bos], dtype=np.int64)]
         k = int(np.searchsorted(self.starts, begin, side="right")) - 1
         position = begin
@@ -113,7 +183,7 @@ class _PackedStream:
                 pieces.append(np.array([eos], dtype=np.int64))
                 position += 1
         pieces.append(np.array([eos], dtype=np.int64))
-        return np.concatenate(pieces)
+        return pieces
 
 
 class FullSentences(_PackedStream):
@@ -165,7 +235,47 @@ class DocSentences(_PackedStream):
         return np.asarray(self.length, dtype=np.int64) + 2
 
 
-PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences,
+class PackedDocuments(DocSentences):
+    """Rows of whole documents (pieces of C tokens for longer ones), each framed `<s> ... </s>`;
+    `document_ids` numbers them 1..k within the row."""
+
+    def __init__(self, dataset, first_doc: int, last_doc: int, seq_length: int, bos_id: int, eos_id: int,
+                 index: Optional[Arrays] = None):
+        if index is None and last_doc > first_doc:
+            index = packed_documents_index(dataset.sequence_lengths, dataset.document_indices, first_doc, last_doc,
+                                           seq_length)
+        super().__init__(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
+        self.row_start = np.asarray(index["row_start"], dtype=np.int64)
+        self.num_samples = len(self.row_start) - 1
+        self.num_pieces = len(self.begin)  # framed documents (pieces) in all rows
+
+    def span(self, index: int):
+        raise TypeError("a packed row is several spans: use tokens / read")
+
+    def read(self, index: int, source, item_offset: int, bos, eos) -> np.ndarray:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        parts = []
+        for p in range(int(self.row_start[index]), int(self.row_start[index + 1])):
+            begin = int(self.begin[p])
+            parts.extend(self._framed(source, item_offset, begin, begin + int(self.length[p]), bos, eos))
+        return np.concatenate(parts)
+
+    def pieces(self, index: int) -> np.ndarray:
+        """Indices (into begin / length / document) of row `index`'s pieces, in order."""
+        return np.arange(int(self.row_start[index]), int(self.row_start[index + 1]))
+
+    def document_ids(self, index: int) -> np.ndarray:
+        """int64 id of each token of row `index`: k for its k-th framed document (from 1)."""
+        framed = np.asarray(self.length[self.row_start[index]:self.row_start[index + 1]], dtype=np.int64) + 2
+        return np.repeat(np.arange(1, len(framed) + 1, dtype=np.int64), framed)
+
+    def sample_lengths(self) -> np.ndarray:
+        framed = np.concatenate([[0], np.cumsum(np.asarray(self.length, dtype=np.int64) + 2)])
+        return framed[self.row_start[1:]] - framed[self.row_start[:-1]]
+
+
+PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences, "packed_documents": PackedDocuments,
             "segment_pair": PairSamples, "sentence_pair": PairSamples}  # the pairs: data/pairs.py
 
 
@@ -184,6 +294,9 @@ def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: 
     elif kind == "doc_sentences":
         build = lambda: doc_sentences_index(dataset.sequence_lengths, docs, first_doc, last_doc, seq_length - 2)
         params = {"first_doc": first_doc, "last_doc": last_doc, "seq_length": seq_length}
+    elif kind == "packed_documents":
+        build = lambda: packed_documents_index(dataset.sequence_lengths, docs, first_doc, last_doc, seq_length)
+        params = {"first_doc": first_doc, "last_doc": last_doc, "seq_length": seq_length, "window": PACKING_WINDOW}
     elif kind in PAIR_KINDS:
         if sentence_ends is None:
             raise ValueError(f"data.packing={kind} needs the tokenizer's sentence_ends table")
@@ -200,6 +313,8 @@ def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: 
     if kind in PAIR_KINDS:
         return PairSamples(kind, dataset, first_doc, last_doc, seq_length, bos_id, eos_id, sentence_ends,
                            pair_separators, seed, index=index)
+    if kind == "packed_documents":
+        return PackedDocuments(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
     return DocSentences(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
 
 

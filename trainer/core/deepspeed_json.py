@@ -3,7 +3,7 @@ the batch sizes, gradient clipping, AdamW's fields, ZeRO and precision, passed o
 pretraining and fine-tuning call it with their own sections."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from trainer.core.config import AdamWSection, ZeroSection
 
@@ -12,6 +12,11 @@ def trainer_clips_gradients(zero_stage: int, precision: str) -> bool:
     """Whether the trainer clips (trainer/core/step.py) rather than DeepSpeed: ZeRO 0 in fp32, the one path
     where DeepSpeed computes the gradient norm and throws it away."""
     return zero_stage == 0 and precision == "fp32"
+
+
+def trainer_clip(cfg) -> Optional[float]:
+    """The norm the trainer clips to itself (0: only measures it), or None where DeepSpeed clips."""
+    return cfg.train.grad_clip if trainer_clips_gradients(cfg.zero.stage, cfg.precision) else None
 
 
 def deepspeed_json(*, global_batch_size: int, micro_batch_size: int, accumulation: int, grad_clip: float,

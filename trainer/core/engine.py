@@ -49,6 +49,12 @@ def initialize(model: torch.nn.Module, groups: List[Dict], multipliers, ds_confi
     return engine
 
 
+def lr_curve(cfg: PretrainConfig) -> schedule.LRCurve:
+    """optim.schedule and its WSD keys (checked by PretrainConfig.validate)."""
+    o = cfg.optim
+    return schedule.LRCurve(o.schedule, o.decay_steps, o.decay_start_step, o.decay_shape)
+
+
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelContext, load_universal: bool = False):
     ds_config = deepspeed_json(global_batch_size=cfg.train.global_batch_size,
                                micro_batch_size=cfg.train.micro_batch_size, accumulation=cfg.check_batch(ctx.dp_size),
@@ -60,5 +66,5 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, ctx: ParallelConte
                                                generator_lr=cfg.optim.generator_lr)
     n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
     multipliers = schedule.lr_multipliers(towers, cfg.train.rtd_schedule, n, cfg.optim.warmup_steps,
-                                          cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr)
+                                          cfg.train.steps, cfg.optim.min_lr / cfg.optim.lr, lr_curve(cfg))
     return initialize(model, groups, multipliers, ds_config, ctx)

@@ -26,9 +26,24 @@ Schedules (`train.rtd_schedule`):
   its own warmup and linear decay. The discriminator's Adam moments are still zero at step n+1 (its
   gradients were zero), but Adam's bias correction then counts n steps already taken, so its first
   updates are smaller than a fresh optimizer's, an implicit extra warmup on top of the stage's own.
+
+LR curves (`optim.schedule`; `LRCurve`), as multipliers of the peak LR for optimizer step s (from 1), with
+W = warmup steps, T = train.steps, m = min_lr / lr; every curve warms up linearly (s / W for s <= W):
+- `linear` (default): then linear decay to m at step T (`warmup_linear_decay`, unchanged).
+- `cosine`: then m + (1 - m) (1 + cos(pi x)) / 2 with x = (s - W) / (T - W).
+- `wsd` (warmup-stable-decay, MiniCPM, ModernBERT): then 1.0 up to the decay start S, then
+  m + (1 - m) f(x) with x = (s - S) / (T - S) over steps S+1..T, f by `optim.decay_shape`: linear 1 - x,
+  cosine (1 + cos(pi x)) / 2, sqrt sqrt(1 - x) (holds high, falls late), 1-sqrt 1 - sqrt(x) (falls early;
+  Hägele et al. 2024, ModernBERT). S is `optim.decay_start_step` when set, else T - `optim.decay_steps`
+  (decay_steps 0: no decay, a stable run to continue later).
+Each is a function of the step alone, so a resumed run follows the formula of the config it resumes
+with: a stable-phase checkpoint resumed with `optim.decay_start_step` = its step (and any train.steps)
+decays from there (the scheduler's saved state is the step count; its functions come from the config).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -38,6 +53,8 @@ from models.registry import MODELS
 
 TOWERS = ("generator", "shared", "discriminator")
 RTD_SCHEDULES = ("joint", "two_stage")
+LR_SCHEDULES = ("linear", "cosine", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "sqrt", "1-sqrt")
 
 
 def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -107,6 +124,110 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int, min_ratio: float) -
     return multiplier
 
 
+DECAY = {  # x in [0, 1] through the decay -> the fraction of (peak - min) still left
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: 0.5 * (1.0 + math.cos(math.pi * x)),
+    "sqrt": lambda x: math.sqrt(1.0 - x),
+    "1-sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+
+
+def warmup_cosine_decay(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """As `warmup_linear_decay`, with a cosine from 1 at step W to `min_ratio` at step T."""
+    def multiplier(i: int) -> float:
+        s = i + 1
+        if s <= warmup_steps:
+            return s / warmup_steps
+        x = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * DECAY["cosine"](x)
+    return multiplier
+
+
+def warmup_stable_decay(warmup_steps: int, decay_start: int, total_steps: int, min_ratio: float,
+                        shape: str = "linear") -> Callable[[int], float]:
+    """Warmup to step W, 1.0 to step `decay_start` S, then the `shape` decay to `min_ratio` at step T
+    (and after it); S >= T: no decay."""
+    decay = DECAY[shape]
+
+    def multiplier(i: int) -> float:
+        s = i + 1
+        if s <= warmup_steps:
+            return s / warmup_steps
+        if s <= decay_start or decay_start >= total_steps:
+            return 1.0
+        x = min(1.0, (s - decay_start) / max(1, total_steps - decay_start))
+        return min_ratio + (1.0 - min_ratio) * decay(x)
+    return multiplier
+
+
+@dataclass(frozen=True)
+class LRCurve:
+    """`optim.schedule` and its keys: the multiplier of a run (or a two_stage stage) of any length."""
+    kind: str = "linear"
+    decay_steps: int = 0
+    """wsd: length of the decay, which ends at the last step."""
+    decay_start_step: int = 0
+    """wsd: the last step at full LR (the decay takes the steps after it); 0: total - decay_steps."""
+    decay_shape: str = "linear"
+
+    def decay_start(self, total_steps: int) -> int:
+        return self.decay_start_step or total_steps - self.decay_steps
+
+    def multiplier(self, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+        if self.kind == "linear":
+            return warmup_linear_decay(warmup_steps, total_steps, min_ratio)
+        if self.kind == "cosine":
+            return warmup_cosine_decay(warmup_steps, total_steps, min_ratio)
+        if self.kind == "wsd":
+            return warmup_stable_decay(warmup_steps, self.decay_start(total_steps), total_steps, min_ratio,
+                                       self.decay_shape)
+        raise ValueError(f"unknown LR schedule {self.kind!r}")
+
+    def check(self, warmup_steps: int, total_steps: int) -> None:
+        """The one-line errors of optim.schedule / decay_* against optim.warmup_steps and train.steps."""
+        if self.kind not in LR_SCHEDULES:
+            raise UserError(f"optim.schedule={self.kind!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise UserError(f"optim.decay_shape={self.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}")
+        if self.kind != "wsd":
+            for key, value, default in (("decay_steps", self.decay_steps, 0),
+                                        ("decay_start_step", self.decay_start_step, 0),
+                                        ("decay_shape", self.decay_shape, "linear")):
+                if value != default:
+                    raise UserError(f"optim.{key}={value} applies to optim.schedule=wsd only, not {self.kind}")
+            return
+        if self.decay_steps < 0 or self.decay_start_step < 0:
+            key, value = (("decay_steps", self.decay_steps) if self.decay_steps < 0
+                          else ("decay_start_step", self.decay_start_step))
+            raise UserError(f"optim.{key}={value} must not be negative")
+        if self.decay_steps and self.decay_start_step and self.decay_start_step + self.decay_steps != total_steps:
+            raise UserError(f"optim.decay_start_step={self.decay_start_step} + optim.decay_steps={self.decay_steps} "
+                            f"must equal train.steps={total_steps} (the decay ends at the last step); set one of them")
+        if self.decay_start_step and self.decay_start_step >= total_steps:
+            raise UserError(f"optim.decay_start_step={self.decay_start_step} leaves no step to decay: it must be "
+                            f"below train.steps={total_steps}")
+        if self.decay_start_step and self.decay_start_step < warmup_steps:
+            raise UserError(f"optim.decay_start_step={self.decay_start_step} falls inside the warmup: it must be at "
+                            f"least optim.warmup_steps={warmup_steps}")
+        if warmup_steps + self.decay_steps > total_steps:
+            raise UserError(f"optim.decay_steps={self.decay_steps} is longer than the run: optim.warmup_steps="
+                            f"{warmup_steps} + optim.decay_steps must not exceed train.steps={total_steps}")
+
+
+def restore_scheduled_lr(engine) -> None:
+    """After a checkpoint load: every group's LR becomes its schedule's for the next step (the loaded step
+    count), not the LR the optimizer state saved, which the saving run's schedule set (another one when
+    optim.schedule / decay_* / train.steps changed) and which ZeRO's loads may not restore at all. The same
+    product LambdaLR.step computes, so an unchanged schedule resumes bitwise as before."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    lrs = [base_lr * lmbda(scheduler.last_epoch) for lmbda, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def _window(inner: Callable[[int], float], first: int, last: int) -> Callable[[int], float]:
     """`inner` run over steps first..last (its step 1 is `first`); 0 outside them."""
     def multiplier(i: int) -> float:
@@ -123,13 +244,13 @@ def generator_steps(schedule: str, generator_steps_cfg: int, total_steps: int) -
 
 
 def lr_multipliers(towers: List[str], schedule: str, n: int, warmup_steps: int, total_steps: int,
-                   min_ratio: float) -> List[Callable[[int], float]]:
+                   min_ratio: float, curve: LRCurve = LRCurve()) -> List[Callable[[int], float]]:
     """One LambdaLR multiplier per group. two_stage: warmup (capped at each stage's length) and decay
-    within each stage; the shared tables follow whichever tower is training."""
+    (`curve`: linear or cosine) within each stage; the shared tables follow whichever tower is training."""
     if schedule == "joint":
-        return [warmup_linear_decay(warmup_steps, total_steps, min_ratio)] * len(towers)
-    first = _window(warmup_linear_decay(min(warmup_steps, n), n, min_ratio), 1, n)
-    second = _window(warmup_linear_decay(min(warmup_steps, total_steps - n), total_steps - n, min_ratio),
+        return [curve.multiplier(warmup_steps, total_steps, min_ratio)] * len(towers)
+    first = _window(curve.multiplier(min(warmup_steps, n), n, min_ratio), 1, n)
+    second = _window(curve.multiplier(min(warmup_steps, total_steps - n), total_steps - n, min_ratio),
                      n + 1, total_steps)
     both = lambda i: first(i) + second(i)  # the windows do not overlap
     return [{"generator": first, "discriminator": second, "shared": both}[t] for t in towers]

@@ -39,7 +39,7 @@ from data.tokenizer import Tokenizer
 from models.classification import SequenceClassifier
 from trainer.core.checkpoint import CheckpointManager, TrainState
 from trainer.core.config import CheckpointSection
-from trainer.core.deepspeed_json import deepspeed_config, trainer_clips_gradients
+from trainer.core.deepspeed_json import deepspeed_config, trainer_clip
 from trainer.core.engine import initialize, warmup_linear_decay
 from trainer.core.cli import parse_run_args
 from trainer.core.loop import StepLoop, run_guarded
@@ -149,7 +149,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     if sift is not None:
         sift.skipped = state.data["sift_skipped"]
     metrics = MetricsWriter(seed_dir, enabled=ctx.is_main, resume_step=state.step)
-    loop = StepLoop(engine, ctx, seed=seed, clip=cfg.train.grad_clip if trainer_clips_gradients(cfg.zero.stage, cfg.precision) else None,
+    loop = StepLoop(engine, ctx, seed=seed, clip=trainer_clip(cfg),
                     max_bad_steps=cfg.train.max_bad_steps, log_every=cfg.log.every_steps, metrics=metrics,
                     preemption=preemption, forward=task_forward(sift, task.regression), lr_group=-1,
                     where=f"seed {seed} ", skipped=state.skipped_steps, bad_in_a_row=state.data["bad_in_a_row"])
@@ -179,6 +179,7 @@ def finetune_seed(cfg: FinetuneConfig, seed: int, ctx, task: Task, init: Initial
     del engine, loop
     gc.collect()
     return best.best
+
 
 
 def _save_and_stop(cfg: FinetuneConfig, ctx, engine, last_dir: CheckpointManager, state: TrainState, seed: int,

@@ -10,8 +10,9 @@ from data.errors import UserError
 from data.tasks import TaskFormat
 from trainer.core.config import AdamWSection, CheckpointSection, LogSection, RunConfig, _choice, get_key
 from trainer.core.config import load_config as _load_config
+from trainer.core.schedule import LRCurve
 
-PACKINGS = ("full_sentences", "doc_sentences", "segment_pair", "sentence_pair")
+PACKINGS = ("full_sentences", "doc_sentences", "packed_documents", "segment_pair", "sentence_pair")
 PAIR_PACKINGS = ("segment_pair", "sentence_pair")  # sentence pairs with next-sentence prediction
 
 
@@ -51,6 +52,9 @@ class DataSection:
     """full_sentences: contiguous text that may cross documents, </s> between documents;
     doc_sentences: samples never cross a document, short documents give short samples
     (use with train.tokens_per_step, as RoBERTa does, to keep tokens per step about constant);
+    packed_documents: rows filled with whole documents (best-fit, longest first, within windows of 1000
+    documents; longer ones cut into pieces), each framed `<s> ... </s>` as doc_sentences frames it, and
+    `attention_mask` numbering the row's documents 1..k (0 = padding) so models attend within each one;
     segment_pair / sentence_pair: BERT's pairs of multi-sentence segments / of single sentences, B the
     continuation of A or (half the time) from another document, trained with next-sentence prediction
     (the model's NSP head is turned on; roberta and deberta only; data/pairs.py)."""
@@ -58,7 +62,11 @@ class DataSection:
     """A micro-batch is padded to its longest sample rounded up to this multiple (at most seq_length), so
     doc_sentences' short samples cost short rows; 0 pads every batch to seq_length (fixed shapes)."""
     mask_prob: float = 0.15
-    """Fraction of non-special tokens selected for prediction (RoBERTa/BERT: 15%)."""
+    """Fraction of non-special tokens selected for prediction (RoBERTa/BERT: 15%); validation always uses it."""
+    mask_prob_schedule: List[Tuple[int, float]] = field(default_factory=list)
+    """Masking-rate curriculum (MLM and the RTD generator), [[0, p0], [n1, p1], ...]: steps after n_k (up to the
+    next point) mask p_k of the tokens, e.g. mmBERT's [[0, 0.3], [n1, 0.15], [n2, 0.05]]; empty: `mask_prob`
+    throughout. Dynamic masking only; the rate follows the optimizer step that consumes the sample."""
     mask_token_prob: float = 0.8
     """Of the selected tokens: this fraction becomes <mask> ..."""
     random_token_prob: float = 0.1
@@ -120,8 +128,20 @@ class TrainSection:
 class OptimSection(AdamWSection):
     """AdamW's lr, betas, eps, weight_decay (RoBERTa's defaults), then the schedule."""
     warmup_steps: int = 10
-    """Linear warmup from 0 to `lr`, then linear decay to `min_lr` at `train.steps`."""
+    """Linear warmup from 0 to `lr` (step s <= W uses s / W), then the `schedule`'s decay."""
     min_lr: float = 0.0
+    """The LR the decay ends at, at `train.steps`."""
+    schedule: str = "linear"
+    """linear: linear decay to `min_lr` at train.steps; cosine: cosine decay to it; wsd (warmup-stable-decay):
+    `lr` until the decay, then a `decay_shape` decay to `min_lr` at train.steps (trainer/core/schedule.py)."""
+    decay_steps: int = 0
+    """wsd: steps of the decay, the last ones of the run (0 and no decay_start_step: no decay)."""
+    decay_start_step: int = 0
+    """wsd: the last step at full LR, the decay taking steps decay_start_step+1..train.steps (0: train.steps -
+    decay_steps). Resuming a stable-phase checkpoint of step S with decay_start_step=S (and any train.steps)
+    continues it into a fresh decay."""
+    decay_shape: str = "linear"
+    """wsd: the decay's shape over x = its fraction done: linear 1-x, cosine, sqrt sqrt(1-x), 1-sqrt 1-sqrt(x)."""
     generator_lr: Optional[float] = None
     """RTD models: peak LR of the generator's own parameters (its own optimizer group; tables shared
     under `es` follow `lr`). None: `lr`. Clipping stays global over both towers (trainer/core/schedule.py)."""
@@ -242,6 +262,7 @@ class PretrainConfig(RunConfig):
                 raise UserError(f"{key}={value} must be between 0 and 1")
         if self.data.mask_token_prob + self.data.random_token_prob > 1.0:
             raise UserError("data.mask_token_prob + data.random_token_prob must not exceed 1")
+        self._check_mask_prob_schedule()
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.lr={self.optim.lr} must be > 0 and optim.min_lr={self.optim.min_lr} in [0, lr]")
         if self.optim.generator_lr is not None and self.optim.generator_lr <= 0:
@@ -253,9 +274,33 @@ class PretrainConfig(RunConfig):
                             f"(0: half of train.steps)")
         if not 0 <= self.optim.warmup_steps <= self.train.steps:
             raise UserError(f"optim.warmup_steps={self.optim.warmup_steps} must be in [0, train.steps={self.train.steps}]")
+        LRCurve(self.optim.schedule, self.optim.decay_steps, self.optim.decay_start_step,
+                self.optim.decay_shape).check(self.optim.warmup_steps, self.train.steps)
+        if self.train.rtd_schedule == "two_stage" and self.optim.schedule == "wsd":
+            raise UserError("optim.schedule=wsd does not combine with train.rtd_schedule=two_stage (each stage has "
+                            "its own warmup and decay): use optim.schedule=linear or cosine")
         self.probe.validate(self.data.seq_length)
         self.require_not_negative("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
                                   "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps")
+
+    def _check_mask_prob_schedule(self) -> None:
+        points, key = self.data.mask_prob_schedule, "data.mask_prob_schedule"
+        if not points:
+            return
+        if self.data.masking == "static":
+            raise UserError(f"{key} needs data.masking=dynamic: static masks were drawn at one rate at preprocessing")
+        steps = [step for step, _ in points]
+        if steps[0] != 0:
+            raise UserError(f"{key} must start at step 0 (its first point is [{steps[0]}, ...]): "
+                            f"[[0, p0], [n1, p1], ...]")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise UserError(f"{key} steps must increase: {steps}")
+        if steps[-1] >= self.train.steps:
+            raise UserError(f"{key} point at step {steps[-1]} is beyond the run: its steps must be below "
+                            f"train.steps={self.train.steps}")
+        for step, rate in points:
+            if not 0.0 < rate < 1.0:
+                raise UserError(f"{key} rate {rate} (at step {step}) must be in (0, 1)")
 
     def check_batch(self, data_parallel_size: int) -> int:
         """RunConfig's, after the checks of a token budget per step."""

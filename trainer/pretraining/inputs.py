@@ -114,7 +114,8 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                            max_span=cfg.data.max_span)
     pad = cfg.data.pad_to_multiple_of
     train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
-                          pad_to_multiple_of=pad, static_masks=static_masks("train"))
+                          pad_to_multiple_of=pad, static_masks=static_masks("train"),
+                          mask_prob_schedule=cfg.data.mask_prob_schedule)
     held_out = {}
     for name in ("valid", "test"):
         held = stream(name, False)

@@ -19,7 +19,7 @@ from models.parallel import partition_dims
 from models.registry import batch_keys
 from trainer.core import schedule
 from trainer.core.checkpoint import CheckpointManager, TrainState
-from trainer.core.deepspeed_json import trainer_clips_gradients
+from trainer.core.deepspeed_json import trainer_clip
 from trainer.core.diagnostics import PlateauWatch
 from trainer.core.elastic import prepare_resume
 from trainer.core.engine import build_engine
@@ -75,7 +75,7 @@ def prepare(cfg: PretrainConfig) -> Pretraining:
     schedule.check_schedule(model, cfg.train.rtd_schedule, two_stage_n, cfg.train.steps)
     engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
     state = checkpoints.load(engine, resume.path, resume.universal) if resume else TrainState()
-    inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples})
+    inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples, "step": state.step})
     metrics = MetricsWriter(run.path, enabled=ctx.is_main, resume_step=state.step)
     extra, meta = checkpoint_context(cfg, ctx, model, model_config, tokenizer)
     logger.info("model %s/%s: %.2fM parameters (this rank); world %d = tp %d x dp %d; steps %d..%d",
@@ -92,22 +92,24 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     keys = set(batch_keys(cfg.model.name))  # e.g. sample_index: RTD models only
     only_keys = lambda batches: [{k: v for k, v in b.items() if k in keys} for b in batches]
     preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
-    loop = StepLoop(engine, ctx, seed=cfg.train.seed, clip=cfg.train.grad_clip if trainer_clips_gradients(cfg.zero.stage, cfg.precision) else None,
+    loop = StepLoop(engine, ctx, seed=cfg.train.seed, clip=trainer_clip(cfg),
                     max_bad_steps=cfg.train.max_bad_steps, log_every=cfg.log.every_steps, metrics=metrics,
                     preemption=preemption, vocab_size=p.tokenizer.vocab_size, skipped=state.skipped_steps)
     enter_stage = (lambda step: schedule.enter_step(engine, step, p.two_stage_n)) if p.two_stage_n else None
     plateau = PlateauWatch()  # warns when validation sits at the prior / unigram baselines
-    status = 0
+    status, efficiency = 0, []  # real tokens / row tokens of the steps since the last log
     for step in loop.steps(state.step + 1, cfg.train.steps, lambda step: only_keys(inputs.loader.next_step()),
                            before_step=enter_stage, save_due=checkpoints.time_due, inject_nan=cfg.debug.nan_loss_steps):
         state.step, state.consumed_samples, state.skipped_steps = step, inputs.loader.consumed_samples, loop.skipped
         engine.global_samples = state.consumed_samples  # DeepSpeed would count nominal batches (token budgets)
         state.data = inputs.loader.state_dict()
+        efficiency.append(inputs.loader.last_step_packing_efficiency)
 
         if loop.log_due(step, first_logged=1):
             state.consumed_tokens += loop.take_tokens()
             loop.log(step, {"consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                            "data_parallel_size": ctx.dp_size})
+                            "packing_efficiency": sum(efficiency) / len(efficiency), "data_parallel_size": ctx.dp_size})
+            efficiency.clear()
 
         if inputs.valid is not None and cfg.eval.every_steps and (
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
@@ -134,6 +136,7 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     preemption.uninstall()
     metrics.close()
     return status, p.run.summary()
+
 
 
 def checkpoint_context(cfg: PretrainConfig, ctx, model: torch.nn.Module, model_config: dict, tokenizer):
