@@ -156,7 +156,7 @@ def ours_step_fn(model: str, net, cfg, batch, args, device):
     if model == "deberta_v3_rtd":
         net.sampling_seed = 0
         counts = {"predicted": (batch["labels"] != -100).sum().float(),
-                  "tokens": batch["attention_mask"].sum().float()}
+                  "tokens": (batch["attention_mask"] != 0).sum().float()}
 
         def loss_fn():
             out = net(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["sample_index"])
