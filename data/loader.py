@@ -9,7 +9,16 @@ run of the stream:
   tokens (`<s>`/`</s>` included, at least one sample), so that short samples make larger batches and
   tokens per step stay about constant.
 
-Either way the step's samples depend on the consumed count only, never on the data-parallel size.
+Either way the step's samples depend on the consumed count (and the step) only, never on the data-parallel size.
+
+Two curricula follow the optimizer step (both need the token budget):
+- batch-size warmup (train.batch_warmup_steps): step s <= N has the budget `batch_budget(T, N, a, s)`, rising
+  linearly from a x T at step 1 to T after step N;
+- sequence length in phases (data.seq_length_schedule): the steps of phase k take rows of length L_k from
+  the stream of samples packed at L_k, read from its position 0 when the phase begins. Global indices stay
+  the run's consumed-sample stream: phase k's first sample has global index G_k (the count consumed when
+  it began) and global index g reads position g - G_k of its stream (`StepIndices.offset`); masks and RTD
+  sampling stay keyed by g. G_k is the loader's `phase_start`, kept in its state (or replayed from the plans).
 A batch's `attention_mask` holds document ids: 1..k for the row's k documents (several only with
 data.packing=packed_documents), 0 for padding; `check_document_ids` enforces that where batches are built.
 Rank r of D takes the r-th of D near-equal contiguous slices and cuts it into K micro-batches of at
@@ -55,11 +64,31 @@ def check_document_ids(ids: np.ndarray, sample_index: Sequence[int] = (),
 
 class StepIndices(list):
     """A micro-batch's global indices and `step`, the optimizer step that consumes them (what the
-    sampler hands `MaskedSamples.__getitems__`, through DataLoader workers too)."""
+    sampler hands `MaskedSamples.__getitems__`, through DataLoader workers too); with a length curriculum
+    also its `phase` and `offset`, the global index of position 0 of the phase's stream."""
 
-    def __init__(self, indices=(), step: Optional[int] = None):
+    def __init__(self, indices=(), step: Optional[int] = None, phase: int = 0, offset: int = 0):
         super().__init__(indices)
-        self.step = step
+        self.step, self.phase, self.offset = step, phase, offset
+
+
+def batch_budget(tokens_per_step: int, warmup_steps: int, start: float, step: Optional[int]) -> int:
+    """The token budget of optimizer step `step` (from 1) under batch-size warmup (train.batch_warmup_steps):
+    a + (T - a) x (step - 1) // N for step <= N, a = round(start x T); T after it (and without warmup)."""
+    if not warmup_steps or step is None or step > warmup_steps:
+        return tokens_per_step
+    first = int(round(start * tokens_per_step))
+    return first + (tokens_per_step - first) * (step - 1) // warmup_steps
+
+
+def phase_at(firsts: Sequence[int], step: Optional[int]) -> int:
+    """The phase of step `step` under phases starting after steps `firsts` (firsts[0] = 0): the last k with
+    step > firsts[k] (0 for an untracked step)."""
+    phase = 0
+    for k, first in enumerate(firsts):
+        if step is not None and step > first:
+            phase = k
+    return phase
 
 
 def already_collated(batch):
@@ -121,7 +150,9 @@ class MaskedSamples(torch.utils.data.Dataset):
         padding), sample_index (B,) (next_sentence_label (B,) too for the pair formats); W is
         seq_length, or the longest sample rounded up to pad_to_multiple_of."""
         indices = [int(g) for g in global_indices]
-        corpus, samples = self.stream.locate(indices)
+        offset = getattr(global_indices, "offset", 0)  # a length phase's stream starts at global index `offset`
+        positions = [g - offset for g in indices]
+        corpus, samples = self.stream.locate(positions)
         rows = [self.stream.tokens(c, s) for c, s in zip(corpus.tolist(), samples.tolist())]
         lengths = np.array([len(row) for row in rows], dtype=np.int64)
         width = self.width(lengths)
@@ -136,7 +167,7 @@ class MaskedSamples(torch.utils.data.Dataset):
                 draws.append(self.recipe.draws(sample_rng(self.seed, g, self.mask_stream), len(sample)))
         check_document_ids(attention, indices, lengths)
         if self.static_masks is not None:
-            copies = (self.stream.corpus_epochs(indices) if self.static_copy is None
+            copies = (self.stream.corpus_epochs(positions) if self.static_copy is None
                       else np.full(len(indices), self.static_copy))
             inputs, labels = stored_batch(self.static_masks, self.stream.corpora, corpus, samples, copies, tokens)
         else:
@@ -165,46 +196,55 @@ class MaskedSamples(torch.utils.data.Dataset):
 
 
 class StepPlanner:
-    """Which global indices each optimizer step takes, and this rank's micro-batches of them."""
+    """Which stream positions each optimizer step takes, and this rank's micro-batches of them."""
 
     def __init__(self, stream: SampleStream, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 tokens_per_step: int = 0):
+                 tokens_per_step: int = 0, warmup_steps: int = 0, warmup_start: float = 1.0):
         self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.tokens_per_step = dp_rank, dp_size, tokens_per_step
-        # consumed -> (step size, micro-batches): the sampler (running ahead) and next_step both ask
-        self._plans: "OrderedDict[int, Tuple[int, List[List[int]]]]" = OrderedDict()
+        self.warmup_steps, self.warmup_start = warmup_steps, warmup_start
+        # (consumed, step) -> (step size, micro-batches): the sampler (running ahead) and next_step both ask
+        self._plans: "OrderedDict[Tuple[int, Optional[int]], Tuple[int, List[List[int]]]]" = OrderedDict()
 
-    def plan(self, consumed: int) -> Tuple[int, List[List[int]]]:
-        """(samples the step starting at `consumed` takes, this rank's micro-batches of them)."""
-        if consumed not in self._plans:
-            count = self._step_size(consumed)
-            self._plans[consumed] = (count, self._micro_batches(consumed, count))
+    def budget(self, step: Optional[int]) -> int:
+        """Tokens of step `step` (0: fixed batches of global_batch samples)."""
+        if not self.tokens_per_step:
+            return 0
+        return batch_budget(self.tokens_per_step, self.warmup_steps, self.warmup_start, step)
+
+    def plan(self, consumed: int, step: Optional[int] = None) -> Tuple[int, List[List[int]]]:
+        """(samples the step `step` starting at `consumed` takes, this rank's micro-batches of them)."""
+        key = (consumed, step if self.warmup_steps else None)
+        if key not in self._plans:
+            count = self._step_size(consumed, step)
+            self._plans[key] = (count, self._micro_batches(consumed, count))
             if len(self._plans) > 16:
                 self._plans.popitem(last=False)
-        return self._plans[consumed]
+        return self._plans[key]
 
-    def step_size(self, consumed: int) -> int:
-        """Samples the step starting at global index `consumed` takes."""
-        return self.plan(consumed)[0]
+    def step_size(self, consumed: int, step: Optional[int] = None) -> int:
+        """Samples the step starting at position `consumed` takes."""
+        return self.plan(consumed, step)[0]
 
-    def micro_batches(self, consumed: int) -> List[List[int]]:
-        """This rank's micro-batches (lists of global indices) of the step starting at `consumed`."""
-        return self.plan(consumed)[1]
+    def micro_batches(self, consumed: int, step: Optional[int] = None) -> List[List[int]]:
+        """This rank's micro-batches (lists of positions) of the step starting at `consumed`."""
+        return self.plan(consumed, step)[1]
 
-    def _step_size(self, consumed: int) -> int:
-        if not self.tokens_per_step:
+    def _step_size(self, consumed: int, step: Optional[int] = None) -> int:
+        budget = self.budget(step)
+        if not budget:
             return self.global_batch
-        window = max(16, 2 * self.tokens_per_step // max(1, self.stream.corpora[0].seq_length) + 16)
+        window = max(16, 2 * budget // max(1, self.stream.corpora[0].seq_length) + 16)
         while True:
             lengths = self.stream.lengths(np.arange(consumed, consumed + window))
             total = np.cumsum(lengths)
-            if total[-1] > self.tokens_per_step:
-                return max(1, int(np.searchsorted(total, self.tokens_per_step, side="right")))
+            if total[-1] > budget:
+                return max(1, int(np.searchsorted(total, budget, side="right")))
             window *= 2
 
-    def every_rank_micro_batches(self, consumed: int) -> List[List[List[int]]]:
+    def every_rank_micro_batches(self, consumed: int, step: Optional[int] = None) -> List[List[List[int]]]:
         """The micro-batches of every data-parallel rank (in rank order) of the step starting at `consumed`."""
-        count = self.step_size(consumed)
+        count = self.step_size(consumed, step)
         return [self._micro_batches(consumed, count, rank) for rank in range(self.dp_size)]
 
     def _micro_batches(self, consumed: int, count: int, rank: Optional[int] = None) -> List[List[int]]:
@@ -221,48 +261,101 @@ class StepPlanner:
 
 
 class _RankBatches(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of global indices from `consumed` on, forever, as `StepIndices`
-    of their optimizer step (`steps_taken` + 1 first; None when the step is not tracked)."""
+    """Yields this rank's micro-batches of global indices from the loader's position on, forever, as
+    `StepIndices` of their optimizer step (`steps_taken` + 1 first; None when the step is not tracked)."""
 
-    def __init__(self, planner: StepPlanner, consumed: int, steps_taken: Optional[int] = None):
-        self.planner, self.consumed, self.steps_taken = planner, consumed, steps_taken
+    def __init__(self, loader: "PretrainLoader"):
+        self.loader = loader
+        step = None if loader.steps_taken is None else loader.steps_taken + 1
+        self.position = (loader.consumed_samples, step, loader.phase_start or 0)
 
     def __iter__(self) -> Iterator[List[int]]:
-        consumed, step = self.consumed, None if self.steps_taken is None else self.steps_taken + 1
+        position = self.position
         while True:
-            count, parts = self.planner.plan(consumed)
-            yield from (StepIndices(part, step) for part in parts)
-            consumed += count
-            step = None if step is None else step + 1
+            count, parts = self.loader.plan(*position)
+            yield from parts
+            position = self.loader.advance(*position, count)
+
+
+class _PhasedSamples(torch.utils.data.Dataset):
+    """The length phases' MaskedSamples behind one dataset: a micro-batch goes to its `StepIndices.phase`'s."""
+
+    def __init__(self, phases: Sequence[MaskedSamples]):
+        self.phases = list(phases)
+
+    def __len__(self) -> int:
+        return len(self.phases[0])
+
+    def __getitems__(self, indices) -> Dict[str, torch.Tensor]:
+        return self.phases[getattr(indices, "phase", 0)].__getitems__(indices)
 
 
 class PretrainLoader:
-    """Micro-batches for one optimizer step at a time; `state_dict` is the consumed-sample count."""
+    """Micro-batches for one optimizer step at a time; `state_dict` is the consumed-sample count (and, with a
+    length curriculum, `phase_start`: the global index at which the current phase's stream began)."""
 
     def __init__(self, samples: MaskedSamples, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 num_workers: int = 0, consumed_samples: int = 0, tokens_per_step: int = 0):
+                 num_workers: int = 0, consumed_samples: int = 0, tokens_per_step: int = 0,
+                 length_phases: Sequence[Tuple[int, MaskedSamples]] = (), batch_warmup_steps: int = 0,
+                 batch_warmup_start: float = 1.0):
+        """length_phases: [(n_k, samples_k), ...] for k >= 1: the steps after n_k (up to the next) read samples_k
+        (its stream packed at phase k's length); `samples` serves the steps up to n_1 (data.seq_length_schedule).
+        batch_warmup_steps / _start: the token budget's warmup (`batch_budget`). Both need tokens_per_step."""
         if not tokens_per_step and global_batch % (micro_batch * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
+        if not tokens_per_step and (length_phases or batch_warmup_steps):
+            raise ValueError("a length curriculum or a batch warmup needs a token budget per step")
         self.samples, self.global_batch, self.micro_batch = samples, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
-        self.planner = StepPlanner(samples.stream, global_batch, micro_batch, dp_rank, dp_size, tokens_per_step)
+        self.phases = [samples] + [phase for _, phase in length_phases]
+        self.phase_firsts = [0] + [int(first) for first, _ in length_phases]
+        self.planners = [StepPlanner(phase.stream, global_batch, micro_batch, dp_rank, dp_size, tokens_per_step,
+                                     batch_warmup_steps, batch_warmup_start) for phase in self.phases]
+        self.planner = self.planners[0]
         self.consumed_samples = consumed_samples
         self.steps_taken: Optional[int] = 0 if consumed_samples == 0 else None
         """Optimizer steps whose batches were taken (None: not known yet, derived from the consumed
-        count when a masking curriculum needs it: `derive_steps_taken`)."""
+        count when a curriculum needs it: `derive_steps_taken`)."""
+        self.phase_start: Optional[int] = 0 if consumed_samples == 0 else None
+        """Global index of position 0 of the next step's length phase's stream (None: not known yet)."""
+        self._saved_phase_start: Optional[int] = None
         self.last_step_samples = 0
         self.last_step_packing_efficiency = 0.0
         """Real (non-padding) tokens / row tokens (B x W) of the last step's micro-batches on every
         rank: the same on every rank, for metrics.jsonl."""
         self._iterator = None
 
+    @property
+    def follows_steps(self) -> bool:
+        """Whether batches depend on the optimizer step (a curriculum), which must then be known."""
+        return bool(self.samples.mask_prob_schedule or len(self.phases) > 1 or self.planner.warmup_steps)
+
+    def plan(self, consumed: int, step: Optional[int], phase_start: int) -> Tuple[int, List[StepIndices]]:
+        """(samples the step `step` starting at global index `consumed` takes, this rank's micro-batches)."""
+        phase = phase_at(self.phase_firsts, step)
+        count, parts = self.planners[phase].plan(consumed - phase_start, step)
+        return count, [StepIndices([p + phase_start for p in part], step, phase, phase_start) for part in parts]
+
+    def advance(self, consumed: int, step: Optional[int], phase_start: int, count: int
+                ) -> Tuple[int, Optional[int], int]:
+        """The position after step `step` took `count` samples: a new phase's stream starts at the new count."""
+        consumed += count
+        if step is None:
+            return consumed, None, phase_start
+        if phase_at(self.phase_firsts, step + 1) != phase_at(self.phase_firsts, step):
+            phase_start = consumed
+        return consumed, step + 1, phase_start
+
     def _start(self) -> None:
-        if self.steps_taken is None and self.samples.mask_prob_schedule:
+        if self.steps_taken is None and self.follows_steps:
             self.steps_taken = self.derive_steps_taken(self.consumed_samples)
-        sampler = _RankBatches(self.planner, self.consumed_samples, self.steps_taken)
+        if self.phase_start is None:
+            self.phase_start = self.derive_phase_start()
+        sampler = _RankBatches(self)
+        dataset = self.samples if len(self.phases) == 1 else _PhasedSamples(self.phases)
         # A private generator: creating an iterator must not draw from the global torch RNG, which
         # drives dropout (a resumed run creates its iterator at a different point than an uninterrupted one).
-        loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, num_workers=self.num_workers,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                              collate_fn=already_collated,
                                              persistent_workers=self.num_workers > 0,
                                              generator=torch.Generator().manual_seed(0))
@@ -270,49 +363,76 @@ class PretrainLoader:
 
     def next_step(self, step: Optional[int] = None) -> List[Dict[str, torch.Tensor]]:
         """The micro-batches of the next optimizer step for this rank (as many on every rank); `step`,
-        when given, is its number (the masking curriculum follows it)."""
+        when given, is its number (the curricula follow it)."""
         if step is not None and self.steps_taken != step - 1:
-            self.steps_taken, self._iterator = step - 1, None
+            self.steps_taken, self.phase_start, self._saved_phase_start, self._iterator = step - 1, None, None, None
         if self._iterator is None:
             self._start()
-        count, parts = self.planner.plan(self.consumed_samples)
+        step = None if self.steps_taken is None else self.steps_taken + 1
+        position = (self.consumed_samples, step, self.phase_start)
+        count, parts = self.plan(*position)
         batches = [next(self._iterator) for _ in parts]
-        self.last_step_packing_efficiency = self.packing_efficiency(self.consumed_samples)
-        self.consumed_samples += count
+        self.last_step_packing_efficiency = self.packing_efficiency(*position)
+        self.consumed_samples, _, self.phase_start = self.advance(*position, count)
         self.last_step_samples = count
         self.steps_taken = None if self.steps_taken is None else self.steps_taken + 1
         return batches
+
+    def _walk(self, until_consumed: Optional[int] = None, until_steps: Optional[int] = None
+              ) -> Tuple[int, int, int]:
+        """(steps, consumed, phase_start) after replaying the plans from sample 0 until `until_consumed` samples
+        or `until_steps` steps are taken (the plans depend on the consumed count and the step only)."""
+        consumed, step, start = 0, 1, 0
+        while (consumed < until_consumed) if until_consumed is not None else (step <= until_steps):
+            count = self.planners[phase_at(self.phase_firsts, step)]._step_size(consumed - start, step)
+            consumed, step, start = self.advance(consumed, step, start, count)
+        return step - 1, consumed, start
 
     def derive_steps_taken(self, consumed: int) -> int:
         """The optimizer steps that consumed the first `consumed` samples: consumed / global batch, or, with
         a token budget, the steps replayed from sample 0 (the plans depend on the consumed count only)."""
         if not self.planner.tokens_per_step:
             return consumed // self.global_batch
-        steps = done = 0
-        while done < consumed:
-            done += self.planner._step_size(done)
-            steps += 1
-        return steps
+        return self._walk(until_consumed=consumed)[0]
 
-    def packing_efficiency(self, consumed: int) -> float:
+    def derive_phase_start(self) -> int:
+        """`phase_start` for the next step: 0 in the first phase, the consumed count when the next step begins
+        a phase, else replayed over the steps taken."""
+        step = None if self.steps_taken is None else self.steps_taken + 1
+        phase = phase_at(self.phase_firsts, step)
+        if phase == 0:
+            return 0
+        if phase != phase_at(self.phase_firsts, step - 1):
+            return self.consumed_samples
+        if self._saved_phase_start is not None:  # the checkpoint's: no replay
+            return self._saved_phase_start
+        return self._walk(until_steps=self.steps_taken)[2]
+
+    def packing_efficiency(self, consumed: int, step: Optional[int] = None, phase_start: int = 0) -> float:
         """Real tokens / row tokens of the step starting at `consumed`, over every rank's micro-batches
         (from the samples' lengths: no batch is read and no rank talks to another)."""
-        real = rows = 0
-        for rank_parts in self.planner.every_rank_micro_batches(consumed):
+        phase = phase_at(self.phase_firsts, step)
+        samples, real, rows = self.phases[phase], 0, 0
+        for rank_parts in self.planners[phase].every_rank_micro_batches(consumed - phase_start, step):
             for part in rank_parts:
-                lengths = self.samples.stream.lengths(np.asarray(part, dtype=np.int64))
+                lengths = samples.stream.lengths(np.asarray(part, dtype=np.int64))
                 real += int(lengths.sum())
-                rows += len(part) * self.samples.width(lengths)
+                rows += len(part) * samples.width(lengths)
         return real / rows if rows else 0.0
 
     def state_dict(self) -> Dict[str, int]:
-        return {"consumed_samples": self.consumed_samples}
+        state = {"consumed_samples": self.consumed_samples}
+        if len(self.phases) > 1 and self.phase_start is not None:
+            state["phase_start"] = self.phase_start
+        return state
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         """{"consumed_samples": n} and optionally "step", the optimizer steps already taken (else derived
-        from n when the masking curriculum needs it)."""
+        from n when a curriculum needs it), and "phase_start" (else replayed when a length phase needs it)."""
         self.consumed_samples = int(state["consumed_samples"])
         self.steps_taken = int(state["step"]) if "step" in state else (0 if self.consumed_samples == 0 else None)
+        self.phase_start = 0 if self.consumed_samples == 0 else None
+        self._saved_phase_start = int(state["phase_start"]) if "phase_start" in state else None
         self._iterator = None
 
 

@@ -67,6 +67,12 @@ class DataSection:
     """Masking-rate curriculum (MLM and the RTD generator), [[0, p0], [n1, p1], ...]: steps after n_k (up to the
     next point) mask p_k of the tokens, e.g. mmBERT's [[0, 0.3], [n1, 0.15], [n2, 0.05]]; empty: `mask_prob`
     throughout. Dynamic masking only; the rate follows the optimizer step that consumes the sample."""
+    seq_length_schedule: List[Tuple[int, int]] = field(default_factory=list)
+    """Sequence-length curriculum, [[0, L0], [n1, L1], ...]: the steps after n_k (up to the next point) train on
+    rows of L_k tokens packed at that length (data.packing as configured), e.g. BERT's [[0, 128], [0.9 x steps,
+    512]]; each phase reads its own sample stream from its start. Needs train.tokens_per_step (the token budget
+    then keeps tokens per step constant: shorter rows, more of them) and every L_k <= data.seq_length, which
+    sizes the model's positions and the validation rows. Empty: data.seq_length throughout."""
     mask_token_prob: float = 0.8
     """Of the selected tokens: this fraction becomes <mask> ..."""
     random_token_prob: float = 0.1
@@ -111,6 +117,12 @@ class TrainSection:
     """Token budget per optimizer step over all ranks (<s>/</s> included, padding not): a step takes as many
     samples as fit, in micro-batches of at most micro_batch_size, and the trainer drives gradient accumulation;
     0 = fixed global_batch_size samples (global_batch_size then only sizes DeepSpeed's nominal batch)."""
+    batch_warmup_steps: int = 0
+    """Batch-size warmup (ModernBERT) over the first N steps, with tokens_per_step: step s <= N takes a budget of
+    a + (tokens_per_step - a) x (s - 1) // N tokens, a = round(batch_warmup_start x tokens_per_step), and the
+    steps after N take tokens_per_step. 0 = off."""
+    batch_warmup_start: float = 0.25
+    """The first warmup step's share of tokens_per_step, in (0, 1] (ModernBERT: 768 / 4608 sequences = 1/6)."""
     rtd_schedule: str = "joint"
     """RTD models: "joint" trains generator and discriminator together; "two_stage" (the ELECTRA
     ablation) trains the generator alone for `generator_steps`, initialises the discriminator from it
@@ -263,6 +275,7 @@ class PretrainConfig(RunConfig):
         if self.data.mask_token_prob + self.data.random_token_prob > 1.0:
             raise UserError("data.mask_token_prob + data.random_token_prob must not exceed 1")
         self._check_mask_prob_schedule()
+        self._check_length_and_batch_curricula()
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.lr={self.optim.lr} must be > 0 and optim.min_lr={self.optim.min_lr} in [0, lr]")
         if self.optim.generator_lr is not None and self.optim.generator_lr <= 0:
@@ -302,12 +315,62 @@ class PretrainConfig(RunConfig):
             if not 0.0 < rate < 1.0:
                 raise UserError(f"{key} rate {rate} (at step {step}) must be in (0, 1)")
 
+    def _check_length_and_batch_curricula(self) -> None:
+        points, key = self.data.seq_length_schedule, "data.seq_length_schedule"
+        if points:
+            if not self.train.tokens_per_step:
+                raise UserError(f"{key} needs train.tokens_per_step (the token budget keeps tokens per step "
+                                f"constant across the phases' lengths); set train.tokens_per_step")
+            steps = [step for step, _ in points]
+            if steps[0] != 0:
+                raise UserError(f"{key} must start at step 0 (its first point is [{steps[0]}, ...]): "
+                                f"[[0, L0], [n1, L1], ...]")
+            if any(b <= a for a, b in zip(steps, steps[1:])):
+                raise UserError(f"{key} steps must increase: {steps}")
+            if steps[-1] >= self.train.steps:
+                raise UserError(f"{key} point at step {steps[-1]} is beyond the run: its steps must be below "
+                                f"train.steps={self.train.steps}")
+            for step, length in points:
+                if not 8 <= length <= self.data.seq_length:
+                    raise UserError(f"{key} length {length} (at step {step}) must be in [8, data.seq_length="
+                                    f"{self.data.seq_length}]: data.seq_length sizes the model's positions "
+                                    f"(max_position_embeddings), so raise it to the longest phase")
+            if self.data.packing in PAIR_PACKINGS or self.data.masking == "static":
+                raise UserError(f"{key} supports data.packing=full_sentences, doc_sentences or packed_documents "
+                                f"with data.masking=dynamic")
+        warmup = self.train.batch_warmup_steps
+        if warmup < 0 or warmup >= self.train.steps:
+            raise UserError(f"train.batch_warmup_steps={warmup} must be in [0, train.steps={self.train.steps}) "
+                            f"(0: off)")
+        if warmup and not self.train.tokens_per_step:
+            raise UserError("train.batch_warmup_steps needs train.tokens_per_step (the budget it warms up); "
+                            "set train.tokens_per_step")
+        if warmup and not 0.0 < self.train.batch_warmup_start <= 1.0:
+            raise UserError(f"train.batch_warmup_start={self.train.batch_warmup_start} must be in (0, 1]")
+
+    def length_at(self, step: int) -> int:
+        """The row length of optimizer step `step` (data.seq_length_schedule, else data.seq_length)."""
+        length = self.data.seq_length
+        for start, value in self.data.seq_length_schedule:
+            if step > start:
+                length = int(value)
+        return length
+
     def check_batch(self, data_parallel_size: int) -> int:
-        """RunConfig's, after the checks of a token budget per step."""
+        """RunConfig's, after the checks of a token budget per step (the first warmup budget and every phase's)."""
         budget = self.train.tokens_per_step
         if budget and budget < self.data.seq_length * data_parallel_size:
             raise UserError(f"train.tokens_per_step={budget} must be at least data.seq_length x data-parallel size "
                             f"= {self.data.seq_length * data_parallel_size}, so that every rank gets a sample")
+        if budget and self.train.batch_warmup_steps:
+            from data.loader import batch_budget  # data/ knows nothing of the config; the formula lives there
+            starts = [0] + [n for n, _ in self.data.seq_length_schedule if n < self.train.batch_warmup_steps]
+            for n in starts:  # the budget rises and the length is constant within a phase: its first step is tightest
+                least = batch_budget(budget, self.train.batch_warmup_steps, self.train.batch_warmup_start, n + 1)
+                if least < self.length_at(n + 1) * data_parallel_size:
+                    raise UserError(f"train.batch_warmup_start={self.train.batch_warmup_start} gives step {n + 1} "
+                                    f"a budget of {least} tokens, below its row length {self.length_at(n + 1)} x "
+                                    f"data-parallel size {data_parallel_size}; raise it")
         if budget and data_parallel_size > 1 and self.train.micro_batch_size < 2:
             raise UserError("train.micro_batch_size must be at least 2 with train.tokens_per_step and data "
                             "parallelism (rank shares differ by one sample and must split into as many micro-batches)")

@@ -76,6 +76,9 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(corpora[0][1]).parent / "index-cache"
     cache = SampleIndexCache(cache_dir, builds=ctx.local_rank == 0)
     splits = {"train": [], "valid": [], "test": []}
+    # data.seq_length_schedule: the train split packed at each phase's length (the first phase's is "train")
+    lengths = [cfg.length_at(first + 1) for first, _ in cfg.data.seq_length_schedule] or [cfg.data.seq_length]
+    splits.update({("train", k): [] for k in range(1, len(lengths))})
     identities, static = [], []
     pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetuning/train.py)
     if cfg.data.packing in PAIR_PACKINGS:
@@ -88,19 +91,22 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
         identities.append(identity)
         num_docs = len(dataset.document_indices) - 1
         train_end, valid_end = split_ranges(num_docs, cfg.data.valid_fraction, cfg.data.test_fraction)
-        for name, (first, last) in {"train": (0, train_end), "valid": (train_end, valid_end),
-                                    "test": (valid_end, num_docs)}.items():
-            splits[name].append(build_packed(cfg.data.packing, dataset, first, last, cfg.data.seq_length,
+        ranges = {"train": (0, train_end, lengths[0]), "valid": (train_end, valid_end, cfg.data.seq_length),
+                  "test": (valid_end, num_docs, cfg.data.seq_length)}
+        ranges.update({("train", k): (0, train_end, length) for k, length in enumerate(lengths) if k})
+        for name, (first, last, length) in ranges.items():
+            splits[name].append(build_packed(cfg.data.packing, dataset, first, last, length,
                                              tokenizer.bos_id, tokenizer.eos_id, cache, identity, **pairs)
                                 if last > first else None)
     weights = [w for w, _ in corpora]
 
-    def stream(name: str, shuffle: bool):
+    def stream(name, shuffle: bool):
         parts = [(w, p) for w, p in zip(weights, splits[name]) if p is not None]
         if not parts:
             return None
+        split = name if isinstance(name, str) else f"{name[0]}-phase{name[1]}"
         return SampleStream([p for _, p in parts], [w for w, _ in parts], seed=cfg.train.seed, shuffle=shuffle,
-                            cache=cache, cache_params={"split": name, "datasets": identities})
+                            cache=cache, cache_params={"split": split, "datasets": identities})
 
     def static_masks(name: str):  # the companions of the stream's corpora, in its order
         if cfg.data.masking != "static":
@@ -113,9 +119,10 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                            word_starts=tokenizer.word_start_ids() if cfg.data.whole_word_mask else None,
                            max_span=cfg.data.max_span)
     pad = cfg.data.pad_to_multiple_of
-    train = MaskedSamples(stream("train", True), recipe, cfg.data.seq_length, tokenizer.pad_id, cfg.train.seed,
-                          pad_to_multiple_of=pad, static_masks=static_masks("train"),
-                          mask_prob_schedule=cfg.data.mask_prob_schedule)
+    train, *later = [MaskedSamples(stream("train" if not k else ("train", k), True), recipe, length, tokenizer.pad_id,
+                                   cfg.train.seed, pad_to_multiple_of=pad, static_masks=static_masks("train"),
+                                   mask_prob_schedule=cfg.data.mask_prob_schedule)
+                     for k, length in enumerate(lengths)]  # one per length phase (static masks: one phase)
     held_out = {}
     for name in ("valid", "test"):
         held = stream(name, False)
@@ -123,6 +130,10 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                                              pad_to_multiple_of=pad, static_masks=static_masks(name))
                           if held is not None else None)
     loader = PretrainLoader(train, cfg.train.global_batch_size, cfg.train.micro_batch_size, ctx.dp_rank,
-                            ctx.dp_size, num_workers=cfg.data.num_workers, tokens_per_step=cfg.train.tokens_per_step)
+                            ctx.dp_size, num_workers=cfg.data.num_workers, tokens_per_step=cfg.train.tokens_per_step,
+                            length_phases=[(first, phase) for (first, _), phase in
+                                           zip(cfg.data.seq_length_schedule[1:], later)],
+                            batch_warmup_steps=cfg.train.batch_warmup_steps,
+                            batch_warmup_start=cfg.train.batch_warmup_start)
     return PretrainInputs(tokenizer=tokenizer, train=train, valid=held_out["valid"], loader=loader,
                           test=held_out["test"], cache=cache)

@@ -75,7 +75,7 @@ def prepare(cfg: PretrainConfig) -> Pretraining:
     schedule.check_schedule(model, cfg.train.rtd_schedule, two_stage_n, cfg.train.steps)
     engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
     state = checkpoints.load(engine, resume.path, resume.universal) if resume else TrainState()
-    inputs.loader.load_state_dict({"consumed_samples": state.consumed_samples, "step": state.step})
+    inputs.loader.load_state_dict({**state.data, "consumed_samples": state.consumed_samples, "step": state.step})
     metrics = MetricsWriter(run.path, enabled=ctx.is_main, resume_step=state.step)
     extra, meta = checkpoint_context(cfg, ctx, model, model_config, tokenizer)
     logger.info("model %s/%s: %.2fM parameters (this rank); world %d = tp %d x dp %d; steps %d..%d",
