@@ -4,9 +4,9 @@ The relative distances of a length are bucketed (exact near zero, logarithmic fu
 turned into gather indices once; `DebertaEncoder` caches them per (length, device).
 `disentangled_attention` computes softmax(q.k + c2p + p2c) v for one layer's heads with c2p and p2c
 gathered from the (T, 2k) score tables into the q.k scores, by one of ATTENTION_KERNELS: a
-hand-written autograd function (backward keeps only the probabilities and the dropout mask) or one
-additive bias fed to `scaled_dot_product_attention`. Pure tensor functions: the modules that own the
-projections are in models/deberta.py.
+hand-written autograd function (backward keeps the probabilities and, under dropout, the dropped-out
+ones) or one additive bias fed to `scaled_dot_product_attention`. Pure tensor functions: the modules
+that own the projections are in models/deberta.py.
 """
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def disentangled_attention(
       (flash on CPU without autograd; memory-efficient on CUDA, which also returns the bias's
       gradient). On CPU with autograd torch falls back to its unfused math path, slower than ours
       once attention dropout is on, so "auto" does not take it there.
-    - "fused": our autograd function, fp32 throughout: it keeps only the probabilities and the
-      dropout mask for backward (autograd's graph keeps the dropped-out probabilities as well),
-      works in place, and scatters the score gradient back into the two 2k tables.
+    - "fused": our autograd function, fp32 throughout: it keeps the probabilities and, under
+      dropout, the dropped-out probabilities for backward (autograd's graph keeps the keep-mask as
+      well), works in place, and scatters the score gradient back into the two 2k tables.
     "auto" picks "sdpa" where no graph is built or off the CPU, "fused" otherwise and always for
     fp16 (whose c2p/p2c sums overflow unless computed in fp32: a known DeBERTa failure).
     """
@@ -144,8 +144,10 @@ def _relative_bias(q_scaled, k, pos_key, pos_query, c2p_index, p2c_index, scale)
 class _FusedDisentangledAttention(torch.autograd.Function):
     """Disentangled attention with a hand-written backward (fp32 inputs; see disentangled_attention).
 
-    Saved for backward: q (scaled), k, v, the position tables, the probabilities (B, nh, T, T) and
-    the dropout keep-mask (bool); the dropped-out probabilities are rebuilt in backward.
+    Saved for backward: q (scaled), k, v, the position tables, the probabilities
+    (B, nh, T, T) and, under dropout, the dropped-out probabilities (B, nh, T, T) fp32: backward
+    then needs neither the keep-mask nor a pass to rebuild them (bench/README.md, "DeBERTaV3 RTD
+    step: where the time goes").
     """
 
     @staticmethod
@@ -166,40 +168,43 @@ class _FusedDisentangledAttention(torch.autograd.Function):
         scores.masked_fill_(key_padding, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         del scores
-        keep = None
+        kept = probs
         if dropout > 0.0:
-            keep = torch.rand_like(probs) >= dropout  # P(keep) = 1 - dropout
-            context = (torch.where(keep, probs, 0.0) @ v).mul_(1.0 / (1.0 - dropout))
+            # keep-mask: u >= dropout, P(keep) = 1 - dropout; in place as 1.0 / 0.0 times the
+            # probabilities: the dropped-out ones (before the 1/(1-p)), no bool mask allocated.
+            kept = torch.rand_like(probs).ge_(dropout).mul_(probs)
+            context = (kept @ v).mul_(1.0 / (1.0 - dropout))
         else:
             context = probs @ v
-        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_index, key_padding, probs, keep,
+        ctx.save_for_backward(qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_index, key_padding, probs, kept,
                               context)
         ctx.scale, ctx.dropout = scale, dropout
         return context
 
     @staticmethod
     def backward(ctx, grad):
-        qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_index, key_padding, probs, keep, context = ctx.saved_tensors
+        qs, k, v, pos_key, pos_query_s, c2p_flat, p2c_index, key_padding, probs, kept, context = ctx.saved_tensors
         scale, dropout = ctx.scale, ctx.dropout
         B, nh, T, _ = qs.shape
         # The dropout scale goes on the small (B, nh, T, hs) tensors, not on the (T, T) ones.
-        grad = grad.contiguous() if keep is None else grad * (1.0 / (1.0 - dropout))
-        kept = probs if keep is None else torch.where(keep, probs, 0.0)
+        grad = grad.contiguous() if dropout == 0.0 else grad * (1.0 / (1.0 - dropout))
         grad_v = kept.transpose(-1, -2) @ grad
-        del kept
         # Masked keys have P = 0 and so dS = 0, except in rows whose keys are all masked (uniform
         # P), where masked_fill's backward gives dS = 0. Zeroing those rows of the output gradient
         # on its way to dS does that with a (B, nh, T, hs) product: no (T, T) pass, no host sync.
         # grad_v keeps them (uniform P does carry a gradient to v).
         grad_s = grad * ~key_padding.all(-1, keepdim=True)
         d = grad_s @ v.transpose(-1, -2)  # (B, nh, T, T): d loss / d probs, before the keep-mask
-        if keep is not None:
-            d.mul_(keep)
         # softmax backward: dS = P * (dP - sum_j dP P), in place, where sum_j dP_ij P_ij =
         # dO_i . O_i (O the output, dropout included): no (T, T) product for the row sums.
-        d.sub_((grad_s * context).sum(-1, keepdim=True) * (1.0 - dropout if keep is not None else 1.0))
-        d.mul_(probs)
-        del grad_s
+        row_sums = (grad_s * context).sum(-1, keepdim=True) * (1.0 - dropout)  # (B, nh, T, 1)
+        if dropout > 0.0:
+            # dP = d * keep, so P * dP = d * kept (the saved dropped-out probabilities): two
+            # in-place passes, no keep-mask to convert or probabilities to rebuild.
+            d.mul_(kept).addcmul_(probs, row_sums, value=-1.0)
+        else:
+            d.sub_(row_sums).mul_(probs)
+        del grad_s, kept
         grad_qs = d @ k
         grad_k = d.transpose(-1, -2) @ qs
         grad_pos_key = grad_pos_query = None
