@@ -27,7 +27,8 @@ from trainer.pretraining.config import load_config
 
 # ----------------------------------------------------------------------------- LR schedules
 def old_linear(warmup_steps, total_steps, min_ratio):
-    """The linear schedule as it was before optim.schedule existed (a copy, to pin it bitwise)."""
+    """The linear schedule as it was before optim.schedule existed (a copy on purpose, to pin it bitwise:
+    duplicates pairs it with trainer/core/schedule.py)."""
     def multiplier(i):
         s = i + 1
         if s <= warmup_steps:

@@ -296,21 +296,24 @@ class PretrainConfig(RunConfig):
         self.require_not_negative("checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.keep_every",
                                   "checkpoint.every_minutes", "eval.every_steps", "eval.samples", "train.max_bad_steps")
 
+    def _check_step_points(self, points, key: str, form: str) -> None:
+        """A curriculum's [step, value] points: from step 0, steps increasing, all inside the run."""
+        steps = [step for step, _ in points]
+        if steps[0] != 0:
+            raise UserError(f"{key} must start at step 0 (its first point is [{steps[0]}, ...]): {form}")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise UserError(f"{key} steps must increase: {steps}")
+        if steps[-1] >= self.train.steps:
+            raise UserError(f"{key} point at step {steps[-1]} is beyond the run: its steps must be below "
+                            f"train.steps={self.train.steps}")
+
     def _check_mask_prob_schedule(self) -> None:
         points, key = self.data.mask_prob_schedule, "data.mask_prob_schedule"
         if not points:
             return
         if self.data.masking == "static":
             raise UserError(f"{key} needs data.masking=dynamic: static masks were drawn at one rate at preprocessing")
-        steps = [step for step, _ in points]
-        if steps[0] != 0:
-            raise UserError(f"{key} must start at step 0 (its first point is [{steps[0]}, ...]): "
-                            f"[[0, p0], [n1, p1], ...]")
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise UserError(f"{key} steps must increase: {steps}")
-        if steps[-1] >= self.train.steps:
-            raise UserError(f"{key} point at step {steps[-1]} is beyond the run: its steps must be below "
-                            f"train.steps={self.train.steps}")
+        self._check_step_points(points, key, "[[0, p0], [n1, p1], ...]")
         for step, rate in points:
             if not 0.0 < rate < 1.0:
                 raise UserError(f"{key} rate {rate} (at step {step}) must be in (0, 1)")
@@ -321,15 +324,7 @@ class PretrainConfig(RunConfig):
             if not self.train.tokens_per_step:
                 raise UserError(f"{key} needs train.tokens_per_step (the token budget keeps tokens per step "
                                 f"constant across the phases' lengths); set train.tokens_per_step")
-            steps = [step for step, _ in points]
-            if steps[0] != 0:
-                raise UserError(f"{key} must start at step 0 (its first point is [{steps[0]}, ...]): "
-                                f"[[0, L0], [n1, L1], ...]")
-            if any(b <= a for a, b in zip(steps, steps[1:])):
-                raise UserError(f"{key} steps must increase: {steps}")
-            if steps[-1] >= self.train.steps:
-                raise UserError(f"{key} point at step {steps[-1]} is beyond the run: its steps must be below "
-                                f"train.steps={self.train.steps}")
+            self._check_step_points(points, key, "[[0, L0], [n1, L1], ...]")
             for step, length in points:
                 if not 8 <= length <= self.data.seq_length:
                     raise UserError(f"{key} length {length} (at step {step}) must be in [8, data.seq_length="
