@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -109,6 +110,24 @@ def torchrun_cmd(num_procs: int, overrides: Sequence[str]) -> List[str]:
 
 def metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_group(cmd) -> subprocess.Popen:
+    """A launcher in its own process group, so that a SIGKILL can take all its ranks at once."""
+    return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.exists() and any(f'"step": {step},' in line for line in path.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def train_records(run_dir: Path) -> Dict[int, dict]:

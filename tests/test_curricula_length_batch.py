@@ -175,37 +175,50 @@ def test_the_trainer_inputs_build_a_stream_per_phase(tiny_bpe_prefix, tmp_path):
     assert inputs.valid.seq_length == 64 and inputs.valid[0]["attention_mask"].shape == (64,)
 
 
-def test_a_run_resumed_in_its_second_length_phase_repeats_it(tiny_bpe_prefix, tmp_path):
-    """A real run (one process, two launches): 6 steps at 32 then (after step 2) 64 tokens, the budget warming
-    up over 3 steps, checkpoints at steps 4 and 6; then the same command resumed from step 4 (mid phase 2,
-    mid-warmup over: the phase start replayed from the plans). Steps 5-6 and the final weights are the same."""
+def test_a_run_killed_in_its_second_length_phase_replays_it_bitwise(tiny_bpe_prefix, tmp_path):
+    """Real runs (one process each): 12 steps at 32 then (after step 2) 64 tokens, the budget warming up over
+    3 steps, checkpoints every 4 steps. A second run of the same command is SIGKILLed once it has logged step 5
+    (phase 2, warmup over) and started again: it resumes from its last checkpoint (step 4 or 8) and every
+    step's loss and token count, and the final weights, are those of the uninterrupted run."""
+    import os
+    import signal
     import sys
 
-    from tests.launch import run, train_records
+    from tests.launch import run, start_group, train_records, wait_for_step
     from trainer.convert.export import locate, read_checkpoint
 
-    values = {"model.name": "deberta_v3", "model.size": "debug", "data.prefix": tiny_bpe_prefix,
-              "data.seq_length": 64, "data.seq_length_schedule": "[[0, 32], [2, 64]]", "data.valid_fraction": 0.0,
-              "data.packing": "packed_documents", "data.mask_prob_schedule": "[[0, 0.3], [3, 0.15]]",
-              "train.tokens_per_step": 384, "train.batch_warmup_steps": 3, "train.batch_warmup_start": 0.5,
-              "run.dir": tmp_path, "run.name": "phases", "train.steps": 6, "train.micro_batch_size": 4,
-              "train.global_batch_size": 4, "train.seed": 5, "optim.lr": 2e-3, "optim.warmup_steps": 1,
-              "log.every_steps": 1, "checkpoint.every_steps": 4, "eval.every_steps": 0, "zero.stage": 1}
-    command = [sys.executable, "-m", "trainer.pretrain", *(f"{k}={v}" for k, v in values.items())]
-    run(command)
-    reference = train_records(tmp_path / "phases")
-    final = read_checkpoint(locate(tmp_path / "phases")).state_dict
+    def command(name):
+        values = {"model.name": "deberta_v3", "model.size": "debug", "data.prefix": tiny_bpe_prefix,
+                  "data.seq_length": 64, "data.seq_length_schedule": "[[0, 32], [2, 64]]",
+                  "data.valid_fraction": 0.0, "data.packing": "packed_documents",
+                  "data.mask_prob_schedule": "[[0, 0.3], [3, 0.15]]", "train.tokens_per_step": 384,
+                  "train.batch_warmup_steps": 3, "train.batch_warmup_start": 0.5, "run.dir": tmp_path,
+                  "run.name": name, "train.steps": 12, "train.micro_batch_size": 4, "train.global_batch_size": 4,
+                  "train.seed": 5, "optim.lr": 2e-3, "optim.warmup_steps": 1, "log.every_steps": 1,
+                  "checkpoint.every_steps": 4, "eval.every_steps": 0, "zero.stage": 1}
+        return [sys.executable, "-m", "trainer.pretrain", *(f"{k}={v}" for k, v in values.items())]
+
+    run(command("reference"))
+    reference = train_records(tmp_path / "reference")
     budgets, lengths = [192, 256, 320, 384, 384, 384], [32, 32, 64, 64, 64, 64]  # 192 + 192 (s - 1) // 3
     for step in range(1, 7):
         taken = reference[step]["consumed_tokens"] - (reference[step - 1]["consumed_tokens"] if step > 1 else 0)
         assert budgets[step - 1] - lengths[step - 1] < taken <= budgets[step - 1], step
-    out = run(command + [f"checkpoint.load={tmp_path / 'phases' / 'checkpoints' / 'global_step4'}"])
-    assert "at step 4" in out.stdout + out.stderr
-    resumed = train_records(tmp_path / "phases")
-    for step in (5, 6):
-        assert {k: resumed[step][k] for k in ("loss", "consumed_samples", "consumed_tokens")} == \
-               {k: reference[step][k] for k in ("loss", "consumed_samples", "consumed_tokens")}, step
-    again = read_checkpoint(locate(tmp_path / "phases")).state_dict
+    proc = start_group(command("killed"))
+    wait_for_step(tmp_path / "killed", 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = max(train_records(tmp_path / "killed"))
+    assert killed_at < 12, "the run finished before the kill: nothing was tested"
+    out = run(command("killed"))
+    assert "resumed from" in out.stdout + out.stderr
+    resumed = train_records(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 13))
+    keys = ("loss", "grad_norm", "consumed_samples", "consumed_tokens")
+    for step in range(1, 13):
+        assert {k: resumed[step][k] for k in keys} == {k: reference[step][k] for k in keys}, step
+    final = read_checkpoint(locate(tmp_path / "reference")).state_dict
+    again = read_checkpoint(locate(tmp_path / "killed")).state_dict
     assert final.keys() == again.keys()
     assert [k for k in final if not torch.equal(final[k], again[k])] == []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import ROOT, as_overrides, deepspeed_cmd, env, run, train_records
+from launch import ROOT, as_overrides, deepspeed_cmd, env, run, start_group, train_records, wait_for_step
 
 pytestmark = pytest.mark.distributed
 LR = 2e-3
@@ -32,24 +32,6 @@ def args(prefix, runs: Path, name: str, **extra) -> list:
 
 def single(*overrides) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "trainer.pretrain", *overrides], check=False)
-
-
-def start_group(cmd) -> subprocess.Popen:
-    """A launcher in its own process group, so that a SIGKILL can take all its ranks at once."""
-    return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if path.exists() and any(f'"step": {step},' in line for line in path.read_text().splitlines()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1: test_distributed.py's resume test, also bitwise
