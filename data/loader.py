@@ -11,14 +11,14 @@ run of the stream:
 
 Either way the step's samples depend on the consumed count (and the step) only, never on the data-parallel size.
 
-Two curricula follow the optimizer step (both need the token budget):
-- batch-size warmup (train.batch_warmup_steps): step s <= N has the budget `batch_budget(T, N, a, s)`, rising
-  linearly from a x T at step 1 to T after step N;
+Two curricula follow the optimizer step:
+- batch-size warmup (train.batch_warmup_steps, needs the token budget): step s <= N has the budget
+  `batch_budget(T, N, a, s)`, rising linearly from a x T at step 1 to T after step N;
 - sequence length in phases (data.seq_length_schedule): the steps of phase k take rows of length L_k from
-  the stream of samples packed at L_k, read from its position 0 when the phase begins. Global indices stay
-  the run's consumed-sample stream: phase k's first sample has global index G_k (the count consumed when
-  it began) and global index g reads position g - G_k of its stream (`StepIndices.offset`); masks and RTD
-  sampling stay keyed by g. G_k is the loader's `phase_start`, kept in its state (or replayed from the plans).
+  the stream of samples packed at L_k (as many as the budget holds, or B rows), read from its position 0
+  when the phase begins. Global indices stay the run's consumed-sample stream: phase k's first sample has
+  global index G_k (the count consumed when it began) and global index g reads position g - G_k of its
+  stream (`StepIndices.offset`); masks and RTD sampling stay keyed by g. G_k is the loader's `phase_start`, kept in its state (or replayed from the plans).
 A batch's `attention_mask` holds document ids: 1..k for the row's k documents (several only with
 data.packing=packed_documents), 0 for padding; `check_document_ids` enforces that where batches are built.
 Rank r of D takes the r-th of D near-equal contiguous slices and cuts it into K micro-batches of at
@@ -299,12 +299,13 @@ class PretrainLoader:
                  length_phases: Sequence[Tuple[int, MaskedSamples]] = (), batch_warmup_steps: int = 0,
                  batch_warmup_start: float = 1.0):
         """length_phases: [(n_k, samples_k), ...] for k >= 1: the steps after n_k (up to the next) read samples_k
-        (its stream packed at phase k's length); `samples` serves the steps up to n_1 (data.seq_length_schedule).
-        batch_warmup_steps / _start: the token budget's warmup (`batch_budget`). Both need tokens_per_step."""
+        (its stream packed at phase k's length); `samples` serves the steps up to n_1 (data.seq_length_schedule);
+        without tokens_per_step every phase's steps take global_batch rows. batch_warmup_steps / _start: the
+        token budget's warmup (`batch_budget`), which needs tokens_per_step."""
         if not tokens_per_step and global_batch % (micro_batch * dp_size):
             raise ValueError("global batch must be a multiple of micro batch x data-parallel size")
-        if not tokens_per_step and (length_phases or batch_warmup_steps):
-            raise ValueError("a length curriculum or a batch warmup needs a token budget per step")
+        if not tokens_per_step and batch_warmup_steps:
+            raise ValueError("a batch warmup needs a token budget per step")
         self.samples, self.global_batch, self.micro_batch = samples, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.phases = [samples] + [phase for _, phase in length_phases]

@@ -101,6 +101,33 @@ def test_packed_documents_phases_keep_tokens_per_step_near_the_budget(dataset):
         assert 0.5 < loader.last_step_packing_efficiency <= 1.0
 
 
+def test_without_a_token_budget_every_phase_takes_the_global_batch_and_resumes_bitwise(dataset):
+    """BERT's recipe: the same 8 rows per step at 32 then (after step 3) 64 tokens, so tokens per step grow with
+    the length; phase 2 reads the 64-token stream from its start at global index 24, and a loader resumed at
+    each step (with or without its phase_start) replays the uninterrupted one."""
+    def fixed(**kw):
+        return loader_of(dataset, [(0, 32), (3, 64)], 0, "doc_sentences", **kw)
+
+    steps = steps_of(fixed(), 6)
+    for number, step in enumerate(steps, start=1):
+        assert [b["attention_mask"].shape[0] for b in step] == [4, 4], number  # global batch 8, micro-batch 4
+        assert max(b["attention_mask"].shape[1] for b in step) <= (32 if number <= 3 else 64), number
+    assert any(b["attention_mask"].shape[1] > 32 for step in steps[3:] for b in step)
+    assert torch.cat([b["sample_index"] for s in steps for b in s]).tolist() == list(range(48))
+    plain = steps_of(loader_of(dataset, [(0, 64)], 0, "doc_sentences"), 1)[0]  # the 64-token stream from 0
+    for ours, theirs in zip(steps[3], plain):  # the same rows (masks differ: they follow the global index)
+        original = torch.where(ours["labels"] != -100, ours["labels"], ours["input_ids"])
+        assert torch.equal(original, torch.where(theirs["labels"] != -100, theirs["labels"], theirs["input_ids"]))
+    for taken in (2, 3, 4):
+        first = fixed()
+        steps_of(first, taken)
+        saved = first.state_dict()
+        for state in (saved, {"consumed_samples": saved["consumed_samples"], "step": taken}):
+            resumed = fixed()
+            resumed.load_state_dict(state)
+            assert same(steps[taken:], steps_of(resumed, 6 - taken)), (taken, state)
+
+
 # ----------------------------------------------------------------------------- batch-size warmup
 def test_the_warmup_budget_rises_linearly_to_the_budget():
     # T = 1024, N = 4, a = 256: 256 + 768 (s - 1) // 4
@@ -228,7 +255,6 @@ LENGTHS = "data.seq_length_schedule"
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["data.seq_length_schedule=[[0, 128], [50, 512]]"], f"{LENGTHS} needs train.tokens_per_step"),
     (["train.tokens_per_step=4096", "data.seq_length_schedule=[[10, 128], [50, 512]]"], f"{LENGTHS} must start at"),
     (["train.tokens_per_step=4096", "data.seq_length_schedule=[[0, 128], [50, 256], [50, 512]]"],
      f"{LENGTHS} steps must increase"),

@@ -70,9 +70,11 @@ class DataSection:
     seq_length_schedule: List[Tuple[int, int]] = field(default_factory=list)
     """Sequence-length curriculum, [[0, L0], [n1, L1], ...]: the steps after n_k (up to the next point) train on
     rows of L_k tokens packed at that length (data.packing as configured), e.g. BERT's [[0, 128], [0.9 x steps,
-    512]]; each phase reads its own sample stream from its start. Needs train.tokens_per_step (the token budget
-    then keeps tokens per step constant: shorter rows, more of them) and every L_k <= data.seq_length, which
-    sizes the model's positions and the validation rows. Empty: data.seq_length throughout."""
+    512]]; each phase reads its own sample stream from its start. With train.tokens_per_step the token budget
+    keeps tokens per step constant (shorter rows, more of them); without it every step takes
+    train.global_batch_size rows of its phase's length (BERT's recipe: tokens per step grow with the length).
+    Every L_k <= data.seq_length, which sizes the model's positions and the validation rows. Empty:
+    data.seq_length throughout."""
     mask_token_prob: float = 0.8
     """Of the selected tokens: this fraction becomes <mask> ..."""
     random_token_prob: float = 0.1
@@ -321,9 +323,6 @@ class PretrainConfig(RunConfig):
     def _check_length_and_batch_curricula(self) -> None:
         points, key = self.data.seq_length_schedule, "data.seq_length_schedule"
         if points:
-            if not self.train.tokens_per_step:
-                raise UserError(f"{key} needs train.tokens_per_step (the token budget keeps tokens per step "
-                                f"constant across the phases' lengths); set train.tokens_per_step")
             self._check_step_points(points, key, "[[0, L0], [n1, L1], ...]")
             for step, length in points:
                 if not 8 <= length <= self.data.seq_length:
