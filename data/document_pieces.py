@@ -3,15 +3,30 @@ piece, not by the longest document (data/preprocess.py joins the pieces' ids bac
 import re
 from typing import Optional
 
+from data.tokenizer import CLOSING_MARKS, SENTENCE_END_MARKS
+
 DEFAULT_MAX_DOCUMENT_BYTES = 4 << 20  # tokenizing holds ~110 bytes a byte (BPE): ~0.5 GB a piece
 MIN_MAX_DOCUMENT_BYTES = 64
 # Where a long document is cut, best first. Each cut falls on a whitespace character that ends a run
 # of whitespace (the next piece starts with it), where byte-level BPE's pre-tokenizer ends a token
 # anyway: the pieces then tokenize as the whole did. SentencePiece gives the same ids at a space; at
 # a line break it starts the next piece with its word marker, as at the start of any text.
+# Text without spaces (Chinese) is cut right after a sentence mark (。！？ ..., data/tokenizer.py) and
+# its closing marks, where a letter or digit follows: there byte-level BPE's pre-tokenizer ends a
+# punctuation run, so the ids are the whole's again; SentencePiece starts the next piece with its
+# word marker, as at a line break.
+def _alternatives(chars: str) -> bytes:
+    return b"|".join(re.escape(c.encode("utf-8")) for c in chars)
+
+
+_MARK = b"(?:" + _alternatives(SENTENCE_END_MARKS) + b")"
+_CLOSERS = b"(?:" + _alternatives(CLOSING_MARKS) + b")*"
+# a letter or digit next: ASCII ones, or CJK ideographs U+4000-9FFF (UTF-8 lead bytes E4-E9) except
+# the Yijing hexagram symbols U+4DC0-4DFF (E4 B7 80-BF), which are punctuation to the pre-tokenizer
+_WORD_NEXT = rb"(?=[A-Za-z0-9]|[\xe5-\xe9]|\xe4(?!\xb7))"
 _CUTS = (
     re.compile(rb"\n(?=\S)"),  # a line break
-    re.compile(rb"[.!?][\"')\]]*\s*?(\s)(?=\S)"),  # the whitespace after a sentence
+    re.compile(_MARK + _CLOSERS + rb"(?:\s*?(\s)(?=\S)|()" + _WORD_NEXT + b")"),  # after a sentence
     re.compile(rb"\s(?=\S)"),  # the whitespace before a word
 )
 _CUT_SEARCH_BYTES = 1 << 12  # searched backwards from the limit in windows of 4 KiB, 8 KiB, ...
@@ -23,7 +38,7 @@ def _last_cut(data: bytes, pattern: re.Pattern, low: int, high: int) -> Optional
     while True:
         begin = max(low + 1, high - span)
         found = None
-        for match in pattern.finditer(data, begin, min(len(data), high + 2)):  # + the lookahead's byte
+        for match in pattern.finditer(data, begin, min(len(data), high + 3)):  # + the lookahead's bytes
             cut = match.start(match.lastindex or 0)
             if cut <= high:
                 found = cut

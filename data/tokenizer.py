@@ -40,8 +40,17 @@ ROBERTA_SPECIALS = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>",
 # DeBERTa-v3's: [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3 as SentencePiece meta pieces, [MASK] appended last.
 DEBERTA_V3_SPECIALS = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"}
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask")
-# a sentence-ending mark, then closing quotes/brackets, at the end of a token's text; or a line break
-_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f][\"'\u201d\u2019)\]}\u00bb\u300d\u300f\s]*$|[\n\r]")
+# Sentence ends (data/pairs.py through sentence_end_ids; data/document_pieces.py): a mark, then closing
+# quotes/brackets. Marks: . ! ?, the Chinese full stop 。 and its half-width ｡, full-width ！ ？, the
+# doubled ‼ ⁇ ⁈ ⁉, the vertical and small forms ︒ ︕ ︖ ﹒ ﹗ ﹖; an ellipsis (… ⋯, as in "……") only
+# when a closing quote or bracket follows it (a trailing-off quotation), since it also pauses mid-sentence.
+SENTENCE_END_MARKS = ".!?\u3002\uff61\uff01\uff1f\u203c\u2047\u2048\u2049\ufe12\ufe15\ufe16\ufe52\ufe57\ufe56"
+ELLIPSES = "\u2026\u22ef"
+CLOSING_MARKS = ("\"'\u201d\u2019)]}\u00bb\u203a\u300d\u300f\uff09\u300b\u3011\u3009\u3015\u3017\u3019\u301b"
+                 "\uff02\uff07\uff3d\uff5d\uff63")  # ” ’ ) ] } » › 」 』 ） 》 】 〉 〕 〗 〙 〛 ＂ ＇ ］ ｝ ｣
+# a mark, then closing marks and spaces, at the end of a token's text; or a line break
+_SENTENCE_END = re.compile(f"(?:[{re.escape(SENTENCE_END_MARKS)}]|[{ELLIPSES}](?=[{re.escape(CLOSING_MARKS)}]))"
+                           f"[{re.escape(CLOSING_MARKS)}\\s]*$|[\n\r]")
 
 
 class Tokenizer:
@@ -90,6 +99,13 @@ class Tokenizer:
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         return np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
+    def encode_batch_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`encode_batch` with where each token comes from: per text (ids int32, begins int64, ends
+        int64), the token's span in CHARACTERS of the text (data/segmenter.py maps word starts by it).
+        A token holding bytes of a multi-byte character (byte-level BPE, SentencePiece byte fallback)
+        spans that whole character; a token of no text (a lone word mark) may have an empty span."""
+        raise NotImplementedError
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -111,10 +127,12 @@ class Tokenizer:
     def sentence_end_ids(self) -> np.ndarray:
         """Boolean array over the ids: True for tokens whose text ends a sentence (data/pairs.py).
 
-        A token's decoded text ends in . ! ? (or the full-width 。！？), possibly followed by closing
-        quotes or brackets and spaces, or contains a line break. Specials are False. One decode per id
-        (about a second for 128K ids); a byte-level token holding part of a multi-byte character does not
-        decode to it and is missed.
+        A token's decoded text ends in a sentence mark (SENTENCE_END_MARKS: . ! ? and the Chinese 。！？
+        and relatives; an ellipsis before a closing mark), possibly followed by closing quotes or
+        brackets (CLOSING_MARKS: ” 」 』 ） 》 ...) and spaces, or contains a line break. Specials are
+        False. One decode per id (about a second for 128K ids); a byte-level token holding only part of
+        a multi-byte mark does not decode to it and is missed: on a Chinese byte-level BPE the marks
+        are frequent enough to be whole tokens (tests/test_tokenizer_zh.py counts none missed).
         """
         ends = np.array([bool(_SENTENCE_END.search(self.decode([i]))) for i in range(self.vocab_size)], dtype=bool)
         ends[self.special_ids] = False
@@ -202,6 +220,15 @@ class BPETokenizer(Tokenizer):
         ids = itertools.chain.from_iterable(e.ids for e in encodings)
         return np.fromiter(ids, np.int32, int(lengths.sum())), lengths
 
+    def encode_batch_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        # `tokenizers` reports character offsets; each byte token of a multi-byte character gets that
+        # character's span (the offset-free "fast" path would give the same ids)
+        out = []
+        for e in self._tok.encode_batch(list(texts), add_special_tokens=False):
+            spans = np.array(e.offsets, dtype=np.int64).reshape(-1, 2)
+            out.append((np.array(e.ids, dtype=np.int32), spans[:, 0], spans[:, 1]))
+        return out
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -236,6 +263,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise UserError(f"{path / 'spm.model'}: not a valid SentencePiece model ({err}); "
                             f"retrain the tokenizer") from None
         self._threads = -1  # sentencepiece's "all cores"
+        self._is_byte: np.ndarray | None = None  # byte pieces, by id (encode_batch_offsets)
         super().__init__(path, meta)
         # control pieces ([PAD] [CLS] [SEP]) and [UNK]: sentencepiece decodes them to nothing or " ⁇ "
         self._shown_specials = set(self.special_ids) - {self.mask_id}
@@ -262,6 +290,25 @@ class SentencePieceTokenizer(Tokenizer):
         lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
         ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         return ids.astype(np.int32, copy=False), lengths
+
+    def encode_batch_offsets(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        try:
+            encoded = self._sp.encode(list(texts), num_threads=self._threads, return_type="offset_mapping")
+        except ValueError:  # an older sentencepiece
+            raise UserError("token offsets (--word-segmenter) need sentencepiece>=0.2.3; "
+                            "pip install -U sentencepiece") from None
+        if self._is_byte is None:
+            self._is_byte = np.array([self._sp.is_byte(i) for i in range(self.vocab_size)], dtype=bool)
+        out = []
+        for e in encoded:
+            ids = np.array(e["ids"], dtype=np.int32)
+            spans = np.array(e["offsets"], dtype=np.int64).reshape(-1, 2)
+            # byte fallback spells a character in byte pieces: all but the last come with an empty span
+            # at the character's start; give each the character it spells
+            lone_byte = self._is_byte[ids] & (spans[:, 0] == spans[:, 1])
+            spans[lone_byte, 1] += 1
+            out.append((ids, spans[:, 0], spans[:, 1]))
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids` as sentencepiece decodes it, [CLS]/[SEP]/[PAD]/[UNK] shown as words."""

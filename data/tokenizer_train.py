@@ -3,8 +3,14 @@ directories that `data.tokenizer.load_tokenizer` and Hugging Face `AutoTokenizer
 
 Training reads a sample of the lines of large inputs rather than all of them. The SentencePiece
 directory ships a `tokenizer.json` built here from the model itself (byte fallback, the model's
-identity normalisation, a byte-fallback decoder), because transformers 5.x's `DebertaV2Tokenizer`
+normalisation, a byte-fallback decoder), because transformers 5.x's `DebertaV2Tokenizer`
 rebuilds the model without byte fallback and with its own normaliser.
+
+Normalisation (both backends, `normalization=`): "identity" (the default: none) or "fullwidth", which
+folds the width forms that Chinese text mixes in, one character to one character, as NFKC folds each
+of them alone (see WIDTH_FOLDS). It is written into both files a tokenizer is read from (SentencePiece:
+a rule table compiled into `spm.model`; `tokenizer.json`: one Replace per character), so `load_tokenizer`
+and `AutoTokenizer` fold identically; full NFKC cannot be mirrored exactly (see train_spm).
 """
 import io
 import json
@@ -16,7 +22,7 @@ import string
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional
 
 from data.errors import UserError
 from data.tokenizer import (DEBERTA_V3_SPECIALS, META_FILE, META_FORMAT_VERSION, ROBERTA_SPECIALS, BPETokenizer,
@@ -33,6 +39,45 @@ def _hf_config_files(specials: dict, model_max_length: int, **extra) -> dict[str
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "model_max_length": model_max_length,
               "clean_up_tokenization_spaces": False, **extra}
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def _width_folds() -> dict[str, str]:
+    """The "fullwidth" normalisation: U+3000 ideographic space, the full-width ASCII forms U+FF01-FF5E,
+    the half-width CJK punctuation U+FF5F-FF64 and the full-width signs U+FFE0-FFE6, each to its NFKC
+    form where that is one character ("Ａ１！" -> "A1!", U+3000 -> " ", "｡" -> "。", "￥" -> "¥";
+    U+FFE3 "￣", NFKC " ̄", stays). Character by character: nothing is composed or reordered, so a
+    combining mark after a folded letter stays a separate character on both sides. Half-width
+    Katakana and Hangul are left alone (their NFKC composes voiced marks).
+    """
+    import unicodedata
+
+    codes = [0x3000, *range(0xFF01, 0xFF65), *range(0xFFE0, 0xFFE7)]
+    folds = {chr(c): unicodedata.normalize("NFKC", chr(c)) for c in codes}
+    folds = {c: f for c, f in folds.items() if len(f) == 1 and f != c}
+    assert not set(folds.values()) & set(folds), "a fold's result is folded again"  # order-free Replaces
+    return folds
+
+
+WIDTH_FOLDS = _width_folds()  # 107 characters
+NORMALIZATIONS = {"identity": {}, "fullwidth": WIDTH_FOLDS}
+# SentencePiece's own default, which train_spm used before it was an option: a model trained with it
+# stays byte-identical to one trained without naming it (its value is then not written in spm.model)
+DEFAULT_CHARACTER_COVERAGE = 0.9995
+# --preset: the settings of one language's tokenizers together (explicit options win)
+PRESETS = {"zh": {"normalization": "fullwidth", "character_coverage": 0.9995}}
+
+
+def _folds_of(normalization: str) -> dict[str, str]:
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"normalization {normalization!r} is not supported; use one of {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS[normalization]
+
+
+def _hf_fold_normalizers(folds: dict[str, str]) -> list:
+    """`tokenizers` normalisers applying `folds` (independent single characters: order does not matter)."""
+    from tokenizers import normalizers
+
+    return [normalizers.Replace(src, dst) for src, dst in folds.items()]
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -86,15 +131,19 @@ def train_bpe(
     json_key: str = "text",
     model_max_length: int = 512,
     read_options=None,
+    normalization: str = "identity",
 ) -> Tokenizer:
     """Train a RoBERTa-style byte-level BPE and save it to output_dir (replaced atomically).
 
     files_or_iterator: a list of .jsonl/.txt(.gz) paths (read like tools/preprocess_data.py, with
     `read_options`, a `data.preprocess.ReadOptions`, or just JSON field `json_key`), or any other
     iterable of document strings. `vocab_size` counts the five specials and the 256 byte symbols; a
-    small corpus may stop short of it (see `vocab_size`).
+    small corpus may stop short of it (see `vocab_size`). normalization: "identity" or "fullwidth"
+    (module docstring). Text of any script round-trips (`decode(encode(text)) == text`, up to the
+    folds): a character the merges do not cover is spelt in several byte tokens, each of which alone
+    decodes to U+FFFD.
     """
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
     specials = list(ROBERTA_SPECIALS.values())
@@ -103,7 +152,10 @@ def train_bpe(
         from data.preprocess import ReadOptions
 
         read_options = ReadOptions(json_key=json_key)
+    folds = _folds_of(normalization)
     tok = HFTokenizer(models.BPE())  # no unk: every byte has a symbol
+    if folds:
+        tok.normalizer = normalizers.Sequence(_hf_fold_normalizers(folds))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special_tokens = [
@@ -135,6 +187,7 @@ def train_bpe(
         "special_ids": {role: tok.token_to_id(t) for role, t in ROBERTA_SPECIALS.items()},
         "min_frequency": min_frequency,
         "requested_vocab_size": vocab_size,
+        "normalization": normalization,
     }
     mask = {"content": "<mask>", "lstrip": True, "rstrip": False, "normalized": False,
             "single_word": False, "special": True}
@@ -152,7 +205,6 @@ def train_bpe(
 
 # -- SentencePiece ------------------------------------------------------------------------------
 
-SPM_NORMALIZATION = "identity"  # see train_spm
 SPM_MAX_LINE_BYTES = 4096  # sentencepiece skips longer training lines; we cut them at spaces first
 # Printable ASCII is always a piece of its own, whatever the character coverage: then every literal
 # "[CLS]", "[UNK]" or "<0xE6>" in text has a path of ordinary pieces, which tokenizer.json needs
@@ -214,6 +266,8 @@ def train_spm(
     model_max_length: int = 512,
     seed: int = 0,
     threads: Optional[int] = None,
+    normalization: str = "identity",
+    character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
 ) -> Tokenizer:
     """Train a SentencePiece model (DeBERTa-v3 style) and save it to output_dir (replaced atomically).
 
@@ -228,15 +282,23 @@ def train_spm(
     whose reservoir ignores its seed: two runs would train two different models. The model is
     reproducible for the same inputs, seed and `threads` (SentencePiece's EM sums per thread).
 
-    Normalisation is `identity`: no Unicode normalisation, only SentencePiece's whitespace rules
-    (spaces stripped at both ends, runs of spaces collapsed; tabs and newlines are kept as characters,
-    so `decode` gives them back). DeBERTa-v3 used `nmt_nfkc`, but a tokenizer.json can carry that
+    character_coverage: the share of the sample's characters that get pieces of their own (0.9995,
+    SentencePiece's default and the value for Chinese/Japanese; 1.0 for small alphabets); the rarest
+    characters beyond it are spelt in byte pieces (byte fallback), never [UNK].
+
+    Normalisation `identity` (the default): no Unicode normalisation, only SentencePiece's whitespace
+    rules (spaces stripped at both ends, runs of spaces collapsed; tabs and newlines are kept as
+    characters, so `decode` gives them back). `fullwidth` (for Chinese) first folds WIDTH_FOLDS, one
+    character to one, through a rule table compiled into the model (sentencepiece's
+    normalization_rule_tsv), mirrored by Replace normalisers in tokenizer.json: the two agree on all
+    text, since both replace single characters; an ideographic space then counts as a space.
+    DeBERTa-v3 used `nmt_nfkc`, but a tokenizer.json can carry that
     rule table only through `tokenizers`' Precompiled normaliser, which parts from sentencepiece on
     combining sequences: it leaves "e\u0301" decomposed where sentencepiece composes "é", treats
     decomposed Hangul likewise, and drops a combining mark after a full-width letter. AutoTokenizer
     would then not encode as the data was preprocessed; with `identity` the two agree on all text.
-    The cost: compatibility forms (full-width Latin, ligatures, decomposed accents) stay distinct
-    characters with their own pieces; normalise the corpus beforehand to fold them. Byte fallback
+    The cost: compatibility forms (ligatures, decomposed accents; full-width forms under `identity`)
+    stay distinct characters with their own pieces; normalise the corpus beforehand to fold them. Byte fallback
     spells characters outside the vocabulary in UTF-8 bytes, so nothing becomes [UNK].
 
     Unigram scores are rounded to multiples of 1/8 (see SCORE_GRID) so that Hugging Face's lattice
@@ -256,12 +318,24 @@ def train_spm(
                       "specials, 256 bytes and printable ASCII at least")
     if sample_lines < 1:
         raise UserError(f"--sample-lines must be at least 1, got {sample_lines}")
+    if not 0.9 <= character_coverage <= 1.0:  # sentencepiece's own bounds
+        raise UserError(f"--character-coverage must be within 0.9 to 1.0, got {character_coverage}")
+    folds = _folds_of(normalization)
     threads = threads or available_cpus()
     texts = _CountingTexts(files_or_iterator, read_options)
     sample, lines_read = _reservoir_sample(_spm_training_lines(texts), sample_lines, seed)
     if not sample:
         raise texts.empty_error()
     model = io.BytesIO()
+    rules = tempfile.TemporaryDirectory(prefix="spm-rules-")
+    if folds:
+        tsv = Path(rules.name) / "rules.tsv"  # source code points TAB target code points, in hex
+        tsv.write_text("".join(f"{ord(a):X}\t{ord(b):X}\n" for a, b in folds.items()), encoding="ascii")
+        normalization_args = {"normalization_rule_tsv": str(tsv)}
+    else:
+        normalization_args = {"normalization_rule_name": normalization}
+    if character_coverage != DEFAULT_CHARACTER_COVERAGE:
+        normalization_args["character_coverage"] = character_coverage
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sample),
@@ -272,7 +346,7 @@ def train_spm(
             byte_fallback=True,
             pad_id=0, pad_piece="[PAD]", bos_id=1, bos_piece="[CLS]", eos_id=2, eos_piece="[SEP]",
             unk_id=3, unk_piece="[UNK]",
-            normalization_rule_name=SPM_NORMALIZATION,
+            **normalization_args,
             required_chars=SPM_REQUIRED_CHARS,
             # pieces never span a space (▁ only leads a piece): tokenizer.json relies on it
             split_by_whitespace=True,
@@ -286,9 +360,14 @@ def train_spm(
     except RuntimeError as err:  # sentencepiece reports bad settings and empty inputs this way
         reason = str(err).split("]")[-1].strip() or str(err)
         raise UserError(f"SentencePiece training failed: {reason}") from None
+    finally:
+        rules.cleanup()
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
+    if folds:  # the table is compiled into precompiled_charsmap; the temporary file's path is no setting
+        proto.normalizer_spec.name = normalization
+        proto.normalizer_spec.ClearField("normalization_rule_tsv")
     if model_type == "unigram":
         # sentencepiece sums scores along the text in float32, tokenizers per word in float64: their
         # roundings break exact ties (the same pieces in another order, as "((" "(" and "(" "((")
@@ -307,7 +386,8 @@ def train_spm(
         "special_tokens": dict(DEBERTA_V3_SPECIALS),
         "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "mask": pieces - 1},
         "model_type": model_type,
-        "normalization": SPM_NORMALIZATION,
+        "normalization": normalization,
+        "character_coverage": character_coverage,
         "byte_fallback": True,
         "requested_vocab_size": vocab_size,
         "sample_lines": sample_lines,
@@ -323,18 +403,19 @@ def train_spm(
     output_dir = Path(output_dir)
     with _atomic_dir(output_dir) as tmp:
         (tmp / "spm.model").write_bytes(proto.SerializeToString())
-        _hf_tokenizer_from_spm(proto).save(str(tmp / "tokenizer.json"))
+        _hf_tokenizer_from_spm(proto, folds).save(str(tmp / "tokenizer.json"))
         for name, content in {**hf_files, META_FILE: meta}.items():
             _write_json(tmp / name, content)
     return load_tokenizer(output_dir)
 
 
-def _hf_tokenizer_from_spm(proto):
+def _hf_tokenizer_from_spm(proto, folds: Optional[dict[str, str]] = None):
     """A `tokenizers.Tokenizer` that encodes as sentencepiece does with a model from train_spm (a ModelProto).
 
-    The steps mirror sentencepiece's, for the settings train_spm uses (identity normalisation,
-    whitespace rules on, byte fallback, pieces never spanning a space):
-    - normaliser: spaces stripped at both ends and runs collapsed, spaces escaped as "▁" (at the end
+    The steps mirror sentencepiece's, for the settings train_spm uses (identity normalisation or the
+    single-character `folds` its rule table was compiled from, whitespace rules on, byte fallback,
+    pieces never spanning a space):
+    - normaliser: the folds (sentencepiece applies its table before the whitespace rules), spaces stripped at both ends and runs collapsed, spaces escaped as "▁" (at the end
       sentencepiece strips escaped spaces, so a "▁" written in the text goes too), the dummy "▁" prefix;
     - pre-tokenizer: split before each "▁" and isolate the user-defined pieces ([MASK]), which
       sentencepiece always emits whole;
@@ -350,7 +431,7 @@ def _hf_tokenizer_from_spm(proto):
     from tokenizers import Tokenizer as HFTokenizer
 
     spec, trainer = proto.normalizer_spec, proto.trainer_spec
-    if spec.precompiled_charsmap or not (spec.add_dummy_prefix and spec.remove_extra_whitespaces
+    if bool(spec.precompiled_charsmap) != bool(folds) or not (spec.add_dummy_prefix and spec.remove_extra_whitespaces
                                          and spec.escape_whitespaces and trainer.byte_fallback):
         raise ValueError("only models with train_spm's settings can be converted to tokenizer.json")
     kind = sentencepiece_model_pb2.ModelProto.SentencePiece
@@ -370,6 +451,7 @@ def _hf_tokenizer_from_spm(proto):
                            unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=True, ignore_merges=True)
     tok = HFTokenizer(model)
     tok.normalizer = normalizers.Sequence([
+        *_hf_fold_normalizers(folds or {}),
         normalizers.Replace(Regex(r"\A +"), ""),
         normalizers.Replace(Regex(" {2,}"), " "),
         normalizers.Replace(" ", "▁"),
