@@ -23,7 +23,7 @@ WORKDIR /workspace
 COPY setup.py README.md ./
 RUN mkdir trainer models data tools \
  && touch trainer/__init__.py models/__init__.py data/__init__.py tools/__init__.py \
- && pip install --no-cache-dir ".[test]" \
+ && pip install --no-cache-dir ".[test,zh]" \
  && pip uninstall -y encoder-pretrain \
  && python -c "import deepspeed, megatron.core, tokenizers, sentencepiece; print('deepspeed', deepspeed.__version__)" \
  && ds_report

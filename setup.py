@@ -24,5 +24,8 @@ setup(
         "scikit-learn>=1.3",  # the bag-of-words baseline printed beside the demo's context task
         "matplotlib>=3.7",  # docs/ plots (tools/crossover.py)
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "zh": ["jieba>=0.42"],  # Chinese word boundaries: tools/preprocess_data.py --word-segmenter jieba
+    },
 )

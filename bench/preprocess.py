@@ -18,6 +18,16 @@ docstrings) and each repeat, side by side in this one process:
 
 Medians over the repeats. The last line per tokenizer is the result:
     RESULT preprocess_bpe workers=2 tok_ratio=0.85        (steady-state preprocess / raw; target >= 0.8)
+
+    python bench/preprocess.py --segmenter jieba [--workers 2 --repeats 3 --zh-documents 4000]
+
+measures `--word-segmenter jieba` instead, on Chinese text (tools/build_zh_corpus.py's generated
+documents, a BPE trained on them), one run, in characters per second of the same text:
+- jieba alone: `jieba.lcut` over the documents in `--workers` processes (jieba loaded beforehand);
+- preprocess with the segmenter, and without it, both at their steady rate (difference of the corpus
+  and its first quarter, as above).
+    RESULT preprocess_segmenter_jieba workers=2 vs_jieba=0.80 vs_plain=0.20
+(vs_jieba: with-segmenter preprocess / jieba alone; vs_plain: with / without the segmenter.)
 """
 import argparse
 import json
@@ -45,6 +55,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-raw-seconds", type=float, default=2.0, help="repeat the corpus until raw takes this long")
     parser.add_argument("--work-dir", default=None, help="keeps corpus and tokenizers between runs (default: temporary)")
+    parser.add_argument("--segmenter", choices=("jieba",), default=None,
+                        help="measure preprocessing with this word segmenter on Chinese text instead")
+    parser.add_argument("--zh-documents", type=int, default=4000, help="generated Chinese documents (--segmenter)")
     return parser.parse_args()
 
 
@@ -59,9 +72,17 @@ def raw_tokenize(kind: str, tok_dir: Path, texts: list[str], workers: int):
 
     The texts go in batches of about 1 MiB, as in the workers (data.preprocess.BATCH_CHARS): one call
     on the whole corpus is slower (it holds every result at once), which would flatter preprocessing."""
-    from data.preprocess import BATCH_CHARS, _batches
+    from data.preprocess import BATCH_CHARS
 
-    batches = list(_batches(texts, BATCH_CHARS))
+    batches, batch, size = [], [], 0
+    for text in texts:  # as data.preprocess._encode_documents groups them
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_CHARS:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
     if kind == "bpe":
         from tokenizers import Tokenizer
 
@@ -128,9 +149,80 @@ def bench(kind: str, tok_dir: Path, base: Path, work: Path, args) -> None:
     print(f"RESULT preprocess_{kind} workers={args.workers} tok_ratio={steady / raw_rates[best_mode]:.2f}")
 
 
+_jieba = None
+
+
+def _jieba_worker_init():
+    global _jieba
+    from data.segmenter import load_segmenter
+
+    _jieba = load_segmenter("jieba")._jieba  # imported, logging quiet, dictionary loaded
+
+
+def _lcut_chars(texts: list[str]) -> int:
+    return sum(len(w) for t in texts for w in _jieba.lcut(t))
+
+
+def steady_rate(run, corpus: Path, quarter: Path, chars_full: int, chars_quarter: int) -> float:
+    """Characters per second of preprocessing at its steady rate: the difference of two runs."""
+    t_full, _ = timed(run, corpus)
+    t_quarter, _ = timed(run, quarter)
+    return (chars_full - chars_quarter) / (t_full - t_quarter)
+
+
+def bench_segmenter(args, work: Path) -> None:
+    import multiprocessing
+    import random
+
+    from data.preprocess import preprocess
+    from data.tokenizer_train import train_bpe
+    from tools.build_zh_corpus import build_documents
+
+    texts = build_documents(random.Random(0), args.zh_documents)
+    corpus, quarter = work / "zh-corpus.jsonl", work / "zh-quarter.jsonl"
+    lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts]
+    corpus.write_text("".join(lines), encoding="utf-8")
+    quarter.write_text("".join(lines[:len(lines) // 4]), encoding="utf-8")
+    chars_full, chars_quarter = sum(map(len, texts)), sum(map(len, texts[:len(texts) // 4]))
+    tok_dir = work / "tok-zh-bpe"
+    if not (tok_dir / "tokenizer_meta.json").exists():
+        train_bpe([corpus], min(args.vocab_size, 4000), tok_dir)
+    out = work / "out"
+    preprocess([quarter], tok_dir, out / "warm", workers=args.workers, word_segmenter=args.segmenter)  # imports
+
+    pieces = 8 * args.workers  # enough to share between the processes
+    batches = [texts[i::pieces] for i in range(pieces)]
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(args.workers, _jieba_worker_init) as pool:
+        pool.map(_lcut_chars, batches[:args.workers])  # warm
+        for _ in range(args.repeats):
+            seconds, chars = timed(lambda: sum(pool.map(_lcut_chars, batches, chunksize=1)))
+            assert chars == chars_full
+            seg = steady_rate(lambda p: preprocess([p], tok_dir, out / "seg", workers=args.workers,
+                                                   word_segmenter=args.segmenter),
+                              corpus, quarter, chars_full, chars_quarter)
+            plain = steady_rate(lambda p: preprocess([p], tok_dir, out / "plain", workers=args.workers),
+                                corpus, quarter, chars_full, chars_quarter)
+            rows.append((chars / seconds, seg, plain))
+    jieba_rate, seg, plain = (statistics.median(r[i] for r in rows) for i in range(3))
+    print(f"\n{args.segmenter}: {len(texts)} Chinese documents, {corpus.stat().st_size / 1e6:.1f} MB, "
+          f"{chars_full / 1e6:.2f}M characters, workers={args.workers}, {args.repeats} repeats (medians)")
+    print(f"  {args.segmenter}.lcut alone         {jieba_rate / 1e6:6.3f}M char/s  <- peer")
+    print(f"  preprocess + segmenter   {seg / 1e6:6.3f}M char/s  (steady: difference of the corpus and its quarter)")
+    print(f"  preprocess, no segmenter {plain / 1e6:6.3f}M char/s")
+    print(f"RESULT preprocess_segmenter_{args.segmenter} workers={args.workers} vs_jieba={seg / jieba_rate:.2f} "
+          f"vs_plain={seg / plain:.2f}")
+
+
 def main():
     args = parse_args()
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # the raw BPE peer's thread budget
+    if args.segmenter:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.work_dir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            bench_segmenter(args, work)
+        return
     from data.tokenizer_train import train_bpe, train_spm
     from tools.build_demo_corpus import build_demo_corpus
 

@@ -94,7 +94,7 @@ def read_sidecar(prefix: str | Path) -> dict:
 # then int32 sequence lengths, int64 byte offsets of the sequences, int64 document indices.
 _IDX_HEADER = b"MMIDIDX\x00\x00"
 _IDX_FIXED_BYTES = len(_IDX_HEADER) + 8 + 1 + 8 + 8  # 34: what precedes the arrays
-_IDX_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
+_IDX_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 # every code megatron-core's DType knows (it writes others for other token types)
 _IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
@@ -274,6 +274,11 @@ class IndexedWriter:
     `companion = (suffix, write)`: on a clean exit, `write(dataset prefix, companion prefix)` writes
     a dataset derived from the finished one (static masks: data/static_masks.py) at temporary names
     too, returns entries for the sidecar, and its PREFIX{suffix}.bin/.idx are renamed with the rest.
+
+    `add_parallel(suffix, dtype, sidecar_key)`: PREFIX{suffix}.bin/.idx are written alongside, one
+    document per document (word starts: data/segmenter.py), merged from each shard's SHARD{suffix}
+    in `add_shard`; they are finished before `companion` runs (it may read them at the temporary
+    prefix), renamed with the rest, and the sidecar's `sidecar_key` entry gets their .idx sha256.
     """
 
     def __init__(self, prefix: str | Path, vocab_size: int):
@@ -285,6 +290,8 @@ class IndexedWriter:
         self.companion: Optional[Tuple[str, Callable[[Path, Path], dict]]] = None
         self._tmp_prefix = self.prefix.with_name(f".{self.prefix.name}.tmp-{uuid.uuid4().hex[:8]}")
         self._builder = None
+        self._parallel: dict[str, tuple[type[np.integer], str]] = {}  # suffix -> (dtype, sidecar key)
+        self._parallel_builders: dict = {}
 
     def __enter__(self) -> "IndexedWriter":
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +303,16 @@ class IndexedWriter:
             self._builder = builder_class(str(bin_path(self._tmp_prefix)), dtype=self.dtype)
         return self._builder
 
+    def add_parallel(self, suffix: str, dtype: type[np.integer], sidecar_key: str) -> None:
+        """Also write PREFIX{suffix}.bin/.idx from the shards' SHARD{suffix} (see the class docstring);
+        call it before the first shard."""
+        if self._builder is not None:
+            raise RuntimeError("add_parallel after the first document")
+        self._parallel[suffix] = (dtype, sidecar_key)
+
     def add_document(self, ids: np.ndarray | list[int]) -> None:
+        if self._parallel:
+            raise RuntimeError("add_document cannot feed the parallel datasets; write shards")
         ids = np.asarray(ids, dtype=self.dtype)
         # one sequence that is the whole document: the same as add_item + end_document, minus torch
         self._ensure_builder().add_document(ids, [ids.size])
@@ -310,6 +326,12 @@ class IndexedWriter:
         # torch: ~400K, 0.1-0.4 s a shard); frozen objects are skipped, and ours are acyclic
         gc.freeze()
         builder.add_index(str(prefix))
+        for suffix, (dtype, _) in self._parallel.items():
+            if suffix not in self._parallel_builders:
+                builder_class = _indexed_dataset_module().IndexedDatasetBuilder
+                self._parallel_builders[suffix] = builder_class(str(bin_path(f"{self._tmp_prefix}{suffix}")),
+                                                                dtype=dtype)
+            self._parallel_builders[suffix].add_index(f"{prefix}{suffix}")
         self.documents += documents
         self.tokens += tokens
 
@@ -319,12 +341,24 @@ class IndexedWriter:
         companion = [(f(f"{self._tmp_prefix}{suffix}"), f(f"{self.prefix}{suffix}"))
                      for f in (bin_path, idx_path)] if suffix else []
         tmp_files += [tmp for tmp, _ in companion]
+        parallel = [(f(f"{self._tmp_prefix}{s}"), f(f"{self.prefix}{s}"))
+                    for s in self._parallel for f in (bin_path, idx_path)]
+        tmp_files += [tmp for tmp, _ in parallel]
         try:
             if exc_type is None:
                 self._ensure_builder().finalize(str(idx_path(self._tmp_prefix)))
+                entries = {}
+                for s, (dtype, key) in self._parallel.items():
+                    tmp = f"{self._tmp_prefix}{s}"
+                    if s not in self._parallel_builders:  # no shard at all (an empty dataset)
+                        self._parallel_builders[s] = _indexed_dataset_module().IndexedDatasetBuilder(
+                            str(bin_path(tmp)), dtype=dtype)
+                    self._parallel_builders[s].finalize(str(idx_path(tmp)))
+                    entries[key] = {**self.sidecar.get(key, {}), "idx_sha256": idx_sha256(tmp)}
                 derived = self.companion[1](self._tmp_prefix, Path(f"{self._tmp_prefix}{suffix}")) if suffix else {}
                 write_sidecar(sidecar_path(self._tmp_prefix), {
                     **self.sidecar,
+                    **entries,
                     **derived,
                     "documents": self.documents,
                     "tokens": self.tokens,
@@ -335,12 +369,13 @@ class IndexedWriter:
                 sidecar_path(self.prefix).unlink(missing_ok=True)
                 os.replace(bin_path(self._tmp_prefix), bin_path(self.prefix))
                 os.replace(idx_path(self._tmp_prefix), idx_path(self.prefix))
-                for tmp, final in companion:
+                for tmp, final in companion + parallel:
                     os.replace(tmp, final)
                 os.replace(sidecar_path(self._tmp_prefix), sidecar_path(self.prefix))
         finally:
             gc.unfreeze()
-            if self._builder is not None and not self._builder.data_file.closed:
-                self._builder.data_file.close()
+            for builder in (self._builder, *self._parallel_builders.values()):
+                if builder is not None and not builder.data_file.closed:
+                    builder.data_file.close()
             for path in tmp_files:
                 path.unlink(missing_ok=True)

@@ -56,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import jsonio
+from data import segmenter as segmenters
 from data.errors import UserError
 from data.document_pieces import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, pieces as document_pieces
 from data.indexed import IndexedWriter, ShardWriter, bin_path, idx_path, token_dtype
@@ -330,12 +331,14 @@ def iter_texts(paths: Iterable[Path], options: ReadOptions = ReadOptions()) -> I
             at_start = False
 
 
-def _encode_documents(tok: Tokenizer, texts: Iterable[str], max_bytes: int,
-                      counts: "_Counts") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(token ids, tokens per document) of the documents, a batch at a time; documents without
-    tokens are left out and counted. A document longer than max_bytes is tokenized a piece at a
-    time (`data.document_pieces`) and stays one document: its pieces' ids are joined. The tokenizer's
-    memory then grows with max_bytes (and BATCH_CHARS), not with the longest document."""
+def _encode_documents(tok: Tokenizer, texts: Iterable[str], max_bytes: int, counts: "_Counts",
+                      segmenter=None) -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """(token ids, tokens per document, word-start flags or None) of the documents, a batch at a time;
+    documents without tokens are left out and counted. A document longer than max_bytes is tokenized
+    a piece at a time (`data.document_pieces`) and stays one document: its pieces' ids (and flags,
+    each piece segmented on its own) are joined. The tokenizer's memory then grows with max_bytes
+    (and BATCH_CHARS), not with the longest document. segmenter: a data.segmenter segmenter, whose
+    flags (uint8, one per token) come third; None: no flags."""
     batch, size = [], 0
     for text in texts:
         pieces = document_pieces(text, max_bytes)
@@ -345,28 +348,42 @@ def _encode_documents(tok: Tokenizer, texts: Iterable[str], max_bytes: int,
             if size < BATCH_CHARS:
                 continue
         if batch:
-            yield _encode_batch(tok, batch, counts)
+            yield _encode_batch(tok, batch, counts, segmenter)
             batch, size = [], 0
         if len(pieces) > 1:
             counts.split += 1
-            ids = []
+            ids, flags = [], []
             while pieces:  # a piece is let go once tokenized
-                ids.append(tok.encode_batch_flat([pieces.pop(0)])[0])
+                piece_ids, _, piece_flags = _encode_flat(tok, [pieces.pop(0)], segmenter)
+                ids.append(piece_ids)
+                flags.append(piece_flags)
             joined = np.concatenate(ids)
             if len(joined):
-                yield joined, np.array([len(joined)], np.int64)
+                yield joined, np.array([len(joined)], np.int64), np.concatenate(flags) if segmenter else None
             else:
                 counts.skipped["no tokens"] += 1
     if batch:
-        yield _encode_batch(tok, batch, counts)
+        yield _encode_batch(tok, batch, counts, segmenter)
 
 
-def _encode_batch(tok: Tokenizer, texts: list[str], counts: "_Counts") -> tuple[np.ndarray, np.ndarray]:
-    ids, lengths = tok.encode_batch_flat(texts)
+def _encode_flat(tok: Tokenizer, texts: list[str], segmenter) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(all ids, tokens per text, all word-start flags or None) of `texts`."""
+    if segmenter is None:
+        return (*tok.encode_batch_flat(texts), None)
+    encoded = tok.encode_batch_offsets(texts)
+    flags = [segmenter.token_flags(text, begins, ends) for text, (_, begins, ends) in zip(texts, encoded)]
+    lengths = np.fromiter((len(ids) for ids, _, _ in encoded), np.int64, len(encoded))
+    ids = np.concatenate([ids for ids, _, _ in encoded]) if encoded else np.zeros(0, np.int32)
+    return ids, lengths, np.concatenate(flags) if flags else np.zeros(0, np.uint8)
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str], counts: "_Counts",
+                  segmenter=None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    ids, lengths, flags = _encode_flat(tok, texts, segmenter)
     kept = lengths[lengths > 0]
     if len(kept) < len(lengths):
         counts.skipped["no tokens"] += len(lengths) - len(kept)
-    return ids, kept
+    return ids, kept, flags
 
 
 # -- tokenizing (in workers) -----------------------------------------------------------------------
@@ -395,17 +412,20 @@ class _TaskResult:
 _worker_tokenizer: Optional[Tokenizer] = None
 _worker_options = ReadOptions()
 _worker_max_document_bytes = DEFAULT_MAX_DOCUMENT_BYTES
+_worker_segmenter = None  # a data.segmenter segmenter when word starts are written
 
 
 def _init_worker(tokenizer_path: str, options: ReadOptions, threads: Optional[int],
-                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> None:
-    """Load the tokenizer in this process. threads: encode_batch's threads (None: all cores)."""
-    global _worker_tokenizer, _worker_options, _worker_max_document_bytes
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, word_segmenter: Optional[str] = None) -> None:
+    """Load the tokenizer (and the word segmenter, once) in this process. threads: encode_batch's
+    threads (None: all cores)."""
+    global _worker_tokenizer, _worker_options, _worker_max_document_bytes, _worker_segmenter
     _worker_tokenizer = load_tokenizer(tokenizer_path)
     if threads is not None:  # one process per core already keeps the cores busy
         _worker_tokenizer.limit_threads(threads)
     _worker_options = options
     _worker_max_document_bytes = max_document_bytes
+    _worker_segmenter = segmenters.load_segmenter(word_segmenter) if word_segmenter else None
 
 
 def _run_task(task: _Task) -> _TaskResult:
@@ -418,11 +438,16 @@ def _run_task(task: _Task) -> _TaskResult:
                 block = f.read(task.end - task.start)
         except OSError as err:
             raise UserError(f"{task.path}: cannot read ({err.strerror or err})") from None
-    tok, counts = _worker_tokenizer, _Counts()
+    tok, segmenter, counts = _worker_tokenizer, _worker_segmenter, _Counts()
     documents = _documents(block, task.kind, _worker_options, task.at_file_start, counts)
-    with ShardWriter(task.shard, token_dtype(tok.vocab_size)) as shard:
-        for ids, lengths in _encode_documents(tok, documents, _worker_max_document_bytes, counts):
+    # the word starts' shard (when segmenting) holds one uint8 flag per token, documents as in the tokens' shard
+    flag_shard = ShardWriter(f"{task.shard}{segmenters.WORD_STARTS_SUFFIX}", np.uint8) if segmenter else None
+    with ShardWriter(task.shard, token_dtype(tok.vocab_size)) as shard, flag_shard or contextlib.nullcontext():
+        for ids, lengths, flags in _encode_documents(tok, documents, _worker_max_document_bytes, counts, segmenter):
             shard.add(ids, lengths)
+            if flag_shard is not None:
+                assert len(flags) == len(ids), "a word-start flag per token"
+                flag_shard.add(flags, lengths)
     return _TaskResult(shard.documents, shard.tokens, block.count(b"\n"), len(block), counts)
 
 
@@ -443,6 +468,7 @@ class PreprocessSummary:
     split: int = 0  # documents longer than max_document_bytes, tokenized in pieces (still one document)
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     static_masks: int = 0  # masked copies in PREFIX.static_masks.bin/.idx (data/static_masks.py)
+    word_segmenter: Optional[str] = None  # word starts in PREFIX.wordstarts.bin/.idx (data/segmenter.py)
 
 
 def available_cpus() -> int:
@@ -530,6 +556,7 @@ def preprocess(
     chunk_bytes: Optional[int] = None,
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
     static_masks: StaticMaskOptions = StaticMaskOptions(),
+    word_segmenter: Optional[str] = None,
 ) -> PreprocessSummary:
     """Tokenize every document of `inputs` into `output_prefix`.bin/.idx/.json (see the module docstring).
 
@@ -540,7 +567,11 @@ def preprocess(
     (cut at a line break, else a sentence end, else a word, else a character) and its ids joined,
     so it stays one document while the tokenizer's memory is bounded by this size.
     static_masks.copies > 0: also write that many masked copies, PREFIX.static_masks.bin/.idx, from
-    the finished dataset before anything is renamed into place (data/static_masks.py).
+    the finished dataset before anything is renamed into place (data/static_masks.py); whole-word
+    static masks then take their words from the segmenter's flags when there are any.
+    word_segmenter="jieba": also write each token's word-start flag (1 = begins a word) to
+    PREFIX.wordstarts.bin/.idx, one uint8 sequence per document as long as its tokens, and record
+    the segmenter under `word_starts` in PREFIX.json (data/segmenter.py).
     """
     start = time.perf_counter()
     if workers < 1:
@@ -550,6 +581,8 @@ def preprocess(
     options = ReadOptions(json_key=json_key, txt_docs=txt_docs, strict=strict, skip_bad_lines=skip_bad_lines)
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)
+    # loaded here too: a missing package is one error before any worker starts, and the version is recorded
+    segmenter = segmenters.load_segmenter(word_segmenter) if word_segmenter else None
     output_prefix = Path(output_prefix)
     total_bytes = sum(p.stat().st_size for p in paths)
     if chunk_bytes is None:
@@ -565,13 +598,16 @@ def preprocess(
                 threads = max(1, available_cpus() // workers)
                 # spawn, not fork: the parent may hold Rust and OpenMP thread pools that fork would break
                 executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_pool_worker,
-                                               (str(tok.path), options, threads, max_document_bytes))
+                                               (str(tok.path), options, threads, max_document_bytes,
+                                                word_segmenter))
                 results = _ordered(executor, _tasks(paths, options, chunk_bytes, shard_dir), in_flight=2 * workers)
             else:
-                _init_worker(str(tok.path), options, None, max_document_bytes)
+                _init_worker(str(tok.path), options, None, max_document_bytes, word_segmenter)
                 results = ((task, _try(_run_task, task)) for task in _tasks(paths, options, chunk_bytes, shard_dir))
             with tqdm(total=total_bytes, desc="preprocess", unit="B", unit_scale=True, leave=False) as progress, \
                     IndexedWriter(output_prefix, tok.vocab_size) as writer:
+                if segmenter:
+                    writer.add_parallel(segmenters.WORD_STARTS_SUFFIX, np.uint8, segmenters.SIDECAR_KEY)
                 path, lines_before = None, 0  # results come in input order: lines of the file before this task
                 for task, result in results:
                     if task.path != path:
@@ -581,8 +617,9 @@ def preprocess(
                     examples += [(path, lines_before + line, reason) for line, reason in result.counts.examples]
                     lines_before += result.newlines
                     writer.add_shard(task.shard, result.documents, result.tokens)
-                    for suffix in (bin_path, idx_path):
-                        suffix(task.shard).unlink()
+                    for shard in (task.shard, *([f"{task.shard}{segmenters.WORD_STARTS_SUFFIX}"] if segmenter else [])):
+                        for suffix in (bin_path, idx_path):
+                            suffix(shard).unlink()
                     skipped.update(result.counts.skipped)
                     repaired.update(result.counts.repaired)
                     split += result.counts.split
@@ -609,8 +646,11 @@ def preprocess(
                     "tool": "preprocess_data",
                     "tool_version": _tool_version(),
                 }
+                if segmenter:
+                    writer.sidecar[segmenters.SIDECAR_KEY] = segmenter.info()
                 if static_masks.copies:
-                    writer.companion = companion_writer(tok, static_masks)
+                    writer.companion = companion_writer(
+                        tok, static_masks, segmenters.WORD_STARTS_SUFFIX if segmenter else None)
             finished = True
         finally:
             if executor is not None:
@@ -621,7 +661,7 @@ def preprocess(
     return PreprocessSummary(str(output_prefix), len(paths), writer.documents, writer.tokens,
                              dict(sorted(skipped.items())), dict(sorted(repaired.items())), read_bytes,
                              np.dtype(writer.dtype).name, time.perf_counter() - start, workers, split,
-                             max_document_bytes, static_masks.copies)
+                             max_document_bytes, static_masks.copies, word_segmenter)
 
 
 def _try(fn, task):

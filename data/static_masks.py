@@ -15,13 +15,14 @@ not depend on packing, sequence length or the run. PREFIX.json records them unde
 (copies, seed, the recipe, the companion's .idx sha256); the trainer (data.masking=static) checks
 that entry against its config and the files, then reads for a presentation of a packed sample in
 epoch e of its corpus the same token span of copy e mod N (validation: copy 0). `<s>`, `</s>` and
-the separators between documents are never predicted.
+the separators between documents are never predicted. With whole-word masking, a dataset preprocessed
+with a word segmenter takes its words from the segmenter's flags (PREFIX.wordstarts, data/segmenter.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -89,10 +90,11 @@ def document_rng(seed: int, copy: int, document: int) -> np.random.Generator:
 
 
 def _masked_values(recipe: MaskingRecipe, documents: Sequence[np.ndarray], seed: int, copy: int,
-                   first_document: int) -> list[np.ndarray]:
+                   first_document: int, word_starts: Optional[Sequence[np.ndarray]] = None) -> list[np.ndarray]:
     """The stored values (int32, -1 = not predicted) of documents first_document, ... A row of
     `apply_batch` depends on its own tokens and draws only, so the documents are masked in batches of
-    similar lengths (little padding) and the values are those of each document masked alone."""
+    similar lengths (little padding) and the values are those of each document masked alone.
+    word_starts: per document, its word-start flags (a segmenter's), used as the masking units."""
     lengths = np.array([len(d) for d in documents], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
     out: list = [None] * len(documents)
@@ -103,11 +105,14 @@ def _masked_values(recipe: MaskingRecipe, documents: Sequence[np.ndarray], seed:
             end += 1
         rows = order[start:end]
         tokens = np.zeros((len(rows), max(1, int(lengths[rows[-1]]))), dtype=np.int64)
+        starts = np.zeros(tokens.shape, dtype=bool) if word_starts is not None else None
         draws = []
         for row, d in enumerate(rows):
             tokens[row, :lengths[d]] = documents[d]
+            if starts is not None:
+                starts[row, :lengths[d]] = word_starts[d]
             draws.append(recipe.draws(document_rng(seed, copy, first_document + int(d)), int(lengths[d])))
-        inputs, labels = recipe.apply_batch(tokens, lengths[rows], draws)
+        inputs, labels = recipe.apply_batch(tokens, lengths[rows], draws, word_starts=starts)
         values = np.where(labels != IGNORE_INDEX, inputs, NOT_PREDICTED).astype(np.int32)
         for row, d in enumerate(rows):
             out[d] = values[row, :lengths[d]]
@@ -115,27 +120,39 @@ def _masked_values(recipe: MaskingRecipe, documents: Sequence[np.ndarray], seed:
     return out
 
 
-def _document_windows(dataset, docs: np.ndarray) -> Iterator[Tuple[int, list[np.ndarray]]]:
-    """(first document, token ids of documents first, ...) in windows of about _WINDOW_TOKENS tokens."""
-    first, window, size = 0, [], 0
+def _document(dataset, docs: np.ndarray, d: int) -> np.ndarray:
+    ids = [dataset.get(i) for i in range(int(docs[d]), int(docs[d + 1]))]
+    return ids[0] if len(ids) == 1 else np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+
+def _document_windows(dataset, docs: np.ndarray, word_starts=None
+                      ) -> Iterator[Tuple[int, list[np.ndarray], Optional[list[np.ndarray]]]]:
+    """(first document, token ids of documents first, ..., their word-start flags or None) in windows
+    of about _WINDOW_TOKENS tokens; word_starts: the dataset's word-start companion (same layout)."""
+    first, window, flags, size = 0, [], [], 0
     for d in range(len(docs) - 1):
-        items = range(int(docs[d]), int(docs[d + 1]))
-        ids = [dataset.get(i) for i in items]
-        window.append(ids[0] if len(ids) == 1 else np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        window.append(_document(dataset, docs, d))
+        if word_starts is not None:
+            flags.append(_document(word_starts, docs, d))
         size += len(window[-1])
         if size >= _WINDOW_TOKENS:
-            yield first, window
-            first, window, size = d + 1, [], 0
+            yield first, window, flags if word_starts is not None else None
+            first, window, flags, size = d + 1, [], [], 0
     if window:
-        yield first, window
+        yield first, window, flags if word_starts is not None else None
 
 
 def write_static_masks(dataset_prefix: str | Path, out_prefix: str | Path, tokenizer,
-                       options: StaticMaskOptions) -> dict:
+                       options: StaticMaskOptions, word_starts_suffix: Optional[str] = None) -> dict:
     """Write `options.copies` masked copies of the dataset at `dataset_prefix` to `out_prefix`.bin/.idx;
-    returns the sidecar entry that records them (the caller renames the files: see IndexedWriter)."""
+    returns the sidecar entry that records them (the caller renames the files: see IndexedWriter).
+    word_starts_suffix: the dataset has word-start flags at `dataset_prefix`{suffix}.bin/.idx (a
+    segmenter's, data/segmenter.py): whole-word masks take their words from them."""
     recipe = recipe_for(tokenizer, options.recipe_values())
     dataset = _indexed_dataset_module().IndexedDataset(str(dataset_prefix))
+    word_starts = None
+    if options.whole_word_mask and word_starts_suffix:
+        word_starts = _indexed_dataset_module().IndexedDataset(f"{dataset_prefix}{word_starts_suffix}")
     docs = np.asarray(dataset.document_indices, dtype=np.int64)
     item_lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     total = int(item_lengths.sum()) * options.copies
@@ -143,8 +160,8 @@ def write_static_masks(dataset_prefix: str | Path, out_prefix: str | Path, token
     try:
         with tqdm(total=total, desc="static masks", unit="tok", unit_scale=True, leave=False) as progress:
             for copy in range(options.copies):
-                for first, documents in _document_windows(dataset, docs):
-                    values = _masked_values(recipe, documents, options.seed, copy, first)
+                for first, documents, flags in _document_windows(dataset, docs, word_starts):
+                    values = _masked_values(recipe, documents, options.seed, copy, first, flags)
                     for d, v in enumerate(values, start=first):
                         builder.add_document(v, item_lengths[docs[d]:docs[d + 1]].tolist())
                     progress.update(sum(len(v) for v in values))
@@ -156,10 +173,13 @@ def write_static_masks(dataset_prefix: str | Path, out_prefix: str | Path, token
             "idx_sha256": idx_sha256(out_prefix)}
 
 
-def companion_writer(tokenizer, options: StaticMaskOptions) -> Tuple[str, Callable[[Path, Path], dict]]:
+def companion_writer(tokenizer, options: StaticMaskOptions,
+                     word_starts_suffix: Optional[str] = None) -> Tuple[str, Callable[[Path, Path], dict]]:
     """`IndexedWriter.companion` for these options: the companion is written from the finished
-    temporary dataset and renamed into place with it, so nothing half-written is ever visible."""
-    return SUFFIX, lambda dataset, out: {"static_masks": write_static_masks(dataset, out, tokenizer, options)}
+    temporary dataset and renamed into place with it, so nothing half-written is ever visible.
+    word_starts_suffix: see write_static_masks."""
+    return SUFFIX, lambda dataset, out: {"static_masks": write_static_masks(dataset, out, tokenizer, options,
+                                                                            word_starts_suffix)}
 
 
 # -- training ----------------------------------------------------------------------------------------------

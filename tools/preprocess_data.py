@@ -25,6 +25,12 @@ data.masking=static: epoch e of the corpus reads copy e mod N (validation: copy 
 trainer's data.mask_prob, ..., data.max_span must equal these flags. BERT used N=10. The copies take
 4 bytes per token each.
 
+Word starts for whole-word masking (Chinese): --word-segmenter jieba also writes
+PREFIX.wordstarts.bin/.idx, one uint8 flag per token (1 = the token begins a word), from
+jieba.lcut of each document (Han runs), digit runs, single punctuation marks and whitespace/class
+changes elsewhere; data.whole_word_mask then masks those words whole. Needs the extra:
+pip install -e '.[zh]'. With --static-masks and --whole-word-mask the stored masks use these words.
+
 SIGINT and SIGTERM stop the workers and remove every temporary file; a later run on the same
 --output-prefix removes what a SIGKILLed run on this host left (.PREFIX.shards-*, .PREFIX.tmp-*).
 A full disk, or an --output-prefix that cannot be written, is a one-line error (exit 2).
@@ -33,6 +39,7 @@ import argparse
 from typing import Optional, Sequence
 
 from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, TXT_DOCS, available_cpus, preprocess
+from data.segmenter import INSTALL, SEGMENTERS
 from data.static_masks import StaticMaskOptions
 from trainer.core.cli import run_cli
 
@@ -62,6 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"then sentences, words, characters (still one document each), so memory does not grow "
                              f"with the longest document; default {DEFAULT_MAX_DOCUMENT_BYTES} (4 MiB), at least "
                              f"{MIN_MAX_DOCUMENT_BYTES}")
+    parser.add_argument("--word-segmenter", choices=SEGMENTERS, default=None,
+                        help=f"also write each token's word-start flag to PREFIX.wordstarts.bin/.idx from this "
+                             f"segmenter (Chinese whole-word masking; needs {INSTALL}); default: none")
     masks = parser.add_argument_group("static masking (off unless --static-masks N > 0)")
     masks.add_argument("--static-masks", type=int, default=0, metavar="N",
                        help="write N masked copies to PREFIX.static_masks.bin/.idx for data.masking=static "
@@ -79,12 +89,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     s = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, json_key=args.json_key,
                    txt_docs=args.txt_docs, strict=args.strict, skip_bad_lines=args.skip_bad_lines,
-                   max_document_bytes=args.max_document_bytes, static_masks=static_masks)
+                   max_document_bytes=args.max_document_bytes, static_masks=static_masks,
+                   word_segmenter=args.word_segmenter)
     print(f"wrote {s.prefix}.bin/.idx/.json: {s.documents} documents, {s.tokens} tokens ({s.dtype}) "
           f"from {s.files} file(s), {s.read_bytes / 1e6:.1f} MB, in {s.seconds:.1f} s with {s.workers} worker(s) "
           f"({s.tokens / max(s.seconds, 1e-9) / 1e6:.2f}M tokens/s, startup included)\n"
           f"skipped: {_counts(s.skipped)}\nrepaired: {_counts(s.repaired)}\n"
           f"documents split: {s.split} (longer than --max-document-bytes {s.max_document_bytes})")
+    if s.word_segmenter:
+        print(f"word starts ({s.word_segmenter}): {s.prefix}.wordstarts.bin/.idx")
     if s.static_masks:
         print(f"static masks: {s.static_masks} copies in {s.prefix}.static_masks.bin/.idx")
     return 0
