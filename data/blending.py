@@ -121,6 +121,18 @@ class SampleStream:
     def tokens(self, corpus: int, sample: int) -> np.ndarray:
         return self.corpora[corpus].tokens(int(sample))
 
+    @property
+    def has_word_starts(self) -> bool:
+        """Whether any corpus reads a word-start companion (data/word_starts.py)."""
+        return any(getattr(c, "word_start_source", None) is not None for c in self.corpora)
+
+    def word_starts(self, corpus: int, sample: int) -> Optional[np.ndarray]:
+        """The sample's per-position word starts from its corpus' companion; None when it has none."""
+        packed = self.corpora[corpus]
+        if getattr(packed, "word_start_source", None) is None:
+            return None
+        return packed.word_starts(int(sample))
+
     def next_sentence_labels(self, corpus: np.ndarray, samples: np.ndarray) -> Optional[np.ndarray]:
         """int64 NSP labels of these samples (pair formats, data/pairs.py); None when the corpora have none."""
         if not all(hasattr(c, "next_sentence_labels") for c in self.corpora):

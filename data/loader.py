@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from data.blending import SampleStream
-from data.masking import IGNORE_INDEX, TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, mask_prob_at, sample_rng
+from data.masking import TRAIN_MASK_STREAM, VALID_MASK_STREAM, MaskingRecipe, mask_prob_at, sample_rng
 from data.static_masks import StaticMasks, stored_batch
 
 
@@ -172,7 +172,8 @@ class MaskedSamples(torch.utils.data.Dataset):
             inputs, labels = stored_batch(self.static_masks, self.stream.corpora, corpus, samples, copies, tokens)
         else:
             recipe = self.recipe_at(getattr(global_indices, "step", None))
-            inputs, labels = recipe.apply_batch(tokens, lengths, draws, documents=attention)
+            word_starts = self._word_starts(recipe, tokens, corpus, samples) if recipe.whole_word else None
+            inputs, labels = recipe.apply_batch(tokens, lengths, draws, documents=attention, word_starts=word_starts)
         batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                  "attention_mask": torch.from_numpy(attention),
                  # keys the randomness of replaced-token sampling (RTD) to the sample, like its mask
@@ -181,6 +182,20 @@ class MaskedSamples(torch.utils.data.Dataset):
         if next_sentence is not None:
             batch["next_sentence_label"] = torch.from_numpy(next_sentence)  # (B,) 0 = B continues A
         return batch
+
+    def _word_starts(self, recipe: MaskingRecipe, tokens: np.ndarray, corpus: np.ndarray,
+                     samples: np.ndarray) -> Optional[np.ndarray]:
+        """(B, W) word starts for whole-word masking: a row of a corpus with a word-start companion
+        (data/word_starts.py) takes its flags, any other row the tokenizer's id-based starts; None
+        (the recipe's id-based starts throughout) when no corpus of the stream has a companion."""
+        if not self.stream.has_word_starts:
+            return None
+        starts = recipe.id_word_starts(tokens)
+        for row, (c, s) in enumerate(zip(corpus.tolist(), samples.tolist())):
+            flags = self.stream.word_starts(c, s)
+            if flags is not None:
+                starts[row, :len(flags)] = flags
+        return starts
 
     def recipe_at(self, step: Optional[int]) -> MaskingRecipe:
         """The recipe of optimizer step `step` (None: the configured rate): the same draws at another rate."""

@@ -10,6 +10,9 @@ sample's length), then makes every decision for the whole (B, L) batch at once i
 
 - units: tokens, or whole words when `whole_word` (a word starts at a token with the tokenizer's
   word-start mark, 'Ġ' for byte-level BPE or '▁' for SentencePiece, and after any special token);
+  `apply_batch(word_starts=...)` gives the word starts per position instead (a segmenter's words,
+  read from a corpus' word-start companion: data/word_starts.py), specials, padding and document
+  starts still starting units; rows of a corpus without one take `id_word_starts(tokens)`;
 - spans: with `max_span` n > 1, the non-special units are tiled into blocks of k + 1 units with k
   drawn from p(k) ∝ 1/k on 1..n (ALBERT's n-gram masking); only the first k units of a block can be
   masked, so masked spans never touch and each is at most n units long. A row of several documents
@@ -86,12 +89,24 @@ class MaskingRecipe:
         inputs, labels = self.apply_batch(tokens[None], np.array([len(tokens)]), [self.draws(rng, len(tokens))])
         return inputs[0], labels[0]
 
-    def apply_batch(self, tokens: np.ndarray, lengths: np.ndarray, draws: Sequence[np.ndarray],
-                    documents: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """tokens (B, L) int64, padded past `lengths`; draws[b] = self.draws(rng_b, >= lengths[b]);
-        documents (B, L): document ids 1..k of the row's tokens, 0 past `lengths` (None: one per row).
+    def id_word_starts(self, tokens: np.ndarray) -> np.ndarray:
+        """The tokenizer's word starts of `tokens` (any shape), bool: what `apply_batch` uses for rows
+        without per-position `word_starts` (fill those rows with it when others have them)."""
+        if not self.whole_word:
+            raise ValueError("id_word_starts needs a whole-word recipe (word_starts ids)")
+        return self._word_start[tokens]
 
-        Returns (inputs, labels), both (B, L). Row b depends on tokens[b], draws[b], documents[b] only.
+    def apply_batch(self, tokens: np.ndarray, lengths: np.ndarray, draws: Sequence[np.ndarray],
+                    documents: Optional[np.ndarray] = None, word_starts: Optional[np.ndarray] = None
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+        """tokens (B, L) int64, padded past `lengths`; draws[b] = self.draws(rng_b, >= lengths[b]);
+        documents (B, L): document ids 1..k of the row's tokens, 0 past `lengths` (None: one per row);
+        word_starts (B, L) bool: whether each position begins a word (a masking unit), replacing the
+        tokenizer's id-based starts, so that whole words are masked by them even without them in the
+        recipe (specials, the token after one, padding and document starts begin units all the same).
+
+        Returns (inputs, labels), both (B, L). Row b depends on tokens[b], draws[b], documents[b] and
+        word_starts[b] only.
         """
         batch, width = tokens.shape
         positions = np.arange(width)
@@ -109,7 +124,13 @@ class MaskingRecipe:
         candidate = ~special
 
         # units: a unit starts at every token, or at word starts and at/after specials
-        if self.whole_word:
+        if word_starts is not None:
+            word_starts = np.asarray(word_starts, dtype=bool)
+            if word_starts.shape != tokens.shape:
+                raise ValueError(f"word_starts {word_starts.shape} is not shaped as tokens {tokens.shape}")
+            starts = word_starts | self._is_special[tokens] | ~real | new_segment
+            starts[:, 1:] |= special[:, :-1]
+        elif self.whole_word:
             starts = self._word_start[tokens] | ~real | new_segment
             starts[:, 1:] |= special[:, :-1]
         else:

@@ -25,6 +25,10 @@ per (seed, epoch). Building costs one Python iteration per document (~2 us: ~20 
 SEGMENT-PAIR and SENTENCE-PAIR (sentence pairs with next-sentence labels) are data/pairs.py's;
 `build_packed` builds and caches all five the same way.
 
+A corpus' word-start companion (data/word_starts.py, `build_packed(word_starts=...)`) is read like the
+tokens: `word_starts(index)` gives a sample's flags over the same spans, True at every `<s>`, `</s>`
+and separator (they start masking units anyway).
+
 The index (per-item stream offsets; for DOC-SENTENCES the (begin, length) of every sample) is built
 with vectorised numpy and can come from data/sample_cache.py; only offsets are held in memory,
 never the text.
@@ -132,6 +136,9 @@ def packed_documents_index(item_lengths: np.ndarray, document_indices: Sequence[
 class _PackedStream:
     """Reads token ranges of the split's stream (items end to end, optional `</s>` separators)."""
 
+    word_start_source = None
+    """The corpus' word-start companion (data/word_starts.py), laid out as `dataset`; None: not read."""
+
     def __init__(self, dataset, first_item: int, index: Arrays, seq_length: int, bos_id: int, eos_id: int):
         self.dataset = dataset
         self.bos_id, self.eos_id = bos_id, eos_id
@@ -154,6 +161,13 @@ class _PackedStream:
     def tokens(self, index: int) -> np.ndarray:
         """Sample `index` as int64 token ids `<s> ... </s>` (length <= seq_length)."""
         return self.read(index, self.dataset, 0, self.bos_id, self.eos_id)
+
+    def word_starts(self, index: int) -> Optional[np.ndarray]:
+        """Sample `index`'s word starts (bool, as long as `tokens(index)`): the companion's flags over
+        the same spans, True at `<s>`, `</s>` and the separators; None without a companion."""
+        if self.word_start_source is None:
+            return None
+        return self.read(index, self.word_start_source, 0, 1, 1).astype(bool)
 
     def read(self, index: int, source, item_offset: int, bos, eos) -> np.ndarray:
         """Sample `index`'s span read from `source`, an IndexedDataset whose item `item_offset + i` is
@@ -281,8 +295,9 @@ PACKINGS = {"full_sentences": FullSentences, "doc_sentences": DocSentences, "pac
 
 def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: int, bos_id: int, eos_id: int,
                  cache=None, identity: Optional[dict] = None, sentence_ends: Optional[np.ndarray] = None,
-                 pair_separators: int = 1, seed: int = 0) -> _PackedStream:
-    """The packed split [first_doc, last_doc) of `dataset`, its index from `cache` when one is given.
+                 pair_separators: int = 1, seed: int = 0, word_starts=None) -> _PackedStream:
+    """The packed split [first_doc, last_doc) of `dataset`, its index from `cache` when one is given;
+    `word_starts`, the corpus' word-start companion (data/word_starts.py), is read beside the tokens.
 
     The pair formats also need the tokenizer's `sentence_ends` table, the model family's
     `pair_separators` (RoBERTa 2, else 1) and the run's `seed` (data/pairs.py)."""
@@ -309,13 +324,16 @@ def build_packed(kind: str, dataset, first_doc: int, last_doc: int, seq_length: 
     if cache is not None and last_item > first_item:
         index = cache.get(kind, {**params, "dataset": identity or {}}, build)
     if kind == "full_sentences":
-        return FullSentences(dataset, first_item, last_item, docs[1:], seq_length, bos_id, eos_id, index=index)
-    if kind in PAIR_KINDS:
-        return PairSamples(kind, dataset, first_doc, last_doc, seq_length, bos_id, eos_id, sentence_ends,
-                           pair_separators, seed, index=index)
-    if kind == "packed_documents":
-        return PackedDocuments(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
-    return DocSentences(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
+        packed = FullSentences(dataset, first_item, last_item, docs[1:], seq_length, bos_id, eos_id, index=index)
+    elif kind in PAIR_KINDS:
+        packed = PairSamples(kind, dataset, first_doc, last_doc, seq_length, bos_id, eos_id, sentence_ends,
+                             pair_separators, seed, index=index)
+    elif kind == "packed_documents":
+        packed = PackedDocuments(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
+    else:
+        packed = DocSentences(dataset, first_doc, last_doc, seq_length, bos_id, eos_id, index=index)
+    packed.word_start_source = word_starts
+    return packed
 
 
 def split_ranges(num_documents: int, valid_fraction: float, test_fraction: float = 0.0):

@@ -23,6 +23,8 @@ document's end always ends a sentence. This is a heuristic on tokens: "Mr." or "
   of another document. When A and B do not fit, the longer is truncated first (as fine-tuning does).
 
 A split of one document has no other document: its random Bs come from the same document.
+`word_starts(index)` reads a sample's word-start flags (data/word_starts.py) over the same spans,
+True at [bos] and every [eos].
 Every random choice comes from one generator seeded by (seed, kind), so the pairs of a packed
 sample are fixed for the run (BERT's static pairs) and the same on every rank; the sample stream
 (data/blending.py) shuffles the samples per epoch.
@@ -217,6 +219,7 @@ class PairSamples:
         self.a_begin, self.a_length = index["a_begin"], index["a_length"]
         self.b_begin, self.b_length = index["b_begin"], index["b_length"]
         self.next_sentence_labels = index["label"]  # (N,) int8: 0 = B continues A, 1 = B is random
+        self.word_start_source = None  # the corpus' word-start companion, laid out as `dataset` (or None)
         if len(self.a_begin) == 0:
             raise UserError(f"data.packing={kind}: a data split holds no sentence pair (documents of one sentence?); "
                             f"use more documents or another data.packing")
@@ -228,23 +231,35 @@ class PairSamples:
         """Tokens of every sample, specials included (for token-budget batches)."""
         return np.asarray(self.a_length, np.int64) + np.asarray(self.b_length, np.int64) + 2 + self.pair_separators
 
-    def _read(self, begin: int, length: int) -> list:
+    def _read(self, begin: int, length: int, source=None) -> list:
+        """int64 arrays of the split's stream range [begin, begin + length) of `source` (default: the tokens)."""
+        source = self.dataset if source is None else source
         pieces = []
         k = int(np.searchsorted(self.item_starts, begin, side="right")) - 1
         while length > 0:
             offset = begin - int(self.item_starts[k])
             take = min(int(self.item_lengths[k]) - offset, length)
             if take > 0:
-                pieces.append(self.dataset.get(self.first_item + k, offset=offset, length=take).astype(np.int64))
+                pieces.append(source.get(self.first_item + k, offset=offset, length=take).astype(np.int64))
                 begin, length = begin + take, length - take
             k += 1
         return pieces
 
     def tokens(self, index: int) -> np.ndarray:
         """Sample `index` as int64 ids [bos] A [eos] ([eos] ...) B [eos] (length <= seq_length)."""
+        return self._framed(index, self.dataset, self.bos_id, self.eos_id)
+
+    def word_starts(self, index: int) -> Optional[np.ndarray]:
+        """Sample `index`'s word starts (bool, as long as `tokens(index)`), True at [bos] and every
+        [eos]; None without a word-start companion."""
+        if self.word_start_source is None:
+            return None
+        return self._framed(index, self.word_start_source, 1, 1).astype(bool)
+
+    def _framed(self, index: int, source, bos_value: int, eos_value: int) -> np.ndarray:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        bos, eos = np.array([self.bos_id], np.int64), np.array([self.eos_id], np.int64)
-        return np.concatenate([bos, *self._read(int(self.a_begin[index]), int(self.a_length[index])),
+        bos, eos = np.array([bos_value], np.int64), np.array([eos_value], np.int64)
+        return np.concatenate([bos, *self._read(int(self.a_begin[index]), int(self.a_length[index]), source),
                                np.repeat(eos, self.pair_separators),
-                               *self._read(int(self.b_begin[index]), int(self.b_length[index])), eos])
+                               *self._read(int(self.b_begin[index]), int(self.b_length[index]), source), eos])

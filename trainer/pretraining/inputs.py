@@ -19,6 +19,7 @@ from data.packing import build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity
 from data.static_masks import StaticMasks, check_static_masks, recipe_values_of
 from data.tokenizer import Tokenizer, load_tokenizer
+from data.word_starts import open_word_starts, warn_segmenter_versions
 from trainer.pretraining.config import PAIR_PACKINGS, PretrainConfig
 from trainer.core.parallel import ParallelContext, from_rank0
 
@@ -50,9 +51,17 @@ def resolve_tokenizer(cfg: PretrainConfig) -> Tokenizer:
     return tokenizer
 
 
+def reads_word_starts(cfg: PretrainConfig) -> bool:
+    """Whether the loader masks by the corpora's word-start companions (data/word_starts.py): dynamic
+    whole-word masking (static masks were drawn at preprocessing)."""
+    return cfg.data.whole_word_mask and cfg.data.masking != "static"
+
+
 def check_corpora(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer) -> None:
     """Global rank 0 checks every corpus of data.prefix / data.blend (`data.indexed.check_dataset`:
-    .bin against .idx against sidecar and tokenizer) before anything is written; all ranks fail together."""
+    .bin against .idx against sidecar and tokenizer) before anything is written; all ranks fail together.
+    With whole-word masking it checks the corpora's word-start companions too and warns once when their
+    segmenter versions differ from the installed one or from each other."""
     error = ""
     if ctx.is_main:
         try:
@@ -60,6 +69,10 @@ def check_corpora(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenize
                 check_dataset(prefix, tokenizer)
                 if cfg.data.masking == "static":  # and its companion of stored masks
                     check_static_masks(prefix, recipe_values_of(cfg.data))
+                if reads_word_starts(cfg):
+                    open_word_starts(prefix, open_indexed(prefix, check=False))
+            if reads_word_starts(cfg):
+                warn_segmenter_versions([prefix for _, prefix in cfg.data.corpora()])
         except UserError as err:
             error = str(err)
     error = from_rank0(error)
@@ -86,6 +99,8 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                  "pair_separators": get_family(get_spec(cfg.model.name).family).pair_separators}
     for _, prefix in corpora:
         dataset = open_indexed(prefix, check=False)  # check_corpora has checked it
+        # its word-start companion, when recorded (check_corpora has checked its sha256)
+        word_starts = open_word_starts(prefix, dataset, check=False) if reads_word_starts(cfg) else None
         static.append(StaticMasks(prefix) if cfg.data.masking == "static" else None)
         identity = {**dataset_identity(prefix), "prefix": Path(prefix).name}
         identities.append(identity)
@@ -96,7 +111,8 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
         ranges.update({("train", k): (0, train_end, length) for k, length in enumerate(lengths) if k})
         for name, (first, last, length) in ranges.items():
             splits[name].append(build_packed(cfg.data.packing, dataset, first, last, length,
-                                             tokenizer.bos_id, tokenizer.eos_id, cache, identity, **pairs)
+                                             tokenizer.bos_id, tokenizer.eos_id, cache, identity,
+                                             word_starts=word_starts, **pairs)
                                 if last > first else None)
     weights = [w for w, _ in corpora]
 
