@@ -149,8 +149,6 @@ def _autocast(args, device):
 
 
 def ours_step_fn(model: str, net, cfg, batch, args, device):
-    import torch
-
     from models import rtd
 
     if model == "deberta_v3_rtd":

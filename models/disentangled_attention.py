@@ -10,8 +10,6 @@ that own the projections are in models/deberta.py.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -112,7 +112,7 @@ def test_sigterm_saves_and_exits_then_resumes(tiny_bpe_prefix, tmp_path):
     tag = (checkpoints / "latest").read_text()
     stopped = int(tag.removeprefix("global_step"))
     assert stopped >= 3 and (checkpoints / tag / "manifest.json").is_file()
-    out = run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "term", train__steps=stopped + 2,
+    run(deepspeed_cmd(2, args(tiny_bpe_prefix, tmp_path, "term", train__steps=stopped + 2,
                                     checkpoint__every_steps=0)))
     records = train_records(tmp_path / "term")
     assert sorted(records)[-3:] == [stopped, stopped + 1, stopped + 2]

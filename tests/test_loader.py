@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.blending import SampleStream, blend_counts
-from data.loader import MaskedSamples, PretrainLoader, StepPlanner
+from data.loader import MaskedSamples, PretrainLoader
 from data.masking import IGNORE_INDEX, MaskingRecipe, sample_rng
 from data.packing import DocSentences, build_packed, split_ranges
 from data.sample_cache import SampleIndexCache, dataset_identity

@@ -111,9 +111,9 @@ def test_max_document_bytes_is_checked(tmp_path, bpe_tokenizer):
 def test_output_prefix_under_a_file_or_unwritable_directory_is_one_line(tmp_path, bpe_tokenizer):
     (tmp_path / "a.txt").write_text("text\n")
     (tmp_path / "file").write_text("in the way")
-    with pytest.raises(UserError, match=rf"--output-prefix .*file/out: .*file is not a directory"):
+    with pytest.raises(UserError, match=r"--output-prefix .*file/out: .*file is not a directory"):
         preprocess([tmp_path / "a.txt"], bpe_tokenizer.path, tmp_path / "file" / "out")
-    with pytest.raises(UserError, match=rf"--output-prefix .*file/sub/out: .*file.* is not a directory"):
+    with pytest.raises(UserError, match=r"--output-prefix .*file/sub/out: .*file.* is not a directory"):
         preprocess([tmp_path / "a.txt"], bpe_tokenizer.path, tmp_path / "file" / "sub" / "out")
     if os.geteuid() == 0:  # root writes through a chmod 555 directory; sysfs refuses even root
         unwritable = Path("/sys/out")
