@@ -306,6 +306,38 @@ def train_flops(model: str, cfg, batch_size: int, seq: int) -> float:
     return batch_size * seq * training_flops_per_token(cfg, seq, SELECT)
 
 
+def matmul_peak(args, seq: int) -> float:
+    """The device's dense-matmul rate (FLOP/s) at this run's shapes and threads, measured here: the median
+    over repeats of the faster of an FFN-shaped GEMM (tokens x hidden @ hidden x FFN) and an attention-shaped
+    batched product (batch x heads, seq x head size @ head size x seq). A step made of matmuls alone, at
+    this rate, takes flops / peak: the ceiling of any implementation's rate, and peak / HF's rate the
+    ceiling of the tok/s ratio."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    batch, head = max(1, args.tokens // seq), args.hidden // args.heads
+    shapes = [((args.tokens, args.hidden), (args.hidden, args.ffn)),
+              ((batch * args.heads, seq, head), (batch * args.heads, head, seq))]
+    best = 0.0
+    for a_shape, b_shape in shapes:
+        a, b = torch.randn(a_shape, device=device, dtype=dtype), torch.randn(b_shape, device=device, dtype=dtype)
+        flops = 2 * a.numel() * b_shape[-1]
+        times = []
+        for _ in range(7):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                torch.matmul(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / 10)
+        best = max(best, flops / statistics.median(times[2:]))
+    return best
+
+
 def _spawn(side: str, model: str, seq: int, args) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--seq-one", str(seq)]
     for flag in ("tokens", "vocab", "hidden", "heads", "ffn", "layers", "gen_layers", "threads",
@@ -409,6 +441,11 @@ def main() -> None:
             if args.peak_tflops:
                 line += f" MFU {flops / t['ours'] / (args.peak_tflops * 1e12):.3f}"
             print(line, flush=True)
+            if args.device == "cpu":  # the CPU's own matmul rate stands in for a datasheet peak
+                peak = matmul_peak(args, seq)
+                print(f"{'':15s} matmul peak {peak / 1e9:6.1f} GFLOP/s here: ours at "
+                      f"{flops / t['ours'] / peak:.2f} of it, HF at {flops / t['hf'] / peak:.2f}; a step of "
+                      f"matmuls alone would be {peak * t['hf'] / flops:.2f}x HF (the ratio's ceiling)", flush=True)
             results.append(f"RESULT {model} seq={seq} tok_ratio={t['hf'] / t['ours']:.2f} "
                            f"mem_ratio={mem['ours'] / mem['hf']:.2f}")
     if args.json:

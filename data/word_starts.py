@@ -28,11 +28,10 @@ import numpy as np
 from data.errors import UserError
 from data.indexed import (_check_idx_and_bin, _indexed_dataset_module, bin_path, idx_path, idx_sha256,
                           read_sidecar, sidecar_path)
+from data.segmenter import SIDECAR_KEY, WORD_STARTS_SUFFIX as SUFFIX  # the writer's names
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_KEY = "word_starts"
-SUFFIX = ".wordstarts"
 _ENTRY_KEYS = ("suffix", "segmenter", "segmenter_version", "idx_sha256")
 
 
