@@ -71,11 +71,12 @@ def test_chinese_recipes_load_with_whole_word_masking():
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """corpus -> BPE -> jieba word starts -> tiny RoBERTa (WWM) -> HF directory -> fine-tuned on the CLUE file."""
+    """corpus -> BPE (--preset zh) -> jieba word starts -> tiny RoBERTa (WWM) -> HF directory -> fine-tuned on
+    the CLUE file."""
     root = tmp_path_factory.mktemp("zh")
     tool = lambda name, *args: run([sys.executable, ROOT / "tools" / name, *args])  # noqa: E731
-    tool("train_tokenizer.py", "--input", ASSETS / "corpus.jsonl", "--type", "bpe", "--vocab-size", 700,
-         "--output", root / "tok")
+    tool("train_tokenizer.py", "--input", ASSETS / "corpus.jsonl", "--type", "bpe", "--preset", "zh",
+         "--vocab-size", 700, "--output", root / "tok")
     tool("preprocess_data.py", "--input", ASSETS / "corpus.jsonl", "--tokenizer", root / "tok",
          "--output-prefix", root / "bin" / "zh", "--workers", 1, "--word-segmenter", "jieba")
     pretrain = as_overrides({
