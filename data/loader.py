@@ -18,7 +18,8 @@ Two curricula follow the optimizer step:
   the stream of samples packed at L_k (as many as the budget holds, or B rows), read from its position 0
   when the phase begins. Global indices stay the run's consumed-sample stream: phase k's first sample has
   global index G_k (the count consumed when it began) and global index g reads position g - G_k of its
-  stream (`StepIndices.offset`); masks and RTD sampling stay keyed by g. G_k is the loader's `phase_start`, kept in its state (or replayed from the plans).
+  stream (`StepIndices.offset`); masks and RTD sampling stay keyed by g. G_k is the loader's `phase_start`,
+  kept in its state (or replayed from the plans).
 A batch's `attention_mask` holds document ids: 1..k for the row's k documents (several only with
 data.packing=packed_documents), 0 for padding; `check_document_ids` enforces that where batches are built.
 Rank r of D takes the r-th of D near-equal contiguous slices and cuts it into K micro-batches of at

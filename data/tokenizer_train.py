@@ -415,8 +415,9 @@ def _hf_tokenizer_from_spm(proto, folds: Optional[dict[str, str]] = None):
     The steps mirror sentencepiece's, for the settings train_spm uses (identity normalisation or the
     single-character `folds` its rule table was compiled from, whitespace rules on, byte fallback,
     pieces never spanning a space):
-    - normaliser: the folds (sentencepiece applies its table before the whitespace rules), spaces stripped at both ends and runs collapsed, spaces escaped as "▁" (at the end
-      sentencepiece strips escaped spaces, so a "▁" written in the text goes too), the dummy "▁" prefix;
+    - normaliser: the folds (sentencepiece applies its table before the whitespace rules), spaces
+      stripped at both ends and runs collapsed, spaces escaped as "▁" (at the end sentencepiece strips
+      escaped spaces, so a "▁" written in the text goes too), the dummy "▁" prefix;
     - pre-tokenizer: split before each "▁" and isolate the user-defined pieces ([MASK]), which
       sentencepiece always emits whole;
     - model: the pieces with byte fallback. `tokenizers` would also match control, unknown and byte
