@@ -10,6 +10,8 @@ that own the projections are in models/deberta.py.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -34,9 +36,26 @@ def relative_position_buckets(
 ) -> torch.Tensor:
     """(T, T) long: bucket of the distance i - j from query i to key j (plain i - j if buckets <= 0)."""
     positions = torch.arange(length, device=device)
-    relative = positions[:, None] - positions[None, :]  # (T, T)
+    return relative_position_buckets_of(positions[:, None] - positions[None, :], position_buckets, max_distance)
+
+
+@functools.lru_cache(maxsize=None)  # a few ints per length; read again by every forward (and the EMD)
+def reachable_window(length: int, position_buckets: int, max_distance: int, span: int) -> tuple[int, int]:
+    """[lo, hi): the rows of the (2k, H) relative table that a length's gather indices can reach
+    (c2p = bucket(i - j) + k and p2c = k - bucket(j - i), clipped to [0, 2k)). Buckets grow with
+    |i - j|, so the farthest pair, T - 1 apart, bounds them: a length whose buckets reach only r
+    reads rows k - r .. k + r, and the table (with its projections, products, scatters) can be cut
+    to those 2r + 1 rows with the indices shifted by lo. Computed with the bucketing function
+    itself (float32 edges), on the host, once per length (cached), without touching a device."""
+    far = torch.tensor([max(length - 1, 0)])
+    reach = int(relative_position_buckets_of(far, position_buckets, max_distance).abs().max())
+    return max(0, span - reach), min(2 * span, span + reach + 1)
+
+
+def relative_position_buckets_of(relative: torch.Tensor, position_buckets: int, max_distance: int) -> torch.Tensor:
+    """`relative_position_buckets` of given distances (plain distances without bucketing)."""
     if position_buckets > 0 and max_distance > 0:
-        relative = log_bucket_position(relative, position_buckets, max_distance)
+        return log_bucket_position(relative, position_buckets, max_distance)
     return relative
 
 

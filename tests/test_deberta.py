@@ -216,9 +216,16 @@ def test_backbone_alone_is_the_mlm_model_without_head_and_emd_table():
 
 
 # ----------------------------------------------------------------------------- enhanced mask decoder
+def full_relative_table(encoder):
+    """The whole (2k, H) relative table, normalised as the encoder does (the encoder itself passes the
+    layers only the rows a length reaches)."""
+    table = encoder.relative_embeddings.weight
+    return encoder.relative_norm(table) if encoder.relative_norm is not None else table
+
+
 def layer_by_hand(layer, kv, query, attention_mask, table, cfg):
     """One DeBERTa layer written out from the layer's weights: keys/values from `kv`, queries from
-    `query`, c2p/p2c from explicit (i, j) indexing of the relative table."""
+    `query`, c2p/p2c from explicit (i, j) indexing of the whole (2k, H) relative table."""
     B, T, H = kv.shape
     nh, hs = cfg.num_heads, cfg.head_size
     att = layer.attention
@@ -255,14 +262,14 @@ def test_emd_by_hand():
         table, indices = model.encoder.relative_inputs(12, x.device)
         for layer in model.encoder.layers[:-1]:
             x = layer(x, padding, table, indices)
-        last = model.encoder.layers[-1]
+        last, full = model.encoder.layers[-1], full_relative_table(model.encoder)
         torch.testing.assert_close(  # the encoder is the last layer once more, query = kv
             model.encode(input_ids, attention_mask)[real],
-            layer_by_hand(last, x, x, attention_mask, table, cfg)[real], atol=1e-5, rtol=0)
+            layer_by_hand(last, x, x, attention_mask, full, cfg)[real], atol=1e-5, rtol=0)
 
         query = x + model.embeddings.position.weight[:12]  # H_{L-1} + absolute positions
         for _ in range(2):  # each pass's output is the next pass's query; keys/values stay H_{L-1}
-            query = layer_by_hand(last, x, query, attention_mask, table, cfg)
+            query = layer_by_hand(last, x, query, attention_mask, full, cfg)
         torch.testing.assert_close(model.mlm_hidden(input_ids, attention_mask)[real], query[real],
                                    atol=1e-5, rtol=0)
         expected = model.lm_head(query, model.embeddings.word.weight)[..., :VOCAB]

@@ -127,12 +127,68 @@ def test_cached_relative_indices_equal_recomputed_and_are_reused():
     c2p, p2c, c2p_flat, p2c_flat = encoder.relative_indices(16, torch.device("cpu"))
     assert encoder.relative_indices(16, "cpu")[0] is c2p
     span, cfg = model.config.relative_span, model.config
+    lo, hi = encoder.relative_window(16)
+    assert (lo, hi) == (span - 15, span + 16)  # 16 tokens reach buckets -15..15: 31 of the 2k rows
     buckets = deberta.relative_position_buckets(16, cfg.position_buckets, cfg.max_relative_distance)
-    assert torch.equal(c2p, (buckets + span).clamp(0, 2 * span - 1))
-    assert torch.equal(p2c, (span - buckets).clamp(0, 2 * span - 1))
+    assert torch.equal(c2p, (buckets + span).clamp(0, 2 * span - 1) - lo)
+    assert torch.equal(p2c, (span - buckets).clamp(0, 2 * span - 1) - lo)
     i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
-    assert torch.equal(c2p_flat, i * 2 * span + c2p[i, j])
-    assert torch.equal(p2c_flat, j * 2 * span + p2c[j, i])
+    assert torch.equal(c2p_flat, i * (hi - lo) + c2p[i, j])
+    assert torch.equal(p2c_flat, j * (hi - lo) + p2c[j, i])
+
+
+@pytest.mark.parametrize("length", [2, 16, 100, 129, 200, 255, 256, 300, 511, 512, 700])
+def test_the_relative_window_holds_exactly_the_rows_a_length_reaches(length):
+    """DeBERTa-v3's 256 buckets up to distance 512 (2k = 512 rows): the window is the range of the
+    unshifted c2p/p2c indices, so no reachable row is cut and none is carried for nothing."""
+    span = 256
+    buckets = deberta.relative_position_buckets(length, 256, 512)
+    used = torch.cat([(buckets + span).clamp(0, 2 * span - 1).flatten(),
+                      (span - buckets).clamp(0, 2 * span - 1).flatten()])
+    assert deberta.reachable_window(length, 256, 512, span) == (int(used.min()), int(used.max()) + 1)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "sdpa"])
+def test_the_windowed_table_gives_the_whole_tables_outputs_and_gradients(kernel):
+    """A layer fed the rows [lo, hi) and the shifted indices (what the encoder passes) against the same layer
+    fed the whole 2k table and unshifted indices: outputs and every gradient agree."""
+    torch.manual_seed(0)
+    model = tiny_deberta(enhanced_mask_decoder=False)
+    encoder, T = model.encoder, 12
+    layer = encoder.layers[0]
+    layer.attention.kernel = kernel
+    layer.eval()
+    span, cfg = model.config.relative_span, model.config
+    lo, hi = encoder.relative_window(T)
+    assert hi - lo < 2 * span, "the test needs a window narrower than the table"
+    buckets = deberta.relative_position_buckets(T, cfg.position_buckets, cfg.max_relative_distance)
+    whole = ((buckets + span).clamp(0, 2 * span - 1), (span - buckets).clamp(0, 2 * span - 1))
+    x = torch.randn(2, T, model.config.hidden_size)
+    padding = torch.zeros(2, 1, 1, T, dtype=torch.bool)
+    padding[1, ..., -3:] = True
+
+    def run(windowed):
+        layer.zero_grad()
+        encoder.relative_embeddings.weight.grad = None
+        if windowed:
+            table, indices = encoder.relative_inputs(T, x.device)
+        else:
+            table = encoder.relative_embeddings.weight
+            table = encoder.relative_norm(table) if encoder.relative_norm is not None else table
+            indices = whole
+        out = layer(x, padding, table, indices)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        return out.detach(), grads, encoder.relative_embeddings.weight.grad.clone()
+
+    out_w, grads_w, rel_w = run(True)
+    out_f, grads_f, rel_f = run(False)
+    torch.testing.assert_close(out_w, out_f, atol=1e-5, rtol=1e-5)
+    assert grads_w.keys() == grads_f.keys() and grads_w
+    for name in grads_w:
+        torch.testing.assert_close(grads_w[name], grads_f[name], atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(rel_w, rel_f, atol=1e-5, rtol=1e-5)
+    assert rel_f[:lo].abs().sum() == 0 and rel_f[hi:].abs().sum() == 0  # the rows outside are never read
 
 
 def test_relative_index_cache_keeps_the_most_recent_lengths():
