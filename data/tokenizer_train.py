@@ -104,7 +104,7 @@ class _CountingTexts:
             files_or_iterator = [files_or_iterator]
         if isinstance(files_or_iterator, (list, tuple)) and all(
                 isinstance(f, (str, os.PathLike)) for f in files_or_iterator):
-            from data.preprocess import ReadOptions, iter_texts  # the readers live with the preprocessing pipeline
+            from data.reading import ReadOptions, iter_texts  # the readers preprocessing uses
 
             self.source = ", ".join(map(str, files_or_iterator)) or "no input files"
             self._texts = iter_texts([Path(f) for f in files_or_iterator], read_options or ReadOptions())
@@ -149,7 +149,7 @@ def train_bpe(
     specials = list(ROBERTA_SPECIALS.values())
     _check_vocab_size(vocab_size, len(specials) + 256, "byte-level BPE", "5 specials + 256 bytes at least")
     if read_options is None:
-        from data.preprocess import ReadOptions
+        from data.reading import ReadOptions
 
         read_options = ReadOptions(json_key=json_key)
     folds = _folds_of(normalization)

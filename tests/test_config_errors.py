@@ -10,7 +10,7 @@ import pytest
 from data.errors import UserError
 from data.indexed import read_sidecar, sidecar_path
 from data.jsonio import loads, read_json_object
-from data.preprocess import ReadOptions, iter_texts
+from data.reading import ReadOptions, iter_texts
 from data.tasks import read_rows
 from data.tokenizer import load_tokenizer
 from trainer.pretraining.config import load_config

@@ -10,7 +10,8 @@ import pytest
 
 from data.errors import UserError
 from data.indexed import ShardWriter, _indexed_dataset_module, open_indexed, read_sidecar, token_dtype
-from data.preprocess import expand_inputs, preprocess
+from data.preprocess import preprocess
+from data.reading import expand_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,8 @@ def test_workers_do_not_import_megatron_or_torch(spm_tokenizer, tmp_path):
     (tmp_path / "a.txt").write_text("one line\nanother line\n")
     code = f"""
 import sys
-from data.preprocess import ReadOptions, _Task, _init_worker, _run_task
+from data.preprocess import _Task, _init_worker, _run_task
+from data.reading import ReadOptions
 _init_worker({str(spm_tokenizer.path)!r}, ReadOptions(), 1)
 result = _run_task(_Task({str(tmp_path / 'a.txt')!r}, "txt", True, 0, 22, None, 22, {str(tmp_path / 'shard')!r}))
 assert (result.documents, result.newlines) == (2, 2), result

@@ -38,7 +38,8 @@ A full disk, or an --output-prefix that cannot be written, is a one-line error (
 import argparse
 from typing import Optional, Sequence
 
-from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, TXT_DOCS, available_cpus, preprocess
+from data.preprocess import DEFAULT_MAX_DOCUMENT_BYTES, MIN_MAX_DOCUMENT_BYTES, available_cpus, preprocess
+from data.reading import TXT_DOCS
 from data.segmenter import INSTALL, SEGMENTERS
 from data.static_masks import StaticMaskOptions
 from trainer.core.cli import run_cli

@@ -26,7 +26,7 @@ import argparse
 import time
 from typing import Optional, Sequence
 
-from data.preprocess import TXT_DOCS, ReadOptions, expand_inputs
+from data.reading import TXT_DOCS, ReadOptions, expand_inputs
 from data.errors import UserError
 from data.tokenizer_train import DEFAULT_CHARACTER_COVERAGE, NORMALIZATIONS, PRESETS, train_bpe, train_spm
 from trainer.core.cli import run_cli
