@@ -261,3 +261,19 @@ def test_a_stable_checkpoint_continues_into_a_decay_and_a_new_masking_phase(tiny
     assert continued[4]["lr"] == pytest.approx(peak) and reference[4]["lr"] == pytest.approx(peak * formula(4))
     a, b = (read_checkpoint(locate(tmp_path / name)).state_dict for name in ("reference", "continued"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_with_a_new_peak_lr_follows_it(tiny_bpe_prefix, tmp_path):
+    """optim.lr changed on resume (lowered after a loss spike, say): the steps after the checkpoint follow the
+    new peak through the same schedule and the log says so. LambdaLR's state holds the base LRs the saving run
+    was built with; loaded as they are, the old peak would go on."""
+    from tests.launch import train_records
+
+    pretrain(tiny_bpe_prefix, tmp_path, "lowered", 4)  # warmup 2, then stable at 2e-3 (wsd, no decay)
+    out = pretrain(tiny_bpe_prefix, tmp_path, "lowered", 6, "optim.lr=1e-3")  # generator_lr follows lr
+    assert "at step 4" in out.stdout + out.stderr
+    assert "optim.lr changed since the checkpoint" in out.stdout + out.stderr
+    records = train_records(tmp_path / "lowered")
+    assert records[3]["lr"] == pytest.approx(2e-3)  # the first launch's
+    assert records[5]["lr"] == pytest.approx(1e-3) and records[6]["lr"] == pytest.approx(1e-3)
+

@@ -45,7 +45,7 @@ from trainer.core.config import CheckpointSection
 from trainer.core.metrics import write_atomic as _write_atomic
 from trainer.core.parallel import from_rank0
 from trainer.core.safe_load import safe_torch_load, weights_only_loads
-from trainer.core.schedule import restore_scheduled_lr
+from trainer.core.schedule import configured_base_lrs, restore_scheduled_lr
 
 logger = logging.getLogger(__name__)
 TAG = re.compile(r"^global_step(\d+)$")
@@ -363,12 +363,13 @@ class CheckpointManager:
                         f"remove the broken ones or set checkpoint.resume=false to start over")
 
     def load(self, engine, tag_dir: Path, universal: bool = False) -> TrainState:
+        configured = configured_base_lrs(engine)  # this config's peak LRs: the load brings the saved ones
         with weights_only_loads(sorted(tag_dir.rglob("*.pt"))):  # DeepSpeed's own torch.loads (universal files)
             path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                   load_module_strict=True)
         if path is None or client is None:
             raise UserError(f"DeepSpeed could not load {tag_dir}; set checkpoint.resume=false to start over")
-        restore_scheduled_lr(engine)  # the LR of the config resumed with (trainer/core/schedule.py)
+        restore_scheduled_lr(engine, configured)  # the LR of the config resumed with (trainer/core/schedule.py)
         rng_file = tag_dir / "rng" / f"rank{self.rank}.pt"
         if rng_file.is_file() and not universal:
             _set_rng_states(safe_torch_load(rng_file))

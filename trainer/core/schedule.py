@@ -42,14 +42,17 @@ decays from there (the scheduler's saved state is the step count; its functions 
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from data.errors import UserError
 from models.registry import MODELS
+
+logger = logging.getLogger(__name__)
 
 TOWERS = ("generator", "shared", "discriminator")
 RTD_SCHEDULES = ("joint", "two_stage")
@@ -214,14 +217,33 @@ class LRCurve:
                             f"{warmup_steps} + optim.decay_steps must not exceed train.steps={total_steps}")
 
 
-def restore_scheduled_lr(engine) -> None:
+def configured_base_lrs(engine) -> Optional[List[float]]:
+    """The peak LR of every parameter group as this run's config built them (read before a checkpoint load,
+    whose LambdaLR state brings the saving run's); None without a LambdaLR."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return None
+    return list(scheduler.base_lrs)
+
+
+def restore_scheduled_lr(engine, base_lrs: Optional[List[float]] = None) -> None:
     """After a checkpoint load: every group's LR becomes its schedule's for the next step (the loaded step
     count), not the LR the optimizer state saved, which the saving run's schedule set (another one when
     optim.schedule / decay_* / train.steps changed) and which ZeRO's loads may not restore at all. The same
-    product LambdaLR.step computes, so an unchanged schedule resumes bitwise as before."""
+    product LambdaLR.step computes, so an unchanged schedule resumes bitwise as before.
+
+    base_lrs (`configured_base_lrs` before the load): the peaks of the config resumed with, which replace the
+    saved ones, so that a changed optim.lr (or generator_lr, ...) applies from the next step; logged when
+    they differ."""
     scheduler = getattr(engine, "lr_scheduler", None)
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return
+    if base_lrs is not None and len(base_lrs) == len(scheduler.base_lrs):
+        if list(base_lrs) != list(scheduler.base_lrs):
+            logger.info("optim.lr changed since the checkpoint: the schedule goes on with peak LRs %s "
+                        "(the checkpoint's: %s)", [f"{lr:.3g}" for lr in base_lrs],
+                        [f"{lr:.3g}" for lr in scheduler.base_lrs])
+        scheduler.base_lrs = list(base_lrs)
     lrs = [base_lr * lmbda(scheduler.last_epoch) for lmbda, base_lr in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
