@@ -310,6 +310,14 @@ class IndexedWriter:
             raise RuntimeError("add_parallel after the first document")
         self._parallel[suffix] = (dtype, sidecar_key)
 
+    def _parallel_builder(self, suffix: str):
+        """The builder of PREFIX{suffix} at the temporary prefix, made on first use."""
+        if suffix not in self._parallel_builders:
+            builder_class = _indexed_dataset_module().IndexedDatasetBuilder
+            self._parallel_builders[suffix] = builder_class(str(bin_path(f"{self._tmp_prefix}{suffix}")),
+                                                            dtype=self._parallel[suffix][0])
+        return self._parallel_builders[suffix]
+
     def add_document(self, ids: np.ndarray | list[int]) -> None:
         if self._parallel:
             raise RuntimeError("add_document cannot feed the parallel datasets; write shards")
@@ -326,12 +334,8 @@ class IndexedWriter:
         # torch: ~400K, 0.1-0.4 s a shard); frozen objects are skipped, and ours are acyclic
         gc.freeze()
         builder.add_index(str(prefix))
-        for suffix, (dtype, _) in self._parallel.items():
-            if suffix not in self._parallel_builders:
-                builder_class = _indexed_dataset_module().IndexedDatasetBuilder
-                self._parallel_builders[suffix] = builder_class(str(bin_path(f"{self._tmp_prefix}{suffix}")),
-                                                                dtype=dtype)
-            self._parallel_builders[suffix].add_index(f"{prefix}{suffix}")
+        for suffix in self._parallel:
+            self._parallel_builder(suffix).add_index(f"{prefix}{suffix}")
         self.documents += documents
         self.tokens += tokens
 
@@ -348,12 +352,9 @@ class IndexedWriter:
             if exc_type is None:
                 self._ensure_builder().finalize(str(idx_path(self._tmp_prefix)))
                 entries = {}
-                for s, (dtype, key) in self._parallel.items():
+                for s, (_, key) in self._parallel.items():
                     tmp = f"{self._tmp_prefix}{s}"
-                    if s not in self._parallel_builders:  # no shard at all (an empty dataset)
-                        self._parallel_builders[s] = _indexed_dataset_module().IndexedDatasetBuilder(
-                            str(bin_path(tmp)), dtype=dtype)
-                    self._parallel_builders[s].finalize(str(idx_path(tmp)))
+                    self._parallel_builder(s).finalize(str(idx_path(tmp)))  # built here when no shard came
                     entries[key] = {**self.sidecar.get(key, {}), "idx_sha256": idx_sha256(tmp)}
                 derived = self.companion[1](self._tmp_prefix, Path(f"{self._tmp_prefix}{suffix}")) if suffix else {}
                 write_sidecar(sidecar_path(self._tmp_prefix), {

@@ -405,6 +405,15 @@ class PretrainLoader:
             consumed, step, start = self.advance(consumed, step, start, count)
         return step - 1, consumed, start
 
+    def state_before_step(self, step: int) -> Dict[str, int]:
+        """The state a checkpoint taken after step - 1 holds (`load_state_dict`'s), from the plans of steps
+        1..step-1 replayed: how a tool positions a loader at any step without training to it."""
+        taken, consumed, phase_start = self._walk(until_steps=step - 1)
+        state = {"consumed_samples": consumed, "step": taken}
+        if len(self.phases) > 1:
+            state["phase_start"] = phase_start
+        return state
+
     def derive_steps_taken(self, consumed: int) -> int:
         """The optimizer steps that consumed the first `consumed` samples: consumed / global batch, or, with
         a token budget, the steps replayed from sample 0 (the plans depend on the consumed count only)."""

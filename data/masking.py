@@ -124,14 +124,15 @@ class MaskingRecipe:
         candidate = ~special
 
         # units: a unit starts at every token, or at word starts and at/after specials
-        if word_starts is not None:
-            word_starts = np.asarray(word_starts, dtype=bool)
-            if word_starts.shape != tokens.shape:
-                raise ValueError(f"word_starts {word_starts.shape} is not shaped as tokens {tokens.shape}")
-            starts = word_starts | self._is_special[tokens] | ~real | new_segment
-            starts[:, 1:] |= special[:, :-1]
-        elif self.whole_word:
-            starts = self._word_start[tokens] | ~real | new_segment
+        if word_starts is not None or self.whole_word:
+            if word_starts is not None:
+                word_starts = np.asarray(word_starts, dtype=bool)
+                if word_starts.shape != tokens.shape:
+                    raise ValueError(f"word_starts {word_starts.shape} is not shaped as tokens {tokens.shape}")
+                word_starts = word_starts | self._is_special[tokens]
+            else:
+                word_starts = self._word_start[tokens]  # specials included
+            starts = word_starts | ~real | new_segment
             starts[:, 1:] |= special[:, :-1]
         else:
             starts = np.ones_like(special)

@@ -157,15 +157,7 @@ def build_loader(cfg):
 def position_at_step(loader, step: int) -> None:
     """Puts `loader` where training is before step `step`: the plans of steps 1..step-1 replayed (they depend
     on the consumed count and the step only), as a checkpoint after step - 1 would restore it."""
-    position = (0, 1, 0)  # (consumed samples, step, phase_start)
-    for _ in range(step - 1):
-        count, _ = loader.plan(*position)
-        position = loader.advance(*position, count)
-    consumed, _, phase_start = position
-    state = {"consumed_samples": consumed, "step": step - 1}
-    if len(loader.phases) > 1:
-        state["phase_start"] = phase_start
-    loader.load_state_dict(state)
+    loader.load_state_dict(loader.state_before_step(step))
 
 
 def checkpoint_state(run_dir: str) -> Dict[str, object]:
