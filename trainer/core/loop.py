@@ -104,6 +104,7 @@ class StepLoop:
         self.unsynced_tokens = 0.0
         self.out: Dict = {}
         self.stop = self.save_due = False
+        self.step_lr = 0.0
 
     @property
     def skipped(self) -> int:
@@ -119,6 +120,7 @@ class StepLoop:
             torch.manual_seed(dropout_seed(self.seed, step, self.ctx.dp_rank))
             if before_step is not None:
                 before_step(step)
+            self.step_lr = self.engine.get_lr()[self.lr_group]  # this step's (the scheduler moves on in it)
             self.out = train_step(self.engine, batches, self.ctx, self.clip, inject_nan=step in inject_nan,
                                   vocab_size=self.vocab_size, forward=self.forward)
             requested = self.preemption is not None and self.preemption.requested
@@ -143,7 +145,7 @@ class StepLoop:
         and the rates, written to metrics.jsonl / TensorBoard; the window starts over."""
         grad_norm = self.out["grad_norm"] if self.clip is not None else self.engine.get_global_grad_norm()
         record = {**fields, **(self.window.acc.reduce(self.ctx) if self.window.acc.terms else {"loss": None}),
-                  "lr": self.engine.get_lr()[self.lr_group],
+                  "lr": self.step_lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   **self.window.rates(), "skipped_steps": self.guard.skipped}
         self.metrics.log(step, record)
