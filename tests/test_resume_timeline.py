@@ -16,7 +16,8 @@ import pytest
 from data.errors import UserError
 from data.preprocess import preprocess
 from launch import run, train_records
-from trainer.core.checkpoint import CheckpointManager, _write_atomic, read_meta, resume_order
+from trainer.core.checkpoint import LOADED_FROM, CheckpointManager, _write_atomic, read_meta, resume_order
+from trainer.core.elastic import universal_copy
 from trainer.core.config import CheckpointSection
 from trainer.convert.export import locate, read_checkpoint
 from trainer.core.metrics import cut_history
@@ -89,6 +90,51 @@ def test_a_malformed_manifest_is_not_committed(tmp_path, caplog, text, key):
         resumed(tmp_path)
 
 
+def chosen(directory: Path, **section) -> tuple:
+    manager = CheckpointManager(directory, CheckpointSection(**section), 0)
+    tag = manager.find_resume()
+    return tag.name, tag.parent.name, manager.loaded_from
+
+
+def test_a_load_is_applied_once_then_the_run_resumes_its_own(tmp_path, caplog):
+    """checkpoint.load=OTHER: the first launch loads OTHER; a launch after this run saved from it resumes
+    this run's newest checkpoint; checkpoint.resume=false, or a timeline not begun from it, loads again."""
+    other, own = tmp_path / "other", tmp_path / "own"
+    source = make(other, 40)
+    load = {"load": str(source)}
+    assert chosen(own, **load) == ("global_step40", "other", str(source.resolve()))
+    make(own, 42, meta={"dp_size": 1, LOADED_FROM: str(source.resolve())})
+    with caplog.at_level(logging.WARNING):
+        assert chosen(own, **load) == ("global_step42", "own", str(source.resolve()))
+    assert "applied by an earlier launch of this run" in caplog.text
+    assert chosen(own, load=str(other)) == ("global_step42", "own", str(source.resolve()))  # a directory load
+    assert chosen(own) == ("global_step42", "own", str(source.resolve()))  # carried by a plain resume
+    assert chosen(own, resume=False, **load) == ("global_step40", "other", str(source.resolve()))
+    make(own, 44, meta={"dp_size": 1})  # a later timeline of this run that did not begin from it
+    assert chosen(own, **load)[:2] == ("global_step40", "other")
+    assert chosen(own) == ("global_step44", "own", None)
+
+
+def test_a_conversion_lives_in_the_run_that_needs_it(tmp_path):
+    """Another run's checkpoint converts into this run's universal/ (named by its path and manifest), and
+    the first own save removes it; an own tag's conversion goes when the tag does."""
+    other, own = tmp_path / "other", tmp_path / "own"
+    source = make(other, 40)
+    foreign = universal_copy(source, own)
+    assert foreign.parent == own / "universal" and foreign.name.startswith("global_step40-from-")
+    (source / "manifest.json").write_text((source / "manifest.json").read_text() + " ")
+    assert universal_copy(source, own) != foreign, "a re-saved source is converted again"
+    foreign.mkdir(parents=True)
+    (own / "universal" / "global_step42.partial123").mkdir()  # a conversion that died midway
+    (own / "universal" / "latest_universal").write_text("global_step42.partial123")  # ds_to_universal's
+    make(own, 42)
+    assert universal_copy(own / "global_step42", own) == own / "universal" / "global_step42"
+    assert list((own / "universal").iterdir()) == []
+    (own / "universal" / "global_step42").mkdir()
+    make(own, 44, keep_last=1)
+    assert list((own / "universal").iterdir()) == []
+
+
 def test_meta_keys_are_named(tmp_path):
     tag = make(tmp_path, 2, meta={"dp_size": 1})
     with pytest.raises(UserError, match=r"global_step2/manifest.json: key 'meta.tp_size' is missing"):
@@ -147,7 +193,8 @@ def pretrain(prefix: Path, runs: Path, steps: int, seed: int, *extra: str):
 
 
 def test_a_rollback_supersedes_the_abandoned_timeline(prefix, tmp_path):
-    """The rollback changes train.seed (masks and dropout from step 5 on), so the timelines differ."""
+    """The rollback changes train.seed (masks and dropout from step 5 on), so the timelines differ; its
+    command run again continues the new timeline."""
     checkpoints = tmp_path / "timeline" / "checkpoints"
     pretrain(prefix, tmp_path, 6, 3)  # checkpoints 2, 4, 6 (keep_last=2: 4 and 6)
     first = train_records(tmp_path / "timeline")
@@ -159,8 +206,10 @@ def test_a_rollback_supersedes_the_abandoned_timeline(prefix, tmp_path):
     rolled = train_records(tmp_path / "timeline")
     assert sorted(rolled) == [1, 2, 3, 4, 5] and rolled[5]["loss"] != first[5]["loss"]
 
-    out = pretrain(prefix, tmp_path, 8, 4)  # a plain resume continues the new timeline
-    assert "global_step5 at step 5" in out.stdout
+    # The same command again (as a requeue after preemption runs it): the load was applied, so the run
+    # resumes its own newest checkpoint, step 5, and does not roll back to step 4 a second time.
+    out = pretrain(prefix, tmp_path, 8, 4, f"checkpoint.load={checkpoints / 'global_step4'}")
+    assert "global_step5 at step 5" in out.stdout and "applied by an earlier launch of this run" in out.stdout
     records = train_records(tmp_path / "timeline")  # fails on a step logged twice
     assert sorted(records) == list(range(1, 9)), "one record per step, one timeline"
     assert [records[s]["loss"] for s in range(1, 6)] == [first[s]["loss"] for s in range(1, 5)] + [rolled[5]["loss"]]

@@ -18,7 +18,9 @@ verified against its manifest (missing, truncated or corrupted files); a bad one
 warning naming the problem and the commit before it is tried. Retention counts commits, not step
 numbers: after a resume from an earlier step (`checkpoint.load=.../global_step200` with step 300 on
 disk) the first save removes the later steps of the abandoned timeline, so nothing resumes from them
-again. Export (trainer/convert/export.py) picks its checkpoint with the same finder. The client state
+again. A `checkpoint.load` is applied once: the manifests' meta records the loaded checkpoint a
+timeline began from (LOADED_FROM), and the same command run again resumes the run's own newest
+checkpoint of that timeline. Export (trainer/convert/export.py) picks its checkpoint with the same finder. The client state
 carries step, consumed samples and tokens, the data loader's state, the resolved config and the
 tokenizer fingerprint.
 """
@@ -34,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,7 +53,9 @@ logger = logging.getLogger(__name__)
 TAG = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
 LATEST = "latest"
+UNIVERSAL = "universal"  # conversions for a resume under another layout (trainer/core/elastic.py)
 COMMIT = "commit"  # the manifest's commit sequence number: retention and resume follow commit order
+LOADED_FROM = "loaded_from"  # meta: the checkpoint.load checkpoint (resolved path) the run's timeline began from
 
 
 # The shape of a config section (int fields with defaults) by coincidence: this is the loop's position.
@@ -206,6 +210,10 @@ class CheckpointManager:
     def __init__(self, directory: Path, cfg: CheckpointSection, rank: int):
         self.directory, self.cfg, self.rank = Path(directory), cfg, rank
         self._last_save_time = time.monotonic()
+        self.loaded_from: Optional[str] = None
+        """The `checkpoint.load` checkpoint this run's timeline began from (set by find_resume; carried in
+        every save's meta as LOADED_FROM, so a relaunch of the same command resumes the run's own newest
+        checkpoint rather than loading that one again)."""
         self.crash_before_commit = False  # fault injection (debug.crash_in_save_step): die like a SIGKILL
 
     # ------------------------------------------------------------------ policy
@@ -232,7 +240,7 @@ class CheckpointManager:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if tag_dir.exists():  # an uncommitted leftover, or a re-save of the same step
                     shutil.rmtree(tag_dir)
-                shutil.rmtree(self.directory / "universal" / tag, ignore_errors=True)  # converted from the old one
+                shutil.rmtree(self.directory / UNIVERSAL / tag, ignore_errors=True)  # converted from the old one
                 probe = self.directory / f".write_probe_{os.getpid()}"
                 probe.write_bytes(b"0")
                 probe.unlink()
@@ -312,47 +320,90 @@ class CheckpointManager:
         for c in commits:
             if c.path not in keep:
                 shutil.rmtree(c.path, ignore_errors=True)
-                shutil.rmtree(self.directory / "universal" / c.path.name, ignore_errors=True)
+        kept = {path.name for path in keep}
+        for path in (self.directory / UNIVERSAL).glob("*"):  # conversions of dropped tags, of another run's
+            if path.name in kept:  # checkpoint (this run has its own now), ones that died midway, and the
+                continue  # `latest_universal` file ds_to_universal writes (the loads name their tag)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         for path in self.directory.iterdir():
             if TAG.match(path.name) and not (path / MANIFEST).is_file():
                 shutil.rmtree(path, ignore_errors=True)  # uncommitted: a save that died before its manifest
 
     # ------------------------------------------------------------------ resume
     def find_resume(self) -> Optional[Path]:
-        """The checkpoint to resume from (verified on global rank 0), or None to start fresh."""
-        message, chosen = "", ""
+        """The checkpoint to resume from (verified on global rank 0), or None to start fresh; sets
+        `loaded_from`."""
+        message, chosen, loaded_from = "", "", ""
         if self.rank == 0:
             try:
-                chosen = str(self._choose() or "")
+                path, origin = self._choose()
+                chosen, loaded_from = str(path or ""), origin or ""
             except UserError as err:
                 message = str(err)
         message = from_rank0(message)
         if message:
             raise UserError(message)
-        chosen = from_rank0(chosen)
+        chosen, self.loaded_from = from_rank0(chosen), from_rank0(loaded_from) or None
         return Path(chosen) if chosen else None
 
-    def _choose(self) -> Optional[Path]:
+    def _choose(self) -> Tuple[Optional[Path], Optional[str]]:
+        """(checkpoint to resume, the `checkpoint.load` checkpoint its timeline began from)."""
         if self.cfg.load:
-            path = Path(self.cfg.load)
-            if (path / MANIFEST).is_file() or TAG.match(path.name):
-                candidates = [path]
-            elif path.is_dir():
-                candidates = resume_order(path)
-            else:
-                raise UserError(f"checkpoint.load={path} does not exist")
-            if not candidates:
-                raise UserError(f"checkpoint.load={path} holds no committed checkpoint")
-        elif self.cfg.resume:
-            candidates = resume_order(self.directory)
-            if not candidates:
-                broken = sorted(p.name for p in self.directory.glob("global_step*") if (p / MANIFEST).is_file())
-                if broken:  # manifests there, none readable: an error, not a fresh start over a broken run
-                    raise UserError(f"no good checkpoint in {self.directory} (the manifests of {', '.join(broken)} "
-                                    f"are malformed); remove the broken ones or set checkpoint.resume=false to "
-                                    f"start over")
-                return None
+            candidates = self._load_candidates(Path(self.cfg.load))
+            own = self._own_descendant(candidates) if self.cfg.resume else None
+            if own is not None:
+                return own
+            chosen = self._first_good(candidates)
+            return chosen, str(chosen.resolve())
+        if self.cfg.resume:
+            chosen = self._first_good(self._own_candidates())
+            return chosen, (None if chosen is None else read_manifest(chosen)["meta"].get(LOADED_FROM))
+        return None, None
+
+    @staticmethod
+    def _load_candidates(path: Path) -> List[Path]:
+        if (path / MANIFEST).is_file() or TAG.match(path.name):
+            candidates = [path]
+        elif path.is_dir():
+            candidates = resume_order(path)
         else:
+            raise UserError(f"checkpoint.load={path} does not exist")
+        if not candidates:
+            raise UserError(f"checkpoint.load={path} holds no committed checkpoint")
+        return candidates
+
+    def _own_descendant(self, candidates: List[Path]) -> Optional[Tuple[Path, str]]:
+        """This run's newest good checkpoint when its timeline began from one of `candidates` (the load
+        was applied by an earlier launch of this run, which a requeue after preemption repeats)."""
+        names = {str(c.resolve()) for c in candidates}
+        for tag_dir in resume_order(self.directory):
+            if verify(tag_dir) is not None:
+                continue
+            origin = read_manifest(tag_dir)["meta"].get(LOADED_FROM)
+            if origin in names and tag_dir.resolve() not in {c.resolve() for c in candidates}:
+                logger.warning("checkpoint.load=%s was applied by an earlier launch of this run: resuming its "
+                               "own newest checkpoint %s instead (checkpoint.resume=false loads it again)",
+                               self.cfg.load, tag_dir.name)
+                return tag_dir, origin
+            return None  # the newest good one decides: an unrelated or older timeline loads again
+        return None
+
+    def _own_candidates(self) -> List[Path]:
+        candidates = resume_order(self.directory)
+        if not candidates:
+            broken = sorted(p.name for p in self.directory.glob("global_step*") if (p / MANIFEST).is_file())
+            if broken:  # manifests there, none readable: an error, not a fresh start over a broken run
+                raise UserError(f"no good checkpoint in {self.directory} (the manifests of {', '.join(broken)} "
+                                f"are malformed); remove the broken ones or set checkpoint.resume=false to "
+                                f"start over")
+        return candidates
+
+    @staticmethod
+    def _first_good(candidates: List[Path]) -> Optional[Path]:
+        if not candidates:
             return None
         for tag_dir in candidates:
             problem = verify(tag_dir)

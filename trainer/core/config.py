@@ -57,7 +57,8 @@ class CheckpointSection:
     resume: bool = True
     """Continue from the newest good checkpoint in the run directory if one exists; false starts over."""
     load: Optional[str] = None
-    """Resume from this checkpoint (a global_stepN directory, or a checkpoints directory) instead."""
+    """Resume from this checkpoint (a global_stepN directory, or a checkpoints directory) instead; once: a
+    run that has saved since loading it resumes its own newest checkpoint (unless resume is false)."""
     preemption_timeout_s: float = 600.0
     """After SIGTERM/SIGUSR1, exit with status 76 if the step and checkpoint take longer than this."""
 

@@ -13,7 +13,10 @@ dimension) and loaded with `checkpoint.load_universal`. Supported:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from typing import Optional
 
 
 from data.errors import UserError
-from trainer.core.checkpoint import read_meta
+from trainer.core.checkpoint import MANIFEST, UNIVERSAL, read_meta
 from trainer.pretraining.config import PretrainConfig
 from trainer.core.parallel import ParallelContext, from_rank0
 
@@ -36,7 +39,12 @@ class ResumePlan:
     universal: bool
 
 
-def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelContext) -> Optional[ResumePlan]:
+def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelContext,
+                   own: Path) -> Optional[ResumePlan]:
+    """How to load `tag_dir` under this launch's layout. A conversion is written into this run's own
+    checkpoints directory `own` (`universal/TAG`; `universal/TAG-from-HASH` for another run's checkpoint,
+    HASH of its path and manifest), never beside a checkpoint of another run, which may be read-only or
+    being loaded by other runs at the same time; it is written under a temporary name and renamed."""
     if tag_dir is None:
         return None
     saved = read_meta(tag_dir, ("dp_size", "tp_size", "zero_stage"))  # UserError naming the file and key
@@ -54,16 +62,28 @@ def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelCo
         raise UserError(f"cannot resume {tag_dir} ({what}) under zero.stage=0: DeepSpeed loads universal "
                         f"checkpoints into ZeRO 1-3 only; use zero.stage=1")
     logger.info("resuming %s with %s: converting to a universal checkpoint", tag_dir.name, what)
-    target = tag_dir.parent / "universal" / tag_dir.name
+    target = universal_copy(tag_dir, Path(own))
     error = ""
-    if ctx.rank == 0 and not (target / "zero").is_dir():
+    if ctx.rank == 0 and not target.is_dir():
+        partial = target.with_name(f"{target.name}.partial{os.getpid()}")
         cmd = [sys.executable, "-m", "trainer.core.safe_load", str(tag_dir),  # its torch.loads: weights only
                "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             error = f"ds_to_universal failed on {tag_dir}: {proc.stderr.strip().splitlines()[-1:]}"
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            os.replace(partial, target)
     error = from_rank0(error)
     if error:
         raise UserError(error)
     return ResumePlan(target, universal=True)
+
+
+def universal_copy(tag_dir: Path, own: Path) -> Path:
+    """Where the universal conversion of `tag_dir` lives in the checkpoints directory `own`."""
+    if tag_dir.parent.resolve() == own.resolve():
+        return own / UNIVERSAL / tag_dir.name  # removed when the tag is saved again or pruned
+    source = hashlib.sha256(str(tag_dir.resolve()).encode() + (tag_dir / MANIFEST).read_bytes()).hexdigest()
+    return own / UNIVERSAL / f"{tag_dir.name}-from-{source[:12]}"

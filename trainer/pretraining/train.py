@@ -18,7 +18,7 @@ from data.tokenizer import Tokenizer
 from models.parallel import partition_dims
 from models.registry import batch_keys
 from trainer.core import schedule
-from trainer.core.checkpoint import CheckpointManager, TrainState
+from trainer.core.checkpoint import LOADED_FROM, CheckpointManager, TrainState
 from trainer.core.deepspeed_json import trainer_clip
 from trainer.core.diagnostics import PlateauWatch
 from trainer.core.elastic import prepare_resume
@@ -70,7 +70,7 @@ def prepare(cfg: PretrainConfig) -> Pretraining:
     inputs = build_inputs(cfg, ctx, tokenizer)
     model, model_config = build_model_for(cfg, tokenizer, ctx)
     checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint, ctx.rank)
-    resume = prepare_resume(checkpoints.find_resume(), cfg, ctx)  # may convert to a universal checkpoint
+    resume = prepare_resume(checkpoints.find_resume(), cfg, ctx, run.checkpoints)  # may convert (universal)
     two_stage_n = schedule.generator_steps(cfg.train.rtd_schedule, cfg.train.generator_steps, cfg.train.steps)
     schedule.check_schedule(model, cfg.train.rtd_schedule, two_stage_n, cfg.train.steps)
     engine = build_engine(cfg, model, ctx, load_universal=resume is not None and resume.universal)
@@ -78,6 +78,7 @@ def prepare(cfg: PretrainConfig) -> Pretraining:
     inputs.loader.load_state_dict({**state.data, "consumed_samples": state.consumed_samples, "step": state.step})
     metrics = MetricsWriter(run.path, enabled=ctx.is_main, resume_step=state.step)
     extra, meta = checkpoint_context(cfg, ctx, model, model_config, tokenizer)
+    meta[LOADED_FROM] = checkpoints.loaded_from  # a relaunch with the same checkpoint.load resumes our own
     logger.info("model %s/%s: %.2fM parameters (this rank); world %d = tp %d x dp %d; steps %d..%d",
                 cfg.model.name, cfg.model.size, sum(p.numel() for p in model.parameters()) / 1e6,
                 ctx.world_size, ctx.tp_size, ctx.dp_size, state.step + 1, cfg.train.steps)
