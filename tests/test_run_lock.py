@@ -3,6 +3,7 @@ lock, a second launch (one process, or two ranks) exits 2 at once naming the hol
 file as it was; a lock left by a killed holder is taken over with a warning."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -106,3 +107,34 @@ def test_a_lock_left_by_a_killed_holder_is_taken_over(finished, runs):
     assert "global_step2 at step 2" in out.stdout
     assert sorted(train_records(runs / "locked")) == [1, 2, 3, 4]
     assert (runs / "locked" / "run.lock").read_text() == "", "a clean exit leaves no holder: no warning next time"
+
+
+FORKING_HOLDER = """
+import multiprocessing, os, signal, sys, time
+from trainer.core.run_dir import acquire_run_lock
+acquire_run_lock(sys.argv[1])
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()
+open(sys.argv[2], "w").write(str(child.pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """A DataLoader worker (forked) that outlives its SIGKILLed trainer must not hold the run directory."""
+    from data.errors import UserError
+    from trainer.core.run_dir import acquire_run_lock
+
+    pid_file = tmp_path / "child.pid"
+    holder = subprocess.run([sys.executable, "-c", FORKING_HOLDER, str(tmp_path), str(pid_file)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    assert holder.returncode == -signal.SIGKILL
+    child = int(pid_file.read_text())
+    try:
+        assert os.path.exists(f"/proc/{child}"), "the forked child outlives its parent"
+        lock = acquire_run_lock(tmp_path)  # UserError "in use by another run" while the child holds it
+        lock.release()
+    except UserError as err:
+        pytest.fail(f"the orphaned child kept the lock: {err}")
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -123,6 +123,22 @@ class RunLock:
 _HELD: Dict[Path, RunLock] = {}  # process-wide on purpose: a flock belongs to the process that holds it until exit
 
 
+def _drop_inherited_locks() -> None:
+    """In a forked child (DataLoader workers, multiprocessing): close the inherited lock descriptors. A
+    flock lasts while any descriptor of it is open, so a worker outliving a SIGKILLed trainer (they poll
+    for their parent every few seconds) would keep the run directory locked against the relaunch."""
+    for path, lock in list(_HELD.items()):
+        if lock.fd >= 0:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+        _HELD.pop(path, None)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 def acquire_run_lock(run_dir: Path) -> RunLock:
     """Take `run_dir`'s exclusive lock for the life of this process (again in the same process: the
     held one). Another live holder: UserError naming its host, pid and start time, with nothing written.
