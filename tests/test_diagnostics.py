@@ -180,6 +180,22 @@ def test_plateau_watch_fires_on_the_third_evaluation_and_resets():
     assert len(watch.update(3, {**flat, "valid_loss_rtd": 0.5570})) == 1
 
 
+def test_plateau_watch_streaks_continue_across_a_resume():
+    """replay(metrics.jsonl's records) restores the streaks: two flat evaluations before a resume and one
+    after it warn; a streak that warned before the resume does not warn again."""
+    flat = {"valid_loss": 6.0, "valid_loss_rtd": 0.560, "valid_rtd_prior_loss": 0.562}
+    history = [{"step": 1, "loss": 6.1}, {"step": 2, **flat}, {"step": 3, "loss": 6.0}, {"step": 4, **flat}]
+    watch = PlateauWatch()
+    watch.replay(history)
+    assert len(watch.update(6, flat)) == 1
+    watch = PlateauWatch()
+    watch.replay(history + [{"step": 6, **flat}])
+    assert watch.update(8, flat) == []
+    fresh = PlateauWatch()
+    fresh.replay([r for r in history if "valid_loss" not in r])  # training records only: no streak
+    assert fresh.update(6, flat) == []
+
+
 def test_plateau_watch_on_accuracy_at_the_unigram_baseline():
     mlm = {"valid_mlm_accuracy": 0.058, "valid_unigram_accuracy": 0.05}
     watch = PlateauWatch()

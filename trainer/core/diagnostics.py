@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -102,6 +102,14 @@ class PlateauWatch:
                 f"within {self.accuracy_margin * 100:.0f} point of the unigram accuracy {unigram:.4f} for "
                 f"{self.patience} evaluations; {remedy}, or train longer (train.steps)")
         return messages
+
+    def replay(self, records: List[Dict[str, Any]]) -> None:
+        """A resumed run's streaks: the validation records of metrics.jsonl (cut at the resumed step) fed
+        through `update` silently, so a streak across the resume warns at its patience-th evaluation and
+        one that warned before it does not warn again."""
+        for record in records:
+            if "valid_loss" in record:
+                self.update(record["step"], record)
 
     def report(self, step: int, valid: Dict[str, Optional[float]], is_main: bool) -> None:
         """Logs the validation loss (global rank 0) and `update`'s warnings."""

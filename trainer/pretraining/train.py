@@ -25,7 +25,7 @@ from trainer.core.elastic import prepare_resume
 from trainer.core.engine import build_engine
 from trainer.core.cli import parse_run_args
 from trainer.core.loop import StepLoop, run_guarded
-from trainer.core.metrics import MetricsWriter
+from trainer.core.metrics import MetricsWriter, read_metrics
 from trainer.core.parallel import ParallelContext, init_parallel
 from trainer.core.preemption import EXIT_PREEMPTED, PreemptionHandler
 from trainer.core.run_dir import RunDirectory, setup_logging
@@ -98,6 +98,8 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                     preemption=preemption, vocab_size=p.tokenizer.vocab_size, skipped=state.skipped_steps)
     enter_stage = (lambda step: schedule.enter_step(engine, step, p.two_stage_n)) if p.two_stage_n else None
     plateau = PlateauWatch()  # warns when validation sits at the prior / unigram baselines
+    if ctx.is_main and state.step:
+        plateau.replay(read_metrics(p.run.path))  # the streaks so far (metrics.jsonl is cut at the resume)
     status, efficiency = 0, []  # real tokens / row tokens of the steps since the last log
     for step in loop.steps(state.step + 1, cfg.train.steps, lambda step: only_keys(inputs.loader.next_step()),
                            before_step=enter_stage, save_due=checkpoints.time_due, inject_nan=cfg.debug.nan_loss_steps):
