@@ -54,7 +54,8 @@ def token_dtype(vocab_size: int) -> type[np.integer]:
     return np.uint16 if vocab_size < 65536 else np.int32
 
 
-def _indexed_dataset_module():
+def indexed_dataset_module():
+    """megatron-core's `indexed_dataset` module (IndexedDataset, IndexedDatasetBuilder), imported quietly."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit use inside megatron
@@ -69,7 +70,7 @@ def open_indexed(prefix: str | Path, tokenizer: "Tokenizer | None" = None, check
         check_dataset(prefix, tokenizer)
     else:
         _require_files(prefix)
-    return _indexed_dataset_module().IndexedDataset(str(prefix))
+    return indexed_dataset_module().IndexedDataset(str(prefix))
 
 
 def _require_files(prefix: str | Path) -> None:
@@ -122,7 +123,7 @@ def check_dataset(prefix: str | Path, tokenizer: "Tokenizer | None" = None) -> N
     sidecar = read_sidecar(prefix)
     idx, data, side = idx_path(prefix), bin_path(prefix), sidecar_path(prefix)
     try:
-        layout = _check_idx_and_bin(idx, data)
+        layout = check_idx_and_bin(idx, data)
         recorded_sha = sidecar.get("idx_sha256")
         actual_sha = idx_sha256(prefix) if recorded_sha is not None else None
     except OSError as err:
@@ -151,7 +152,7 @@ def check_dataset(prefix: str | Path, tokenizer: "Tokenizer | None" = None) -> N
         raise UserError(f"{data}: {dtype.name} tokens cannot hold the ids of a vocabulary of {vocab_size}; {_REDO}")
 
 
-def _check_idx_and_bin(idx: Path, data: Path) -> tuple[np.dtype, int, int]:
+def check_idx_and_bin(idx: Path, data: Path) -> tuple[np.dtype, int, int]:
     """(token dtype, documents, tokens) of a well-formed .idx whose .bin has the size it says."""
     idx_bytes = idx.stat().st_size
     with open(idx, "rb") as f:
@@ -299,7 +300,7 @@ class IndexedWriter:
 
     def _ensure_builder(self):
         if self._builder is None:
-            builder_class = _indexed_dataset_module().IndexedDatasetBuilder
+            builder_class = indexed_dataset_module().IndexedDatasetBuilder
             self._builder = builder_class(str(bin_path(self._tmp_prefix)), dtype=self.dtype)
         return self._builder
 
@@ -313,7 +314,7 @@ class IndexedWriter:
     def _parallel_builder(self, suffix: str):
         """The builder of PREFIX{suffix} at the temporary prefix, made on first use."""
         if suffix not in self._parallel_builders:
-            builder_class = _indexed_dataset_module().IndexedDatasetBuilder
+            builder_class = indexed_dataset_module().IndexedDatasetBuilder
             self._parallel_builders[suffix] = builder_class(str(bin_path(f"{self._tmp_prefix}{suffix}")),
                                                             dtype=self._parallel[suffix][0])
         return self._parallel_builders[suffix]

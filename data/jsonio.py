@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from data.errors import UserError
 
@@ -40,6 +40,25 @@ def read_json_object(path: str | Path, fix: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON object, found {type(value).__name__}; {fix}")
     return value
+
+
+def read_jsonl_texts(path: str | Path, key: str = "text") -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of the JSONL file `path`: a JSON object with a string
+    under `key`; anything else is a UserError naming path:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = loads(line)[key]
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UserError(f"{path}:{number}: not a JSON line with a \"{key}\" field") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number}: \"{key}\" is not a string")
+            yield number, text
 
 
 def _deepest_opening(text: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.errors import UserError
-from data.indexed import (_check_idx_and_bin, _indexed_dataset_module, bin_path, idx_path, idx_sha256,
+from data.indexed import (check_idx_and_bin, indexed_dataset_module, bin_path, idx_path, idx_sha256,
                           read_sidecar, sidecar_path)
 from data.masking import IGNORE_INDEX, MaskingRecipe
 from data.seeding import derive_rng
@@ -149,14 +149,14 @@ def write_static_masks(dataset_prefix: str | Path, out_prefix: str | Path, token
     word_starts_suffix: the dataset has word-start flags at `dataset_prefix`{suffix}.bin/.idx (a
     segmenter's, data/segmenter.py): whole-word masks take their words from them."""
     recipe = recipe_for(tokenizer, options.recipe_values())
-    dataset = _indexed_dataset_module().IndexedDataset(str(dataset_prefix))
+    dataset = indexed_dataset_module().IndexedDataset(str(dataset_prefix))
     word_starts = None
     if options.whole_word_mask and word_starts_suffix:
-        word_starts = _indexed_dataset_module().IndexedDataset(f"{dataset_prefix}{word_starts_suffix}")
+        word_starts = indexed_dataset_module().IndexedDataset(f"{dataset_prefix}{word_starts_suffix}")
     docs = np.asarray(dataset.document_indices, dtype=np.int64)
     item_lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     total = int(item_lengths.sum()) * options.copies
-    builder = _indexed_dataset_module().IndexedDatasetBuilder(str(bin_path(out_prefix)), dtype=np.int32)
+    builder = indexed_dataset_module().IndexedDatasetBuilder(str(bin_path(out_prefix)), dtype=np.int32)
     try:
         with tqdm(total=total, desc="static masks", unit="tok", unit_scale=True, leave=False) as progress:
             for copy in range(options.copies):
@@ -206,7 +206,7 @@ def check_static_masks(prefix: str | Path, recipe_values: dict) -> dict:
                             f"{entry[key]}; set data.{key}={entry[key]} or preprocess again with {flag}")
     redo = f"preprocess {prefix} again with tools/preprocess_data.py {_FLAG}"
     try:
-        dtype, documents, tokens = _check_idx_and_bin(idx_path(out), bin_path(out))
+        dtype, documents, tokens = check_idx_and_bin(idx_path(out), bin_path(out))
         actual_sha = idx_sha256(out)
     except OSError as err:
         raise UserError(f"cannot read {err.filename or idx_path(out)}: {err.strerror or err}") from None
@@ -229,7 +229,7 @@ class StaticMasks:
     def __init__(self, prefix: str | Path):
         entry = read_sidecar(prefix)["static_masks"]  # check_static_masks has checked it
         self.copies = int(entry["copies"])
-        self.dataset = _indexed_dataset_module().IndexedDataset(str(companion_prefix(prefix)))
+        self.dataset = indexed_dataset_module().IndexedDataset(str(companion_prefix(prefix)))
         self.items = len(self.dataset) // self.copies
 
     def values(self, packed, sample: int, copy: int) -> np.ndarray:

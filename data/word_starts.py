@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data.errors import UserError
-from data.indexed import (_check_idx_and_bin, _indexed_dataset_module, bin_path, idx_path, idx_sha256,
+from data.indexed import (check_idx_and_bin, indexed_dataset_module, bin_path, idx_path, idx_sha256,
                           read_sidecar, sidecar_path)
 from data.segmenter import SIDECAR_KEY, WORD_STARTS_SUFFIX as SUFFIX  # the writer's names
 
@@ -72,7 +72,7 @@ def open_word_starts(prefix: str | Path, dataset, check: bool = True):
         raise UserError(f"{tokens_bin}: its word-start companion {' and '.join(missing)} not found "
                         f"({sidecar_path(prefix).name} records one); {redo}")
     try:
-        dtype, documents, _ = _check_idx_and_bin(idx_path(out), bin_path(out))
+        dtype, documents, _ = check_idx_and_bin(idx_path(out), bin_path(out))
         actual_sha = idx_sha256(out) if check else None
     except UserError as err:
         raise UserError(f"{tokens_bin}: its word-start companion is unreadable: {err}") from None
@@ -90,7 +90,7 @@ def open_word_starts(prefix: str | Path, dataset, check: bool = True):
         raise UserError(f"{tokens_bin}: its word-start companion {idx_path(out)} has sha256 {actual_sha[:12]}..., "
                         f"but {sidecar_path(prefix).name} recorded {entry['idx_sha256'][:12]}... "
                         f"(modified, or from another dataset?); {redo}")
-    companion = _indexed_dataset_module().IndexedDataset(str(out))
+    companion = indexed_dataset_module().IndexedDataset(str(out))
     ours, theirs = np.asarray(dataset.sequence_lengths), np.asarray(companion.sequence_lengths)
     if len(ours) != len(theirs) or not np.array_equal(dataset.document_indices, companion.document_indices):
         raise UserError(f"{tokens_bin} has {len(ours)} sequences, but its word-start companion {bin_path(out)} "

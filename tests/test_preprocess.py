@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data.errors import UserError
-from data.indexed import ShardWriter, _indexed_dataset_module, open_indexed, read_sidecar, token_dtype
+from data.indexed import ShardWriter, indexed_dataset_module, open_indexed, read_sidecar, token_dtype
 from data.preprocess import preprocess
 from data.reading import expand_inputs
 
@@ -85,7 +85,7 @@ def test_one_large_file_gives_the_same_bytes_for_any_worker_count(demo_corpus, s
 
 def test_shards_are_what_megatron_core_writes(tmp_path):
     docs = [np.array(d, dtype=np.uint16) for d in ([5, 6, 7], [8], [9, 10], [])]
-    builder = _indexed_dataset_module().IndexedDatasetBuilder(str(tmp_path / "mc.bin"), dtype=np.uint16)
+    builder = indexed_dataset_module().IndexedDatasetBuilder(str(tmp_path / "mc.bin"), dtype=np.uint16)
     for doc in docs:
         builder.add_document(doc, [doc.size])
     builder.finalize(str(tmp_path / "mc.idx"))

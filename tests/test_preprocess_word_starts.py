@@ -12,7 +12,7 @@ import pytest
 jieba = pytest.importorskip("jieba")
 
 from data.errors import UserError  # noqa: E402
-from data.indexed import _indexed_dataset_module, open_indexed, read_sidecar  # noqa: E402
+from data.indexed import indexed_dataset_module, open_indexed, read_sidecar  # noqa: E402
 from data.preprocess import preprocess  # noqa: E402
 from data.segmenter import load_segmenter  # noqa: E402
 from data.static_masks import NOT_PREDICTED  # noqa: E402
@@ -47,7 +47,7 @@ def zh(tmp_path_factory):
 
 
 def companion(prefix):
-    return _indexed_dataset_module().IndexedDataset(f"{prefix}.wordstarts")
+    return indexed_dataset_module().IndexedDataset(f"{prefix}.wordstarts")
 
 
 def test_companion_has_a_flag_per_token_as_the_segmenter_computes(zh):
@@ -76,7 +76,7 @@ def test_sidecar_records_the_segmenter(zh):
 
 def test_whole_word_static_masks_never_mask_part_of_a_jieba_word(zh):
     prefix, tok, docs = zh
-    masks = _indexed_dataset_module().IndexedDataset(f"{prefix}.static_masks")
+    masks = indexed_dataset_module().IndexedDataset(f"{prefix}.static_masks")
     n = len(docs)
     partial, masked_words, runs = 0, 0, 0
     for copy in range(2):

@@ -16,7 +16,7 @@ import torch
 
 from data.blending import SampleStream
 from data.errors import UserError
-from data.indexed import _indexed_dataset_module, open_indexed
+from data.indexed import indexed_dataset_module, open_indexed
 from data.loader import MaskedSamples, PretrainLoader
 from data.masking import IGNORE_INDEX
 from data.packing import build_packed
@@ -41,7 +41,7 @@ def corpus(demo_corpus, bpe_tokenizer, tmp_path_factory):
 
 
 def companion(prefix):
-    return _indexed_dataset_module().IndexedDataset(str(companion_prefix(prefix)))
+    return indexed_dataset_module().IndexedDataset(str(companion_prefix(prefix)))
 
 
 def copy_corpus(prefix: Path, dest: Path, with_companion: bool = True) -> Path:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from data.errors import UserError
-from data.indexed import _indexed_dataset_module, idx_sha256, open_indexed, write_sidecar
+from data.indexed import indexed_dataset_module, idx_sha256, open_indexed, write_sidecar
 from data.loader import MaskedSamples, PretrainLoader
 from data.masking import IGNORE_INDEX, MaskingRecipe
 from data.packing import build_packed
@@ -32,7 +32,7 @@ INSTALLED_JIEBA = "0.42.1"
 
 
 def _write(prefix: Path, documents, dtype):
-    module = _indexed_dataset_module()
+    module = indexed_dataset_module()
     builder = module.IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for doc in documents:
         builder.add_document(np.asarray(doc, dtype=dtype), [len(doc)])

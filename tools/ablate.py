@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 from data.errors import UserError  # noqa: E402
 from tools.ablation_studies import (COMPUTE_KEYS, RANDOM_INIT, RECIPES, SCALES, SEEDS, STATIC_COPIES,  # noqa: E402
                                     STUDIES, TOKENIZER_OF, VERSION, Arm, Scale, Study)
+from trainer.core.metrics import read_metrics  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -263,12 +264,6 @@ def last_checkpoint(run: Path, steps: int) -> Optional[Path]:
     from trainer.core.checkpoint import committed
 
     return next((c.path for c in reversed(committed(run / "checkpoints")) if c.step == steps), None)
-
-
-def read_metrics(run: Path) -> List[Dict]:
-    from tools.crossover import read_metrics as read
-
-    return read(run)
 
 
 def last_value(records: List[Dict], key: str) -> Optional[float]:

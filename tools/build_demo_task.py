@@ -13,13 +13,13 @@ vocabulary and style alone: a task the demo's tiny pretrained model can learn in
 """
 import argparse
 import hashlib
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from data.errors import UserError
+from data.jsonio import read_jsonl_texts
 from data.tasks import write_sentence_tsv
 from trainer.core.cli import run_cli
 from tools.build_demo_corpus import _dedup_key, default_roots, file_docstrings, source_files
@@ -43,13 +43,8 @@ def corpus_libraries(corpus: Path, roots: Optional[Iterable[Path]] = None) -> Di
     if not corpus.is_file():
         raise UserError(f"--corpus {corpus} does not exist; build it with tools/build_demo_corpus.py")
     texts: Dict[bytes, str] = {}
-    with open(corpus, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{corpus}:{number}: not a JSON line with a \"text\" field") from None
-            texts.setdefault(_dedup_key(text), text)
+    for _, text in read_jsonl_texts(corpus):
+        texts.setdefault(_dedup_key(text), text)
     roots = [Path(r) for r in (roots if roots is not None else default_roots())]
     found: Dict[str, List[str]] = defaultdict(list)
     remaining = set(texts)

@@ -18,7 +18,6 @@ appear on both sides. Files use GLUE's layout (`sentence`, `label`), as the fine
 """
 import argparse
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -27,6 +26,7 @@ import numpy as np
 
 from data.seeding import derive_rng
 from data.errors import UserError
+from data.jsonio import read_jsonl_texts
 from data.tasks import write_sentence_tsv
 from trainer.core.cli import run_cli
 
@@ -59,17 +59,7 @@ def _bucket(text: str) -> float:
 def read_documents(corpus: Path) -> Iterator[Tuple[int, str]]:
     if not corpus.is_file():
         raise UserError(f"--corpus {corpus} does not exist")
-    with open(corpus, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{corpus}:{number}: not a JSON line with a \"text\" field") from None
-            if not isinstance(text, str):
-                raise UserError(f"{corpus}:{number}: \"text\" is not a string")
-            yield number, text
+    return read_jsonl_texts(corpus)
 
 
 def build_word_order_task(corpus: str | Path, output: str | Path, train_size: int = 4000,

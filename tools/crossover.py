@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from data.errors import UserError
+from trainer.core.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DIAGNOSTICS = ("valid_loss_rtd", "valid_rtd_prior_loss", "valid_rtd_auc", "valid_generator_accuracy",
@@ -225,18 +226,6 @@ def committed_steps(run: Path) -> Dict[int, Path]:
     if not found:
         raise UserError(f"--run {run} has no committed checkpoint (no checkpoints/global_stepN/{MANIFEST})")
     return dict(sorted(found.items()))
-
-
-def read_metrics(run: Path) -> List[Dict]:
-    path = run / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a kill
-    return records
 
 
 def convert(tag_dir: Path, dest: Path) -> Dict:

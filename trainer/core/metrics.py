@@ -95,8 +95,15 @@ def _clean(value: Any) -> Any:
 
 
 def read_metrics(run_dir: Path) -> list:
+    """run_dir/metrics.jsonl's records ([] without one); a line cut by a kill is left out."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def first_and_last(records: list, key: str) -> tuple[Optional[float], Optional[float]]:
