@@ -172,7 +172,7 @@ def build_hf(model: str, args, seq: int, device):
     import torch.nn.functional as F
     from torch import nn
 
-    from models import deberta, deberta_v3, roberta
+    from models import deberta_hf, deberta_v3, roberta
 
     cfg, ours = build_ours(model, args, seq)
     sd = ours.state_dict()
@@ -185,10 +185,10 @@ def build_hf(model: str, args, seq: int, device):
     elif model == "deberta_mlm":
         import transformers
 
-        hf_cfg = deberta.hf_config(cfg, "mlm")
+        hf_cfg = deberta_hf.hf_config(cfg, "mlm")
         hf_cfg._attn_implementation = "eager"
         net = transformers.DebertaV2ForMaskedLM(hf_cfg)
-        net.load_state_dict(deberta.to_hf_state_dict(sd, cfg, "mlm"), strict=False)
+        net.load_state_dict(deberta_hf.to_hf_state_dict(sd, cfg, "mlm"), strict=False)
         modules = net
     else:
         import transformers

@@ -14,7 +14,7 @@ Decisions:
 - The RTD head adds the first token's state to every token's (LayerNorm(h_CLS + h_t)) before its
   dense -> activation -> classifier, as microsoft/DeBERTa's: each decision sees the sequence (in a
   packed row, its own document's first token).
-- Export reuses models/deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's position
+- Export reuses models/deberta_hf.py's map: the generator as DebertaV2ForMaskedLM (the EMD's position
   table dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the discriminator as
   DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head, so
   `deberta_v3_rtd_head_state_dict` gives it apart, keyed as microsoft/DeBERTa's.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import deberta
+from models import deberta_hf
 from models.config import DebertaConfig, RTDConfig
 from models.deberta import DebertaModel
 from models.layers import activation_fn, document_starts
@@ -72,12 +72,12 @@ def deberta_v3_discriminator(config: DebertaConfig, layers: ParallelLayers) -> R
 
 
 # ------------------------------------------------------------------- DeBERTaV3 and Hugging Face
-# The towers export through deberta.py's map: the generator as DebertaV2ForMaskedLM (the EMD's
+# The towers export through deberta_hf.py's map: the generator as DebertaV2ForMaskedLM (the EMD's
 # position table is dropped with a DroppedOnExportWarning: Hugging Face has no EMD), the
 # discriminator as DebertaV2Model with E_D = E_G + E_Delta merged. Hugging Face has no RTD head,
 # so it goes apart, keyed as in microsoft/DeBERTa's ReplacedTokenDetectionModel
 # (`mask_predictions` = LMMaskPredictionHead; "classifer" is their spelling).
-DEBERTA_V3_COMPONENTS = {"generator": "mlm", "discriminator": "backbone"}  # -> deberta.py's
+DEBERTA_V3_COMPONENTS = {"generator": "mlm", "discriminator": "backbone"}  # -> deberta_hf.py's
 _DEBERTA_V3_HEAD = {"norm": "mask_predictions.LayerNorm", "dense": "mask_predictions.dense",
                     "classifier": "mask_predictions.classifer"}
 _DEBERTA_V3_BACKBONE = "backbone."  # RTDDiscriminator's prefix of the backbone's keys
@@ -100,7 +100,7 @@ def deberta_v3_shared_tables(cfg: RTDConfig) -> tuple[str, ...]:
 
 def deberta_v3_hf_config(cfg: RTDConfig, component: str = "discriminator"):
     """The transformers.DebertaV2Config of one tower (DebertaV2Model for the discriminator)."""
-    return deberta.hf_config(getattr(cfg, component), _deberta_v3_component(component))
+    return deberta_hf.hf_config(getattr(cfg, component), _deberta_v3_component(component))
 
 
 def deberta_v3_split_state_dict(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig):
@@ -121,7 +121,7 @@ def deberta_v3_to_hf_state_dict(
     DebertaV2ForMaskedLM's (generator), vocabulary padding trimmed."""
     kind = _deberta_v3_component(component)
     gen, backbone, _ = deberta_v3_split_state_dict(rtd_sd, cfg)
-    return deberta.to_hf_state_dict(gen if component == "generator" else backbone,
+    return deberta_hf.to_hf_state_dict(gen if component == "generator" else backbone,
                                      getattr(cfg, component), kind)
 
 
@@ -145,8 +145,8 @@ def deberta_v3_from_hf_state_dict(hf_sds: dict[str, dict[str, torch.Tensor]], cf
     missing = {"generator", "discriminator"} - set(hf_sds)
     if missing:
         raise KeyError(f"from_hf_state_dict needs both towers' state dicts; missing {sorted(missing)}")
-    gen = deberta.from_hf_state_dict(hf_sds["generator"], cfg.generator)
-    backbone = deberta.from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator)
+    gen = deberta_hf.from_hf_state_dict(hf_sds["generator"], cfg.generator)
+    backbone = deberta_hf.from_hf_state_dict(hf_sds["discriminator"], cfg.discriminator)
     if any(key.startswith("lm_head.") for key in backbone):
         raise ValueError("the discriminator must be a DebertaV2Model's state dict (no MLM head)")
     disc = {_DEBERTA_V3_BACKBONE + k: v for k, v in backbone.items()}
@@ -167,7 +167,7 @@ HF_EXTRA_FILES = {RTD_HEAD_FILE: "RTD head, microsoft/DeBERTa's key names; not p
 def backbone_of(config: RTDConfig, sd: dict) -> tuple[DebertaConfig, dict]:
     """An RTD model (config, full state dict) -> its discriminator backbone (E_D merged), no EMD."""
     _, backbone, _ = deberta_v3_split_state_dict(sd, config)
-    return deberta.without_emd(config.discriminator), backbone
+    return deberta_hf.without_emd(config.discriminator), backbone
 
 
 def hf_extras(rtd_sd: dict[str, torch.Tensor], cfg: RTDConfig, component: str) -> dict[str, dict]:
@@ -185,7 +185,7 @@ def hf_discriminator(hf_sd: dict[str, torch.Tensor]) -> tuple[dict, dict, bool]:
     """A DebertaV2 state dict -> (DebertaV2Model's, {"rtd_head": its mask_predictions.* weights},
     whether an MLM head was left out)."""
     dropped = [k for k in hf_sd if k.startswith(("lm_predictions.", "cls.", "mask_predictions."))]
-    disc = {k.removeprefix(deberta._BACKBONE_PREFIX): v for k, v in hf_sd.items() if k not in dropped}
+    disc = {k.removeprefix(deberta_hf.BACKBONE_PREFIX): v for k, v in hf_sd.items() if k not in dropped}
     head = {k: v for k, v in hf_sd.items() if k.startswith("mask_predictions.")}
     return disc, {"rtd_head": head}, any(k.startswith(("lm_predictions.", "cls.")) for k in dropped)
 
@@ -219,7 +219,7 @@ def verify_pairs(model, out, ids, mask, component="discriminator", extras=None) 
     """What an export must reproduce: the generator's as deberta's; the discriminator's
     DebertaV2Model states, and our RTD head (from the exported file) on them."""
     if component == "generator":
-        return deberta.verify_pairs(model.generator, out, ids, mask)
+        return deberta_hf.verify_pairs(model.generator, out, ids, mask)
     disc = model.discriminator
     hidden = out.hidden_states[-1]
     return {"hidden states": (disc.backbone.encode(ids, mask), out.last_hidden_state),

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from torch import nn
 
 from data.errors import UserError
-from models import deberta, deberta_v3, electra, roberta, rtd
+from models import deberta, deberta_hf, deberta_v3, electra, roberta, rtd
 from models.config import DebertaConfig, ElectraConfig, RobertaConfig, RTDConfig, pad_vocab_size
 from models.layers import encoder_fields_from_hf
 from models.parallel import ParallelLayers
@@ -266,15 +266,15 @@ FAMILIES: dict[str, FamilySpec] = {
         position_rows=lambda cfg: cfg.max_seq_length, max_input_length=lambda cfg: cfg.max_seq_length,
     ),
     "deberta": FamilySpec(
-        config_class=DebertaConfig, backbone=deberta.backbone, hf_model_type="deberta-v2",
-        fields_from_hf=deberta.fields_from_hf, hf_config=deberta.backbone_hf_config,
-        backbone_to_hf=deberta.backbone_to_hf, backbone_from_hf=deberta.from_hf_state_dict,
+        config_class=DebertaConfig, backbone=deberta_hf.backbone, hf_model_type="deberta-v2",
+        fields_from_hf=deberta_hf.fields_from_hf, hf_config=deberta_hf.backbone_hf_config,
+        backbone_to_hf=deberta_hf.backbone_to_hf, backbone_from_hf=deberta_hf.from_hf_state_dict,
         hf_prefix="deberta.", hf_head_prefixes=("lm_predictions.", "cls.", "mask_predictions.", "pooler.",
                                                 "classifier."),
         classifier_head="pooler", classifier_hf_class="DebertaV2ForSequenceClassification",
         classifier_hf_names=_classifier_names("head.pooler", "pooler.dense", "head.classifier", "classifier"),
-        classifier_hf_config=deberta.classifier_hf_config, pair_separators=1,
-        position_rows=lambda cfg: cfg.max_position_embeddings, max_input_length=deberta.max_input_length,
+        classifier_hf_config=deberta_hf.classifier_hf_config, pair_separators=1,
+        position_rows=lambda cfg: cfg.max_position_embeddings, max_input_length=deberta_hf.max_input_length,
     ),
     "electra": FamilySpec(
         config_class=ElectraConfig, backbone=electra.ElectraBackbone, hf_model_type="electra",
@@ -311,11 +311,11 @@ MODELS: dict[str, ModelSpec] = {
         builder=deberta.DebertaForMaskedLM,
         sizes=DEBERTA_SIZES,
         family="deberta",
-        hf_config=deberta.hf_config,
-        to_hf_state_dict=deberta.to_hf_state_dict,
-        from_hf_state_dict=deberta.from_hf_state_dict,
-        backbone_of=deberta.backbone_of,
-        verify_pairs=deberta.verify_pairs,
+        hf_config=deberta_hf.hf_config,
+        to_hf_state_dict=deberta_hf.to_hf_state_dict,
+        from_hf_state_dict=deberta_hf.from_hf_state_dict,
+        backbone_of=deberta_hf.backbone_of,
+        verify_pairs=deberta_hf.verify_pairs,
         max_position_embeddings=_deberta_positions,
     ),
     "electra": ModelSpec(  # the HF functions export one tower (component=, the discriminator by default)

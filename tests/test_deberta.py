@@ -13,8 +13,8 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from data.errors import UserError
 from models.config import DebertaConfig, pad_vocab_size
-from models.deberta import (DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning, from_hf_state_dict, hf_config,
-                            key_padding_mask, relative_position_buckets, to_hf_state_dict)
+from models.deberta import DebertaForMaskedLM, DebertaModel, key_padding_mask, relative_position_buckets
+from models.deberta_hf import DroppedOnExportWarning, from_hf_state_dict, hf_config, to_hf_state_dict
 from models.parallel import ParallelLayers, partition_dims
 from models.registry import build_config, build_model
 from tests import parity

@@ -14,7 +14,8 @@ import transformers
 from data.errors import UserError
 from models import deberta_v3
 from models.config import DebertaConfig, RTDConfig
-from models.deberta import DebertaForMaskedLM, DebertaModel, DroppedOnExportWarning
+from models.deberta import DebertaForMaskedLM, DebertaModel
+from models.deberta_hf import DroppedOnExportWarning
 from models.deberta_v3 import DebertaV3DiscriminatorHead
 from models.layers import predicted_positions
 from models.registry import MODEL_SIZES, build_config, build_model
