@@ -110,6 +110,11 @@ def test_a_load_is_applied_once_then_the_run_resumes_its_own(tmp_path, caplog):
     assert chosen(own, load=str(other)) == ("global_step42", "own", str(source.resolve()))  # a directory load
     assert chosen(own) == ("global_step42", "own", str(source.resolve()))  # carried by a plain resume
     assert chosen(own, resume=False, **load) == ("global_step40", "other", str(source.resolve()))
+    make(own, 43, meta={"dp_size": 1, LOADED_FROM: str(source.resolve())})
+    (own / "global_step43" / "mp_rank_00_model_states.pt").write_bytes(b"bad")
+    with caplog.at_level(logging.WARNING):
+        assert chosen(own, **load)[:2] == ("global_step42", "own")  # a corrupted one: the commit before
+    assert "skipping checkpoint global_step43" in caplog.text
     make(own, 44, meta={"dp_size": 1})  # a later timeline of this run that did not begin from it
     assert chosen(own, **load)[:2] == ("global_step40", "other")
     assert chosen(own) == ("global_step44", "own", None)

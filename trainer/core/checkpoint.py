@@ -379,16 +379,17 @@ class CheckpointManager:
         """This run's newest good checkpoint when its timeline began from one of `candidates` (the load
         was applied by an earlier launch of this run, which a requeue after preemption repeats)."""
         names = {str(c.resolve()) for c in candidates}
-        for tag_dir in resume_order(self.directory):
-            if verify(tag_dir) is not None:
-                continue
+        for tag_dir in resume_order(self.directory):  # newest first; the manifest is read before hashing
             origin = read_manifest(tag_dir)["meta"].get(LOADED_FROM)
-            if origin in names and tag_dir.resolve() not in {c.resolve() for c in candidates}:
+            if origin not in names or str(tag_dir.resolve()) in names:
+                return None  # the newest commit began elsewhere (or is the load itself): load as asked
+            problem = verify(tag_dir)
+            if problem is None:
                 logger.warning("checkpoint.load=%s was applied by an earlier launch of this run: resuming its "
                                "own newest checkpoint %s instead (checkpoint.resume=false loads it again)",
                                self.cfg.load, tag_dir.name)
                 return tag_dir, origin
-            return None  # the newest good one decides: an unrelated or older timeline loads again
+            logger.warning("skipping checkpoint %s: %s", tag_dir.name, problem)
         return None
 
     def _own_candidates(self) -> List[Path]:
