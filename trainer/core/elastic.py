@@ -64,7 +64,8 @@ def prepare_resume(tag_dir: Optional[Path], cfg: PretrainConfig, ctx: ParallelCo
     logger.info("resuming %s with %s: converting to a universal checkpoint", tag_dir.name, what)
     target = universal_copy(tag_dir, Path(own))
     error = ""
-    if ctx.rank == 0 and not target.is_dir():
+    if ctx.rank == 0 and not (target / "zero").is_dir():
+        shutil.rmtree(target, ignore_errors=True)  # incomplete: written in place by an older version
         partial = target.with_name(f"{target.name}.partial{os.getpid()}")
         cmd = [sys.executable, "-m", "trainer.core.safe_load", str(tag_dir),  # its torch.loads: weights only
                "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
