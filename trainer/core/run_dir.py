@@ -127,13 +127,13 @@ def _drop_inherited_locks() -> None:
     """In a forked child (DataLoader workers, multiprocessing): close the inherited lock descriptors. A
     flock lasts while any descriptor of it is open, so a worker outliving a SIGKILLed trainer (they poll
     for their parent every few seconds) would keep the run directory locked against the relaunch."""
-    for path, lock in list(_HELD.items()):
+    for lock in _HELD.values():
         if lock.fd >= 0:
             try:
                 os.close(lock.fd)
             except OSError:
                 pass
-        _HELD.pop(path, None)
+    _HELD.clear()
 
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
