@@ -11,7 +11,9 @@ import torch
 
 from models.registry import build_config, build_model
 from models.rtd import AUC_BINS, AUC_LOGIT_RANGE, logit_histogram
-from trainer.core.diagnostics import PlateauWatch, binary_entropy, histogram_auc, target_counts, unigram_accuracy
+from trainer.core.diagnostics import (PlateauWatch, binary_entropy, context_free_accuracy, context_free_counts,
+                                      histogram_auc, target_counts, unigram_accuracy)
+from trainer.core.run_dir import _baseline_lines
 from trainer.core.step import Accumulator
 
 CPU = SimpleNamespace(device=torch.device("cpu"), dp_size=1)  # what Accumulator.reduce reads of the context
@@ -217,3 +219,59 @@ def test_plateau_watch_on_accuracy_at_the_unigram_baseline():
     watch.update(1, learning), watch.update(2, learning)
     fired = watch.update(3, learning)
     assert len(fired) == 1 and "still learns" in fired[0] and "optim.generator_lr" in fired[0]
+
+
+def test_context_free_accuracy_copies_visible_inputs_and_predicts_the_mode_at_masks():
+    """BERT's 80/10/10: a kept token is right by copying it, so a model that reads no context scores above
+    the unigram accuracy; with every selected token masked the two baselines are equal."""
+    mask = 3
+    batch = {"input_ids": torch.tensor([[mask, 8, mask, 6, 2], [mask, mask, 9, 4, 1]]),
+             "labels": torch.tensor([[5, 8, 5, 7, -100], [7, 5, 9, 4, -100]])}
+    # selected: 8 targets; at [MASK]: 5, 5, 7, 5 (mode 5, 3 of 4); copyable: 8, 9, 4 (kept); 6 for 7 (random)
+    masked, copied = context_free_counts([batch], 12, mask)
+    assert masked.shape == (12,) and masked[5] == 3 and masked[7] == 1 and masked.sum() == 4
+    assert float(copied) == 3
+    assert context_free_accuracy(masked.numpy(), float(copied), 8) == pytest.approx(6 / 8)
+    assert unigram_accuracy(target_counts([batch], 12).numpy()) == pytest.approx(3 / 8)  # 5 wins with 3 of 8
+    assert context_free_accuracy(np.zeros(12), 0.0, 0) is None
+    # through the accumulator over data-parallel-style sums: the same numbers as a record
+    acc = Accumulator()
+    acc.add({"loss_sum": torch.tensor(4.0), "metrics": {"mlm_correct": torch.tensor(5), "mlm_predicted": torch.tensor(8)}})
+    acc.add_targets([batch], 12, mask)
+    acc.counts = {"predicted": torch.tensor(8.0), "tokens": torch.tensor(10.0)}
+    record = acc.reduce(CPU, prefix="valid_")
+    assert record["valid_context_free_accuracy"] == pytest.approx(6 / 8)
+    assert record["valid_unigram_accuracy"] == pytest.approx(3 / 8)
+    # every selected token masked: equal to the unigram accuracy
+    all_masked = {"input_ids": torch.where(batch["labels"] != -100, mask, batch["input_ids"]), "labels": batch["labels"]}
+    masked, copied = context_free_counts([all_masked], 12, mask)
+    assert float(copied) == 0
+    assert context_free_accuracy(masked.numpy(), 0.0, 8) == unigram_accuracy(target_counts([all_masked], 12).numpy())
+    without_mask_id = Accumulator()
+    without_mask_id.add({"loss_sum": torch.tensor(4.0)})
+    without_mask_id.add_targets([batch], 12)
+    without_mask_id.counts = {"predicted": torch.tensor(8.0), "tokens": torch.tensor(10.0)}
+    assert "context_free_accuracy" not in without_mask_id.reduce(CPU)
+
+
+def test_plateau_watch_and_summary_read_the_context_free_baseline():
+    """An MLM accuracy above the unigram accuracy but at the context-free one is a plateau, and the run's
+    summary line names the context-free baseline (older records without it: the unigram accuracy)."""
+    copying = {"valid_mlm_accuracy": 0.139, "valid_context_free_accuracy": 0.150, "valid_unigram_accuracy": 0.063}
+    watch = PlateauWatch()
+    watch.update(1, copying), watch.update(2, copying)
+    fired = watch.update(3, copying)
+    assert len(fired) == 1 and "context-free accuracy 0.1500" in fired[0] and "MLM" in fired[0]
+    learning = {**copying, "valid_mlm_accuracy": 0.17}
+    watch = PlateauWatch()
+    assert [watch.update(step, learning) for step in (1, 2, 3)] == [[], [], []]
+    older = {"valid_mlm_accuracy": 0.139, "valid_unigram_accuracy": 0.063}  # a run from before the metric
+    watch = PlateauWatch()
+    assert [watch.update(step, older) for step in (1, 2, 3)] == [[], [], []]
+    assert _baseline_lines([{"step": 1, "loss": 9.0}, {"step": 2, "valid_loss": 6.0, **copying}]) == [
+        "last validation MLM accuracy 0.1390 vs context-free accuracy 0.1500 (unigram accuracy 0.0630)"]
+    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **older}]) == [
+        "last validation MLM accuracy 0.1390 vs unigram accuracy 0.0630"]
+    same = {"valid_generator_accuracy": 0.13, "valid_context_free_accuracy": 0.0975, "valid_unigram_accuracy": 0.0975}
+    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **same}]) == [
+        "last validation generator accuracy 0.1300 vs context-free accuracy 0.0975"]

@@ -75,8 +75,10 @@ def test_zero_stage_trains_and_loss_falls(zero_runs, runs_dir, stage):
     valid = [r for r in metrics(run_dir) if "valid_loss" in r]
     assert [r["step"] for r in valid] == [8, 16] and valid[1]["valid_loss"] < valid[0]["valid_loss"] + 0.5
     assert {"mlm_accuracy", "unigram_accuracy"} <= set(records[16]) and "generator_accuracy" not in records[16]
-    assert {"valid_mlm_accuracy", "valid_unigram_accuracy"} <= set(valid[1])
+    assert {"valid_mlm_accuracy", "valid_unigram_accuracy", "valid_context_free_accuracy"} <= set(valid[1])
     assert 0 < valid[1]["valid_unigram_accuracy"] < 1
+    # 80/10/10 masking: copying the kept 10% beats the unigram guess (trainer/core/diagnostics.py)
+    assert valid[1]["valid_context_free_accuracy"] > valid[1]["valid_unigram_accuracy"] + 0.05
     assert "last validation MLM accuracy" in zero_runs[stage]
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()

@@ -66,15 +66,17 @@ def test_rtd_gdes_tensor_parallel_equals_single_process(tiny_bpe_prefix, tmp_pat
                              **evaluated)))
     tp1, tp2 = train_records(tmp_path / "tp1"), train_records(tmp_path / "tp2")
     assert_same_steps(tp1, tp2)
-    diagnostics = {"rtd_auc", "rtd_prior_loss", "rtd_loss_vs_prior", "generator_accuracy", "unigram_accuracy"}
+    diagnostics = {"rtd_auc", "rtd_prior_loss", "rtd_loss_vs_prior", "generator_accuracy", "unigram_accuracy",
+                   "context_free_accuracy"}
     assert diagnostics <= set(tp1[3]) and "mlm_accuracy" not in tp1[3]
     valid = {name: [r for r in metrics(tmp_path / name) if "valid_loss" in r] for name in ("tp1", "tp2")}
     assert [r["step"] for r in valid["tp1"]] == [3]
     assert {f"valid_{k}" for k in diagnostics} <= set(valid["tp1"][0])
-    for key in ("valid_rtd_auc", "valid_rtd_prior_loss", "valid_generator_accuracy", "valid_unigram_accuracy"):
+    for key in ("valid_rtd_auc", "valid_rtd_prior_loss", "valid_generator_accuracy", "valid_unigram_accuracy",
+                "valid_context_free_accuracy"):
         assert valid["tp1"][0][key] == pytest.approx(valid["tp2"][0][key], abs=1e-6), key
     assert 0 < valid["tp1"][0]["valid_unigram_accuracy"] < 1 and 0 < valid["tp1"][0]["valid_rtd_prior_loss"] < 0.7
-    assert "last validation RTD loss" in out.stdout and "vs unigram accuracy" in out.stdout
+    assert "last validation RTD loss" in out.stdout and "vs context-free accuracy" in out.stdout
     assert_same_embedding_stats(tmp_path / "tp1", tmp_path / "tp2")  # the vocabulary tables merged over TP
 
 

@@ -298,6 +298,7 @@ def run_arm(study: Study, arm: Arm, config_path: Path, steps: int, flops: float,
         "train_loss": last_value(records, "loss"), "valid_loss": last_value(records, "valid_loss"),
         "valid_rtd_auc": last_value(records, "valid_rtd_auc"),
         "valid_mlm_accuracy": last_value(records, "valid_mlm_accuracy"),
+        "valid_context_free_accuracy": last_value(records, "valid_context_free_accuracy"),
         "valid_generator_accuracy": last_value(records, "valid_generator_accuracy"),
         "valid_nsp_accuracy": last_value(records, "valid_nsp_accuracy"),
         "probe": probe["mean"]["pretrained"]["accuracy"],
@@ -357,7 +358,7 @@ def markdown(result: Dict) -> str:
              f"{' ' + ' '.join(result['overrides']) if result['overrides'] else ''}` (tool version {VERSION}); "
              f"{result.get('seconds', 0) / 60:.1f} min of wall time on this machine (pretraining, probes, fine-tuning).", "",
              f"Budget: {result['budget']}", "",
-             "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC, last (peak) / MLM acc | NSP acc | "
+             "| arm | model | steps | tokens | FLOPs | train loss | valid loss | RTD AUC, last (peak) / MLM acc (context-free) | NSP acc | "
              "probe (mean) | word order mean +- std | per seed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in result["arm_order"]:
@@ -368,8 +369,10 @@ def markdown(result: Dict) -> str:
         quality = r.get("valid_rtd_auc")
         peak = (f" (peak {r['valid_rtd_auc_peak']:.3f} at {r['valid_rtd_auc_peak_step']})"
                 if r.get("valid_rtd_auc_peak") is not None else "")
+        baseline = r.get("valid_context_free_accuracy")
+        baseline = f" ({baseline:.3f})" if baseline is not None else ""
         quality = f"AUC {quality:.3f}{peak}" if quality is not None else (
-            f"acc {r['valid_mlm_accuracy']:.3f}" if r.get("valid_mlm_accuracy") is not None else "")
+            f"acc {r['valid_mlm_accuracy']:.3f}{baseline}" if r.get("valid_mlm_accuracy") is not None else "")
         ft = r["finetune"]
         flops = r["flops_per_token"] * r["tokens"] if r.get("tokens") else None
         lines.append(f"| {name} | {r['model']} | {r['steps']} | {_human(r['tokens'])} | {_human(flops)} | "

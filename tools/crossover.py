@@ -36,7 +36,7 @@ from trainer.core.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DIAGNOSTICS = ("valid_loss_rtd", "valid_rtd_prior_loss", "valid_rtd_auc", "valid_generator_accuracy",
-               "valid_mlm_accuracy", "valid_unigram_accuracy")
+               "valid_mlm_accuracy", "valid_context_free_accuracy", "valid_unigram_accuracy")
 RESERVED = ("model.init", "model.random_init", "run.dir", "run.name", "train.seeds")
 RANDOM_INIT = "random_init"
 
@@ -138,11 +138,12 @@ def markdown(result: Dict) -> str:
                      f"{rnd['mean']:.4f} + {rnd['std']:.4f} = {rnd['mean'] + rnd['std']:.4f}.")
     if diag:
         lines.append("")
-        baselines = [k for k in ("valid_rtd_prior_loss", "valid_unigram_accuracy") if k in diag]
+        baselines = [k for k in ("valid_rtd_prior_loss", "valid_context_free_accuracy", "valid_unigram_accuracy")
+                     if k in diag]
         lines.append("Diagnostics: the pretraining run's validation record nearest each step (metrics.jsonl)"
                      + (f"; read them beside their baselines ({', '.join(baselines)})." if baselines else
-                        "; the run logged no baselines (valid_rtd_prior_loss, valid_unigram_accuracy) to read them "
-                        "against."))
+                        "; the run logged no baselines (valid_rtd_prior_loss, valid_context_free_accuracy) to "
+                        "read them against."))
     lines.append("")
     lines.append("Made by `tools/crossover.py`; its work directory (native files, fine-tuning runs) is `work/` "
                  "beside this file, large and not committed.")

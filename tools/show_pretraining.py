@@ -4,7 +4,7 @@
 
 The lines `trainer.pretrain` prints when it ends (run directory, first and last loss, the last
 validation RTD loss against the prior's loss and ROC AUC, generator or MLM accuracy against the
-unigram accuracy), read from the run's metrics.jsonl, for scripts that want them later.
+context-free accuracy), read from the run's metrics.jsonl, for scripts that want them later.
 """
 import argparse
 from pathlib import Path

@@ -23,10 +23,11 @@ from trainer.core.metrics import unique_temp
 
 CARD_FILE = "README.md"
 # Diagnostics, in the card's order: each loss beside its baseline (DESIGN.md, "How we know
-# pretraining works"): RTD loss and AUC beside the prior's loss, accuracies beside the unigram's.
+# pretraining works"): RTD loss and AUC beside the prior's loss, accuracies beside what a model reading no
+# context scores (trainer/core/diagnostics.py).
 METRIC_KEYS = ("loss", "loss_mlm", "loss_rtd", "rtd_prior_loss", "rtd_auc", "rtd_accuracy", "generator_accuracy",
-               "mlm_accuracy", "unigram_accuracy", "rtd_precision", "rtd_recall", "replaced_ratio", "probe_accuracy",
-               "probe_majority_accuracy")
+               "mlm_accuracy", "context_free_accuracy", "unigram_accuracy", "rtd_precision", "rtd_recall",
+               "replaced_ratio", "probe_accuracy", "probe_majority_accuracy")
 SHARING = {"none": "none (separate tables)", "es": "es (one table updated by both losses)",
            "gdes": "gdes (E_D = sg(E_G) + E_Delta: MLM updates E_G, RTD only E_Delta)",
            "all": "all (one backbone for both towers, only the MLM and RTD heads apart; Clark et al. 2020, 3.2)"}

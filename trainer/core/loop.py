@@ -92,11 +92,11 @@ class StepLoop:
 
     def __init__(self, engine, ctx: ParallelContext, *, seed: int, clip: Optional[float], max_bad_steps: int,
                  log_every: int, metrics: MetricsWriter, preemption=None, forward: Optional[Forward] = None,
-                 vocab_size: Optional[int] = None, lr_group: int = 0, where: str = "", skipped: int = 0,
-                 bad_in_a_row: int = 0):
+                 vocab_size: Optional[int] = None, mask_id: Optional[int] = None, lr_group: int = 0,
+                 where: str = "", skipped: int = 0, bad_in_a_row: int = 0):
         self.engine, self.ctx, self.seed, self.clip = engine, ctx, seed, clip
         self.log_every, self.metrics, self.preemption, self.forward = log_every, metrics, preemption, forward
-        self.vocab_size, self.lr_group, self.where = vocab_size, lr_group, where
+        self.vocab_size, self.mask_id, self.lr_group, self.where = vocab_size, mask_id, lr_group, where
         self.guard = BadStepGuard(max_bad_steps, skipped, bad_in_a_row, where)
         self.flags = StepFlags(ctx.device)
         self.window = LogWindow()
@@ -122,7 +122,7 @@ class StepLoop:
                 before_step(step)
             self.step_lr = self.engine.get_lr()[self.lr_group]  # this step's (the scheduler moves on in it)
             self.out = train_step(self.engine, batches, self.ctx, self.clip, inject_nan=step in inject_nan,
-                                  vocab_size=self.vocab_size, forward=self.forward)
+                                  vocab_size=self.vocab_size, mask_id=self.mask_id, forward=self.forward)
             requested = self.preemption is not None and self.preemption.requested
             self.stop, bad, self.save_due = self.flags.exchange(
                 requested, self.out["acc"].total(), self.ctx.is_main and save_due())

@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer
 from trainer.core.config import save_config
+from trainer.core.diagnostics import baseline_accuracy
 from trainer.core.metrics import first_and_last, read_metrics
 from trainer.core.parallel import ParallelContext, from_rank0
 from trainer.core.quiet import quiet_libraries
@@ -215,6 +216,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
+BASELINE_KEYS = ("context_free_accuracy", "unigram_accuracy")
+
+
 def _baseline_lines(records: list) -> list:
     """The last validation (else training) diagnostics beside their baselines (trainer/core/diagnostics.py)."""
     where = "valid_" if any("valid_loss" in r for r in records) else ""
@@ -225,11 +229,15 @@ def _baseline_lines(records: list) -> list:
         auc_text = f", ROC AUC {auc:.3f}" if auc is not None else ""
         lines.append(f"last {label} RTD loss {loss:.4f} vs prior loss {prior:.4f}"
                      f" (always predicting the replaced share){auc_text}")
+    baseline_name, baseline = baseline_accuracy({key: last(key) for key in BASELINE_KEYS})
     unigram = last("unigram_accuracy")
+    unigram_text = (f" (unigram accuracy {unigram:.4f})"
+                    if baseline_name != "unigram accuracy" and unigram is not None and abs(unigram - baseline) > 5e-5
+                    else "")
     for key, name in (("generator_accuracy", "generator accuracy"), ("mlm_accuracy", "MLM accuracy")):
         accuracy = last(key)
-        if accuracy is not None and unigram is not None:
-            lines.append(f"last {label} {name} {accuracy:.4f} vs unigram accuracy {unigram:.4f}")
+        if accuracy is not None and baseline is not None:
+            lines.append(f"last {label} {name} {accuracy:.4f} vs {baseline_name} {baseline:.4f}{unigram_text}")
     return lines
 
 

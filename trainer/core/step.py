@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from data.seeding import derive_seed
 from data.masking import IGNORE_INDEX
-from trainer.core.diagnostics import binary_entropy, histogram_auc, target_counts, unigram_accuracy
+from trainer.core.diagnostics import (binary_entropy, context_free_accuracy, context_free_counts, histogram_auc,
+                                      target_counts, unigram_accuracy)
 from trainer.core.parallel import ParallelContext
 
 Terms = Dict[str, Tuple[torch.Tensor, float, str]]  # name -> (sum, weight, normaliser)
@@ -74,11 +75,18 @@ class Accumulator:
         for name, value in (counts or {}).items():
             self.counts[name] = self.counts.get(name, 0.0) + value
 
-    def add_targets(self, batches: List[Dict[str, torch.Tensor]], vocab_size: Optional[int]) -> None:
-        """Counts the target ids of host batches, for the unigram accuracy (nothing if vocab_size is None)."""
+    def add_targets(self, batches: List[Dict[str, torch.Tensor]], vocab_size: Optional[int],
+                    mask_id: Optional[int] = None) -> None:
+        """Counts the target ids of host batches, for the unigram accuracy (nothing if vocab_size is None),
+        and with `mask_id` those at [MASK] inputs and the copyable ones, for the context-free accuracy."""
         if vocab_size:
+            batches = list(batches)  # read twice below
             counts = target_counts(batches, vocab_size)
             self.metrics["target_counts"] = self.metrics.get("target_counts", 0.0) + counts
+            if mask_id is not None:
+                masked, copied = context_free_counts(batches, vocab_size, mask_id)
+                self.metrics["masked_target_counts"] = self.metrics.get("masked_target_counts", 0.0) + masked
+                self.metrics["copied_targets"] = self.metrics.get("copied_targets", 0.0) + copied
 
     def merge(self, other: "Accumulator") -> None:
         for name, value in other.terms.items():
@@ -131,7 +139,8 @@ class Accumulator:
 
 def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, float]:
     """Metrics from summed counts (trainer/core/diagnostics.py says what each baseline means):
-    generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy; RTD accuracy,
+    generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy and
+    context_free_accuracy; RTD accuracy,
     precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc;
     nsp_accuracy with the NSP head."""
     ratio = lambda a, b: sums[a] / sums[b] if sums.get(b) else None
@@ -141,6 +150,9 @@ def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, floa
         out["generator_accuracy" if rtd else "mlm_accuracy"] = ratio("mlm_correct", "mlm_predicted")
     if "target_counts" in sums:
         out["unigram_accuracy"] = unigram_accuracy(sums["target_counts"])
+        if "masked_target_counts" in sums:
+            out["context_free_accuracy"] = context_free_accuracy(
+                sums["masked_target_counts"], sums["copied_targets"], np.asarray(sums["target_counts"]).sum())
     if "nsp_correct" in sums:  # next-sentence prediction (pair formats); chance is about 0.5
         out["nsp_accuracy"] = ratio("nsp_correct", "nsp_samples")
     if rtd:
@@ -170,17 +182,18 @@ def clip_or_skip(engine, clip: float) -> torch.Tensor:
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: ParallelContext,
                clip: Optional[float] = None, inject_nan: bool = False, vocab_size: Optional[int] = None,
-               forward: Optional[Forward] = None) -> Dict:
+               forward: Optional[Forward] = None, mask_id: Optional[int] = None) -> Dict:
     """Forward/backward over the step's micro-batches and one optimizer step.
 
     Returns an Accumulator of device tensors (no host sync), the global token and sample counts, and
     the gradient norm when `clip` is given (the trainer clips: 0 measures only). With `vocab_size` the
-    Accumulator also counts the target ids (host labels), for `unigram_accuracy`. `forward(engine,
+    Accumulator also counts the target ids (host labels), for `unigram_accuracy`, and with `mask_id`
+    for `context_free_accuracy`. `forward(engine,
     batch)` returns the loss sums (default: the model's own, `engine(**batch)`).
     """
     counts = _counts(micro_batches, ctx)
     acc = Accumulator()
-    acc.add_targets(micro_batches, vocab_size)
+    acc.add_targets(micro_batches, vocab_size, mask_id)
     grad_norm = None
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
@@ -206,7 +219,8 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
 
 
 @torch.no_grad()
-def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = None) -> Dict[str, float]:
+def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = None,
+             mask_id: Optional[int] = None) -> Dict[str, float]:
     """Validation losses and metrics over this rank's share of the held-out samples, all ranks reduced."""
     engine.eval()
     acc = Accumulator()
@@ -215,7 +229,7 @@ def evaluate(engine, batches, ctx: ParallelContext, vocab_size: Optional[int] = 
                   "tokens": (batch["attention_mask"] != 0).sum().double().to(ctx.device),
                   "samples": torch.tensor(float(batch["attention_mask"].shape[0]), dtype=torch.float64,
                                           device=ctx.device)}
-        acc.add_targets([batch], vocab_size)
+        acc.add_targets([batch], vocab_size, mask_id)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         acc.add(engine(**batch), counts)
     engine.train()

@@ -95,9 +95,10 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
     preemption = PreemptionHandler(cfg.checkpoint.preemption_timeout_s).install()
     loop = StepLoop(engine, ctx, seed=cfg.train.seed, clip=trainer_clip(cfg),
                     max_bad_steps=cfg.train.max_bad_steps, log_every=cfg.log.every_steps, metrics=metrics,
-                    preemption=preemption, vocab_size=p.tokenizer.vocab_size, skipped=state.skipped_steps)
+                    preemption=preemption, vocab_size=p.tokenizer.vocab_size, mask_id=p.tokenizer.mask_id,
+                    skipped=state.skipped_steps)
     enter_stage = (lambda step: schedule.enter_step(engine, step, p.two_stage_n)) if p.two_stage_n else None
-    plateau = PlateauWatch()  # warns when validation sits at the prior / unigram baselines
+    plateau = PlateauWatch()  # warns when validation sits at the prior / context-free baselines
     if ctx.is_main and state.step:
         plateau.replay(read_metrics(p.run.path))  # the streaks so far (metrics.jsonl is cut at the resume)
     status, efficiency = 0, []  # real tokens / row tokens of the steps since the last log
@@ -118,7 +119,8 @@ def train(cfg: PretrainConfig) -> Tuple[int, dict]:
                 step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
             batches = validation_batches(inputs.valid, cfg.eval.samples, cfg.train.micro_batch_size,
                                          ctx.dp_rank, ctx.dp_size)
-            valid = evaluate(engine, only_keys(batches), ctx, vocab_size=p.tokenizer.vocab_size)
+            valid = evaluate(engine, only_keys(batches), ctx, vocab_size=p.tokenizer.vocab_size,
+                             mask_id=p.tokenizer.mask_id)
             metrics.log(step, valid)
             plateau.report(step, valid, ctx.is_main)
 
