@@ -400,7 +400,7 @@ class DebertaForMaskedLM(DebertaModel):
             logits = self._vocab_logits(rows_at(hidden, positions))  # (N, Vp/tp)
         else:
             logits = self.predicted_logits(input_ids, attention_mask, positions)  # (N, Vp/tp)
-        metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
+        metrics = masked_lm_metrics(logits, targets, self.parallel, rows_at(input_ids, positions))  # before the loss
         losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
         out = {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
                "metrics": metrics}

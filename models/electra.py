@@ -158,7 +158,7 @@ class ElectraGenerator(ElectraBackbone):
         positions = predicted_positions(labels)  # (N,)
         targets = rows_at(labels, positions)  # (N,)
         logits = self.predicted_logits(input_ids, attention_mask, positions)
-        metrics = masked_lm_metrics(logits, targets, self.parallel)  # before the loss: it may work in place
+        metrics = masked_lm_metrics(logits, targets, self.parallel, rows_at(input_ids, positions))  # before the loss
         losses = self.parallel.vocab_parallel_cross_entropy(logits, targets)  # (N,)
         return {"loss_sum": losses.sum(), "num_predicted": positions.new_full((), positions.numel()),
                 "metrics": metrics}

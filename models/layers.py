@@ -8,7 +8,7 @@ FFN's second linear are row-parallel (their outputs are summed over ranks).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +48,19 @@ def global_argmax(local_scores: torch.Tensor, parallel: ParallelLayers) -> torch
 
 
 @torch.no_grad()
-def masked_lm_metrics(local_logits: torch.Tensor, targets: torch.Tensor, parallel: ParallelLayers) -> dict:
+def masked_lm_metrics(local_logits: torch.Tensor, targets: torch.Tensor, parallel: ParallelLayers,
+                      inputs: Optional[torch.Tensor] = None) -> dict:
     """(N, Vp/tp) local logits (padded vocabulary at finfo.min, so it never wins) and (N,) targets ->
-    long scalars mlm_correct (argmax over the whole vocabulary == target) and mlm_predicted (N).
-    Call before the vocab-parallel loss, which may work in place on the logits; no host sync."""
-    correct = (global_argmax(local_logits.detach(), parallel) == targets).sum()
-    return {"mlm_correct": correct, "mlm_predicted": targets.new_full((), targets.numel())}
+    long scalars mlm_correct (argmax over the whole vocabulary == target) and mlm_predicted (N); with
+    the (N,) input ids there, also mlm_hidden_correct and mlm_hidden_predicted over the positions whose
+    input is not the target ([MASK] or a random token: only context can tell). Call before the
+    vocab-parallel loss, which may work in place on the logits; no host sync."""
+    right = global_argmax(local_logits.detach(), parallel) == targets
+    out = {"mlm_correct": right.sum(), "mlm_predicted": targets.new_full((), targets.numel())}
+    if inputs is not None:
+        hidden = inputs != targets
+        out.update(mlm_hidden_correct=(right & hidden).sum(), mlm_hidden_predicted=hidden.sum())
+    return out
 
 
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -346,6 +346,7 @@ class ReplacedTokenDetection(nn.Module):
     ) -> dict[str, dict]:
         """See the module docstring for the contract. metrics (long scalars, micro-batch sums):
         mlm_correct / mlm_predicted: generator argmax == original, over predicted positions;
+        mlm_hidden_correct / mlm_hidden_predicted: the same where the generator's input is not the original;
         rtd_correct / rtd_tokens: discriminator right (logit > 0 means "replaced"), real tokens;
         rtd_true_positives, rtd_predicted_positives, rtd_actual_positives (= the number of
         replaced tokens): precision = TP / predicted positives, recall = TP / actual positives;
@@ -381,9 +382,13 @@ class ReplacedTokenDetection(nn.Module):
 
         with torch.no_grad():
             guess = (rtd_logits.detach() > 0) & real  # (B, T) predicted "replaced"
+            generator_right = generator_argmax == targets
+            hidden = rows_at(input_ids, positions) != targets  # [MASK] or random: only context tells
             metrics = {
-                "mlm_correct": (generator_argmax == targets).sum(),
+                "mlm_correct": generator_right.sum(),
                 "mlm_predicted": positions.new_full((), positions.numel()),
+                "mlm_hidden_correct": (generator_right & hidden).sum(),
+                "mlm_hidden_predicted": hidden.sum(),
                 "rtd_correct": ((guess == replaced) & real).sum(),
                 "rtd_tokens": real.sum(),
                 "rtd_true_positives": (guess & replaced).sum(),

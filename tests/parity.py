@@ -156,6 +156,8 @@ def assert_rtd_loss_terms_by_hand(model, batch: dict, out: dict, seed: int, voca
     expected = {
         "mlm_correct": int((full[predicted].argmax(-1) == labels[predicted]).sum()),
         "mlm_predicted": int(predicted.sum()),
+        "mlm_hidden_correct": int(((full.argmax(-1) == labels) & predicted & (ids != labels)).sum()),
+        "mlm_hidden_predicted": int((predicted & (ids != labels)).sum()),
         "rtd_correct": int(((guess == replaced) & real).sum()),
         "rtd_tokens": int(real.sum()),
         "rtd_true_positives": int((guess & replaced).sum()),

@@ -228,9 +228,11 @@ def test_context_free_accuracy_copies_visible_inputs_and_predicts_the_mode_at_ma
     batch = {"input_ids": torch.tensor([[mask, 8, mask, 6, 2], [mask, mask, 9, 4, 1]]),
              "labels": torch.tensor([[5, 8, 5, 7, -100], [7, 5, 9, 4, -100]])}
     # selected: 8 targets; at [MASK]: 5, 5, 7, 5 (mode 5, 3 of 4); copyable: 8, 9, 4 (kept); 6 for 7 (random)
-    masked, copied = context_free_counts([batch], 12, mask)
+    counts = context_free_counts([batch], 12, mask)
+    masked, copied, hidden = counts["masked_target_counts"], counts["copied_targets"], counts["hidden_target_counts"]
     assert masked.shape == (12,) and masked[5] == 3 and masked[7] == 1 and masked.sum() == 4
     assert float(copied) == 3
+    assert hidden[5] == 3 and hidden[7] == 2 and hidden.sum() == 5  # the [MASK]s and the random 6 for 7
     assert context_free_accuracy(masked.numpy(), float(copied), 8) == pytest.approx(6 / 8)
     assert unigram_accuracy(target_counts([batch], 12).numpy()) == pytest.approx(3 / 8)  # 5 wins with 3 of 8
     assert context_free_accuracy(np.zeros(12), 0.0, 0) is None
@@ -242,16 +244,45 @@ def test_context_free_accuracy_copies_visible_inputs_and_predicts_the_mode_at_ma
     record = acc.reduce(CPU, prefix="valid_")
     assert record["valid_context_free_accuracy"] == pytest.approx(6 / 8)
     assert record["valid_unigram_accuracy"] == pytest.approx(3 / 8)
+    assert record["valid_hidden_unigram_accuracy"] == pytest.approx(3 / 5)
     # every selected token masked: equal to the unigram accuracy
     all_masked = {"input_ids": torch.where(batch["labels"] != -100, mask, batch["input_ids"]), "labels": batch["labels"]}
-    masked, copied = context_free_counts([all_masked], 12, mask)
-    assert float(copied) == 0
+    counts = context_free_counts([all_masked], 12, mask)
+    masked, copied = counts["masked_target_counts"], counts["copied_targets"]
+    assert float(copied) == 0 and torch.equal(counts["hidden_target_counts"], target_counts([all_masked], 12))
     assert context_free_accuracy(masked.numpy(), 0.0, 8) == unigram_accuracy(target_counts([all_masked], 12).numpy())
     without_mask_id = Accumulator()
     without_mask_id.add({"loss_sum": torch.tensor(4.0)})
     without_mask_id.add_targets([batch], 12)
     without_mask_id.counts = {"predicted": torch.tensor(8.0), "tokens": torch.tensor(10.0)}
     assert "context_free_accuracy" not in without_mask_id.reduce(CPU)
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta", "electra"])
+def test_hidden_accuracy_counts_only_positions_whose_input_is_not_the_target(name):
+    """mlm_hidden_correct / mlm_hidden_predicted: the positions a model cannot copy."""
+    cfg = build_config(name, "debug", vocab_size=VOCAB, seq_length=16)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model = getattr(model, "generator", model)  # ELECTRA: the generator tower's MLM
+    batch = rtd_batch()
+    batch.pop("sample_index")
+    predicted = batch["labels"] != -100
+    kept = predicted & (torch.rand(predicted.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
+    batch["input_ids"] = torch.where(predicted & ~kept, 4, batch["input_ids"])  # [MASK] (4) but where kept
+    head_bias = model.lm_head.bias
+    with torch.no_grad():
+        out = model(**batch)
+    hidden = predicted & (batch["input_ids"] != batch["labels"])
+    assert 0 < int(hidden.sum()) < int(predicted.sum())
+    assert int(out["metrics"]["mlm_hidden_predicted"]) == int(hidden.sum())
+    token = int(batch["labels"][hidden][0])
+    with torch.no_grad():
+        head_bias[:VOCAB] = -1e4
+        head_bias[token] = 1e4  # every prediction is `token` now
+        out = model(**batch)
+    assert int(out["metrics"]["mlm_hidden_correct"]) == int((batch["labels"][hidden] == token).sum()) > 0
+    assert int(out["metrics"]["mlm_correct"]) == int((batch["labels"][predicted] == token).sum())
 
 
 def test_plateau_watch_and_summary_read_the_context_free_baseline():
@@ -272,6 +303,16 @@ def test_plateau_watch_and_summary_read_the_context_free_baseline():
         "last validation MLM accuracy 0.1390 vs context-free accuracy 0.1500 (unigram accuracy 0.0630)"]
     assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **older}]) == [
         "last validation MLM accuracy 0.1390 vs unigram accuracy 0.0630"]
-    same = {"valid_generator_accuracy": 0.13, "valid_context_free_accuracy": 0.0975, "valid_unigram_accuracy": 0.0975}
+    hiding = {**copying, "valid_mlm_hidden_accuracy": 0.061, "valid_hidden_unigram_accuracy": 0.071}
+    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **hiding}]) == [
+        "last validation MLM accuracy 0.1390 vs context-free accuracy 0.1500 (unigram accuracy 0.0630)",
+        "last validation MLM accuracy where the input hides the target 0.0610 vs unigram accuracy there 0.0710"]
+    watch = PlateauWatch()  # the direct test: beside the unigram accuracy where the input hides the target
+    fired = [m for step in (1, 2, 3) for m in watch.update(step, {**hiding, "valid_mlm_accuracy": 0.5})]
+    assert len(fired) == 1 and "where the input hides the target 0.0610" in fired[0] and "0.0710" in fired[0]
+    watch = PlateauWatch()
+    assert [watch.update(step, {**hiding, "valid_mlm_hidden_accuracy": 0.09}) for step in (1, 2, 3)] == [[], [], []]
+    same = {"valid_generator_accuracy": 0.13, "valid_context_free_accuracy": 0.0975, "valid_unigram_accuracy": 0.0975,
+            "valid_generator_hidden_accuracy": 0.13, "valid_hidden_unigram_accuracy": 0.0975}
     assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **same}]) == [
         "last validation generator accuracy 0.1300 vs context-free accuracy 0.0975"]

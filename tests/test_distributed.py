@@ -79,6 +79,7 @@ def test_zero_stage_trains_and_loss_falls(zero_runs, runs_dir, stage):
     assert 0 < valid[1]["valid_unigram_accuracy"] < 1
     # 80/10/10 masking: copying the kept 10% beats the unigram guess (trainer/core/diagnostics.py)
     assert valid[1]["valid_context_free_accuracy"] > valid[1]["valid_unigram_accuracy"] + 0.05
+    assert 0 <= valid[1]["valid_mlm_hidden_accuracy"] <= 1 and 0 < valid[1]["valid_hidden_unigram_accuracy"] < 1
     assert "last validation MLM accuracy" in zero_runs[stage]
     assert (run_dir / "tb").is_dir() and any((run_dir / "tb").iterdir())
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()

@@ -73,7 +73,7 @@ def test_rtd_gdes_tensor_parallel_equals_single_process(tiny_bpe_prefix, tmp_pat
     assert [r["step"] for r in valid["tp1"]] == [3]
     assert {f"valid_{k}" for k in diagnostics} <= set(valid["tp1"][0])
     for key in ("valid_rtd_auc", "valid_rtd_prior_loss", "valid_generator_accuracy", "valid_unigram_accuracy",
-                "valid_context_free_accuracy"):
+                "valid_context_free_accuracy", "valid_generator_hidden_accuracy", "valid_hidden_unigram_accuracy"):
         assert valid["tp1"][0][key] == pytest.approx(valid["tp2"][0][key], abs=1e-6), key
     assert 0 < valid["tp1"][0]["valid_unigram_accuracy"] < 1 and 0 < valid["tp1"][0]["valid_rtd_prior_loss"] < 0.7
     assert "last validation RTD loss" in out.stdout and "vs context-free accuracy" in out.stdout

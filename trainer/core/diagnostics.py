@@ -7,6 +7,9 @@
   real tokens over the window), -(p ln p + (1-p) ln(1-p)): what `loss_rtd` (per real token,
   without rtd_weight) is worth when the discriminator learns nothing but p.
 - `unigram_accuracy`: the accuracy of always predicting the window's most frequent target token.
+- `hidden_unigram_accuracy`: the same over the selected positions whose input is not the target ([MASK]
+  or a random token), the baseline of `generator_hidden_accuracy` / `mlm_hidden_accuracy`, the model's
+  accuracy there: only context can beat it, so it is the direct test of whether an MLM learned any.
 - `context_free_accuracy`: what a model that reads no context scores, the baseline of
   `generator_accuracy` (RTD) and `mlm_accuracy` (RoBERTa, DeBERTa): at a selected position whose input
   is still a real token (BERT's 10% kept and 10% random) it predicts that input, at a [MASK] the
@@ -56,17 +59,20 @@ def target_counts(batches, vocab_size: int) -> torch.Tensor:
     return torch.bincount(ids.long(), minlength=vocab_size).double()
 
 
-def context_free_counts(batches, vocab_size: int, mask_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """((vocab_size,) float64 counts of the targets whose input is `mask_id`, float64 scalar count of
-    the targets whose input is the target itself) over host batches (input_ids, labels)."""
-    masked, copied = [], torch.zeros((), dtype=torch.float64)
+def context_free_counts(batches, vocab_size: int, mask_id: int) -> Dict[str, torch.Tensor]:
+    """Over host batches (input_ids, labels), float64: `masked_target_counts` (vocab_size,) of the targets
+    whose input is `mask_id`, `hidden_target_counts` (vocab_size,) of those whose input is not the target
+    ([MASK] or a random token), and `copied_targets` (scalar), of those whose input is the target."""
+    masked, hidden, copied = [], [], torch.zeros((), dtype=torch.float64)
     for batch in batches:
         labels, inputs = batch["labels"], batch["input_ids"]
         selected = labels != IGNORE_INDEX
         masked.append(labels[selected & (inputs == mask_id)].flatten())
+        hidden.append(labels[selected & (inputs != labels)].flatten())
         copied += (selected & (inputs == labels)).sum().double()
-    ids = torch.cat(masked) if masked else torch.zeros(0, dtype=torch.long)
-    return torch.bincount(ids.long(), minlength=vocab_size).double(), copied
+    count = lambda ids: torch.bincount(torch.cat(ids).long() if ids else torch.zeros(0, dtype=torch.long),
+                                       minlength=vocab_size).double()
+    return {"masked_target_counts": count(masked), "hidden_target_counts": count(hidden), "copied_targets": copied}
 
 
 def context_free_accuracy(masked_counts: np.ndarray, copied: float, total: float) -> Optional[float]:
@@ -91,12 +97,24 @@ def baseline_accuracy(record: Dict[str, Any], prefix: str = "") -> Tuple[str, Op
     return "unigram accuracy", record.get(prefix + "unigram_accuracy")
 
 
+def context_test(record: Dict[str, Any], prefix: str = "") -> Tuple[Optional[float], str, Optional[float]]:
+    """(accuracy, baseline name, baseline) for "does the MLM / generator use context?": the accuracy where
+    the input hides the target against the unigram accuracy there when logged, else the whole accuracy
+    against `baseline_accuracy`."""
+    rtd = record.get(prefix + "generator_accuracy") is not None
+    model = "generator" if rtd else "mlm"
+    hidden = record.get(f"{prefix}{model}_hidden_accuracy")
+    if hidden is not None and record.get(prefix + "hidden_unigram_accuracy") is not None:
+        return hidden, "unigram accuracy there", record[prefix + "hidden_unigram_accuracy"]
+    return (record.get(f"{prefix}{model}_accuracy"), *baseline_accuracy(record, prefix))
+
+
 class PlateauWatch:
     """Watches validation records for `patience` evaluations in a row at a baseline:
     - the discriminator: `valid_loss_rtd` no lower than 1% (`loss_margin`) below `valid_rtd_prior_loss`;
-    - the generator / MLM: `valid_generator_accuracy` or `valid_mlm_accuracy` no higher than 1 point
-      (`accuracy_margin`, absolute) above `valid_context_free_accuracy` (`valid_unigram_accuracy` in
-      records of older runs, which lack it).
+    - the generator / MLM: its accuracy where the input hides the target no higher than 1 point
+      (`accuracy_margin`, absolute) above `valid_hidden_unigram_accuracy` (`context_test`; in records of
+      older runs, which lack those, the whole accuracy against the context-free or unigram accuracy).
     `update` returns one-line warnings, each once per streak (at its `patience`-th evaluation); an
     evaluation away from the baseline, or without the metrics, resets the streak.
     """
@@ -118,8 +136,8 @@ class PlateauWatch:
                 f"(model.overrides generator) if the generator is far above the unigram accuracy, or train longer "
                 f"(train.steps)")
         rtd_model = "valid_generator_accuracy" in valid
-        accuracy = valid.get("valid_generator_accuracy" if rtd_model else "valid_mlm_accuracy")
-        baseline_name, baseline = baseline_accuracy(valid, "valid_")
+        accuracy, baseline_name, baseline = context_test(valid, "valid_")
+        where = " where the input hides the target" if baseline_name.endswith("there") else ""
         accuracy_flat = accuracy is not None and baseline is not None and accuracy <= baseline + self.accuracy_margin
         if self._count("accuracy", accuracy_flat):
             if not rtd_model:
@@ -133,7 +151,7 @@ class PlateauWatch:
             else:
                 what, remedy = "generator", "raise optim.generator_lr or the generator's size (model.overrides generator)"
             messages.append(
-                f"step {step}: the {what} does not use the context: validation accuracy {accuracy:.4f} "
+                f"step {step}: the {what} does not use the context: validation accuracy{where} {accuracy:.4f} "
                 f"within {self.accuracy_margin * 100:.0f} point of the {baseline_name} {baseline:.4f} for "
                 f"{self.patience} evaluations; {remedy}, or train longer (train.steps)")
         return messages

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional
 from data.errors import UserError
 from data.tokenizer import Tokenizer, load_tokenizer
 from trainer.core.config import save_config
-from trainer.core.diagnostics import baseline_accuracy
+from trainer.core.diagnostics import baseline_accuracy, context_test
 from trainer.core.metrics import first_and_last, read_metrics
 from trainer.core.parallel import ParallelContext, from_rank0
 from trainer.core.quiet import quiet_libraries
@@ -216,7 +216,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-BASELINE_KEYS = ("context_free_accuracy", "unigram_accuracy")
+BASELINE_KEYS = ("context_free_accuracy", "unigram_accuracy", "hidden_unigram_accuracy", "generator_hidden_accuracy",
+                 "mlm_hidden_accuracy")
 
 
 def _baseline_lines(records: list) -> list:
@@ -229,8 +230,9 @@ def _baseline_lines(records: list) -> list:
         auc_text = f", ROC AUC {auc:.3f}" if auc is not None else ""
         lines.append(f"last {label} RTD loss {loss:.4f} vs prior loss {prior:.4f}"
                      f" (always predicting the replaced share){auc_text}")
-    baseline_name, baseline = baseline_accuracy({key: last(key) for key in BASELINE_KEYS})
-    unigram = last("unigram_accuracy")
+    record = {key: last(key) for key in BASELINE_KEYS}
+    baseline_name, baseline = baseline_accuracy(record)
+    unigram = record["unigram_accuracy"]
     unigram_text = (f" (unigram accuracy {unigram:.4f})"
                     if baseline_name != "unigram accuracy" and unigram is not None and abs(unigram - baseline) > 5e-5
                     else "")
@@ -238,6 +240,11 @@ def _baseline_lines(records: list) -> list:
         accuracy = last(key)
         if accuracy is not None and baseline is not None:
             lines.append(f"last {label} {name} {accuracy:.4f} vs {baseline_name} {baseline:.4f}{unigram_text}")
+            hidden, there, hidden_unigram = context_test({**record, key: accuracy})
+            differs = abs(hidden - accuracy) > 5e-5 or unigram is None or abs(hidden_unigram - unigram) > 5e-5
+            if there == "unigram accuracy there" and differs:  # not when every selected token is [MASK]
+                lines.append(f"last {label} {name} where the input hides the target {hidden:.4f} vs unigram "
+                             f"accuracy there {hidden_unigram:.4f}")
     return lines
 
 

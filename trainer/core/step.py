@@ -84,9 +84,8 @@ class Accumulator:
             counts = target_counts(batches, vocab_size)
             self.metrics["target_counts"] = self.metrics.get("target_counts", 0.0) + counts
             if mask_id is not None:
-                masked, copied = context_free_counts(batches, vocab_size, mask_id)
-                self.metrics["masked_target_counts"] = self.metrics.get("masked_target_counts", 0.0) + masked
-                self.metrics["copied_targets"] = self.metrics.get("copied_targets", 0.0) + copied
+                for name, value in context_free_counts(batches, vocab_size, mask_id).items():
+                    self.metrics[name] = self.metrics.get(name, 0.0) + value
 
     def merge(self, other: "Accumulator") -> None:
         for name, value in other.terms.items():
@@ -148,8 +147,13 @@ def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, floa
     out = {}
     if "mlm_correct" in sums:
         out["generator_accuracy" if rtd else "mlm_accuracy"] = ratio("mlm_correct", "mlm_predicted")
+    if "mlm_hidden_correct" in sums:
+        out["generator_hidden_accuracy" if rtd else "mlm_hidden_accuracy"] = ratio("mlm_hidden_correct",
+                                                                                 "mlm_hidden_predicted")
     if "target_counts" in sums:
         out["unigram_accuracy"] = unigram_accuracy(sums["target_counts"])
+        if "hidden_target_counts" in sums:
+            out["hidden_unigram_accuracy"] = unigram_accuracy(sums["hidden_target_counts"])
         if "masked_target_counts" in sums:
             out["context_free_accuracy"] = context_free_accuracy(
                 sums["masked_target_counts"], sums["copied_targets"], np.asarray(sums["target_counts"]).sum())
