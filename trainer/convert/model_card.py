@@ -26,8 +26,9 @@ CARD_FILE = "README.md"
 # pretraining works"): RTD loss and AUC beside the prior's loss, accuracies beside what a model reading no
 # context scores (trainer/core/diagnostics.py).
 METRIC_KEYS = ("loss", "loss_mlm", "loss_rtd", "rtd_prior_loss", "rtd_auc", "rtd_accuracy", "generator_accuracy",
-               "mlm_accuracy", "context_free_accuracy", "unigram_accuracy", "rtd_precision", "rtd_recall",
-               "replaced_ratio", "probe_accuracy", "probe_majority_accuracy")
+               "mlm_accuracy", "context_free_accuracy", "unigram_accuracy", "generator_hidden_accuracy",
+               "mlm_hidden_accuracy", "hidden_unigram_accuracy", "rtd_precision", "rtd_recall", "replaced_ratio",
+               "probe_accuracy", "probe_majority_accuracy")
 SHARING = {"none": "none (separate tables)", "es": "es (one table updated by both losses)",
            "gdes": "gdes (E_D = sg(E_G) + E_Delta: MLM updates E_G, RTD only E_Delta)",
            "all": "all (one backbone for both towers, only the MLM and RTD heads apart; Clark et al. 2020, 3.2)"}
