@@ -13,7 +13,7 @@ from models.registry import build_config, build_model
 from models.rtd import AUC_BINS, AUC_LOGIT_RANGE, logit_histogram
 from trainer.core.diagnostics import (PlateauWatch, binary_entropy, context_free_accuracy, context_free_counts,
                                       histogram_auc, target_counts, unigram_accuracy)
-from trainer.core.run_dir import _baseline_lines
+from trainer.core.run_dir import baseline_lines
 from trainer.core.step import Accumulator
 
 CPU = SimpleNamespace(device=torch.device("cpu"), dp_size=1)  # what Accumulator.reduce reads of the context
@@ -299,12 +299,12 @@ def test_plateau_watch_and_summary_read_the_context_free_baseline():
     older = {"valid_mlm_accuracy": 0.139, "valid_unigram_accuracy": 0.063}  # a run from before the metric
     watch = PlateauWatch()
     assert [watch.update(step, older) for step in (1, 2, 3)] == [[], [], []]
-    assert _baseline_lines([{"step": 1, "loss": 9.0}, {"step": 2, "valid_loss": 6.0, **copying}]) == [
+    assert baseline_lines([{"step": 1, "loss": 9.0}, {"step": 2, "valid_loss": 6.0, **copying}]) == [
         "last validation MLM accuracy 0.1390 vs context-free accuracy 0.1500 (unigram accuracy 0.0630)"]
-    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **older}]) == [
+    assert baseline_lines([{"step": 2, "valid_loss": 6.0, **older}]) == [
         "last validation MLM accuracy 0.1390 vs unigram accuracy 0.0630"]
     hiding = {**copying, "valid_mlm_hidden_accuracy": 0.061, "valid_hidden_unigram_accuracy": 0.071}
-    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **hiding}]) == [
+    assert baseline_lines([{"step": 2, "valid_loss": 6.0, **hiding}]) == [
         "last validation MLM accuracy 0.1390 vs context-free accuracy 0.1500 (unigram accuracy 0.0630)",
         "last validation MLM accuracy where the input hides the target 0.0610 vs unigram accuracy there 0.0710"]
     watch = PlateauWatch()  # the direct test: beside the unigram accuracy where the input hides the target
@@ -314,5 +314,5 @@ def test_plateau_watch_and_summary_read_the_context_free_baseline():
     assert [watch.update(step, {**hiding, "valid_mlm_hidden_accuracy": 0.09}) for step in (1, 2, 3)] == [[], [], []]
     same = {"valid_generator_accuracy": 0.13, "valid_context_free_accuracy": 0.0975, "valid_unigram_accuracy": 0.0975,
             "valid_generator_hidden_accuracy": 0.13, "valid_hidden_unigram_accuracy": 0.0975}
-    assert _baseline_lines([{"step": 2, "valid_loss": 6.0, **same}]) == [
+    assert baseline_lines([{"step": 2, "valid_loss": 6.0, **same}]) == [
         "last validation generator accuracy 0.1300 vs context-free accuracy 0.0975"]

@@ -6,12 +6,15 @@ to 16 must reproduce an uninterrupted 16-step run exactly.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+from data.errors import UserError
 
 from launch import (as_overrides, bpe_pipeline, deepspeed_cmd, finish, free_port, metrics, run, start, start_group,
                     torchrun_cmd, train_records, wait_for_step)
@@ -87,6 +90,29 @@ def test_zero_stage_trains_and_loss_falls(zero_runs, runs_dir, stage):
     assert (checkpoints / "latest").read_text().strip() == "global_step16"
     assert not (checkpoints / "global_step8").exists(), "keep_last=1 prunes older checkpoints"
     assert "MLM loss:" in zero_runs[stage] and str(run_dir) in zero_runs[stage]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_evaluate_checkpoint_reproduces_the_runs_own_validation(zero_runs, runs_dir, stage, tmp_path, capsys):
+    """tools/evaluate_checkpoint.py on the step-16 checkpoint (2 ranks, ZeRO-0 / ZeRO-3 partitions), in one
+    process: the held-out samples, masks and metrics the run logged at step 16, and the diagnostics added since."""
+    from tools import evaluate_checkpoint
+
+    logged = next(r for r in metrics(runs_dir / f"zero{stage}") if "valid_loss" in r and r["step"] == 16)
+    out = tmp_path / "eval.json"
+    assert evaluate_checkpoint.main(["--checkpoint", str(runs_dir / f"zero{stage}"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["step"] == 16 and result["checkpoint"].endswith("global_step16")
+    assert result["valid_loss"] == pytest.approx(logged["valid_loss"], abs=1e-5)
+    for key in ("valid_mlm_accuracy", "valid_unigram_accuracy", "valid_context_free_accuracy",
+                "valid_mlm_hidden_accuracy", "valid_hidden_unigram_accuracy"):
+        assert result[key] == pytest.approx(logged[key], abs=1e-9), key
+    printed = capsys.readouterr().out
+    assert "step 16: {" in printed and "last validation MLM accuracy where the input hides the target" in printed
+    with pytest.raises(UserError, match="no checkpoint of step 8"):
+        evaluate_checkpoint.main(["--checkpoint", str(runs_dir / f"zero{stage}"), "--step", "8"])
+    with pytest.raises(UserError, match="holds a roberta model but the config says model.name=deberta"):
+        evaluate_checkpoint.main(["--checkpoint", str(runs_dir / f"zero{stage}"), "model.name=deberta"])
 
 
 def test_stages_agree_on_the_first_step(zero_runs, runs_dir):

@@ -43,6 +43,8 @@ import torch
 from data.errors import UserError
 from data.masking import IGNORE_INDEX
 from data.tokenizer import Tokenizer
+from trainer.pretraining.config import load_run_config
+from trainer.pretraining.inputs import single_process_inputs
 
 OPEN, CLOSE, DOCUMENT_SEPARATOR = "[[", "]]", " \u2016 "  # ‖: rarer in text than |
 _VISIBLE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
@@ -125,33 +127,11 @@ def sample_lines(tokenizer: Tokenizer, batch: Dict[str, torch.Tensor]) -> Iterat
 
 
 # ----------------------------------------------------------------------------- the training loader
-def load_run_config(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str]):
-    """The config as training loads it (trainer/pretraining/config.py): --config, else the run's config.yaml."""
-    from trainer.pretraining.config import load_config
-
-    if config is None:
-        if run_dir is None:
-            raise UserError("give --config RECIPE (or --run-dir RUN to use its config.yaml)")
-        config = str(Path(run_dir) / "config.yaml")
-        if not Path(config).is_file():
-            raise UserError(f"{config} does not exist: --run-dir takes a run directory ({{run.dir}}/{{run.name}}); "
-                            f"or give --config")
-    return load_config(config, overrides)
-
-
 def build_loader(cfg):
     """(tokenizer, PretrainLoader) through the functions training uses, for one data-parallel rank, no
     process group (trainer/pretraining/train.py's `prepare`, without the model and the engine)."""
-    from trainer.core.parallel import ParallelContext
-    from trainer.pretraining.inputs import build_inputs, check_corpora, resolve_tokenizer
-
-    cfg.data.num_workers = 0  # the same batches, read in this process
-    ctx = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
-                          device=torch.device("cpu"))
-    cfg.check_batch(ctx.dp_size)
-    tokenizer = resolve_tokenizer(cfg)
-    check_corpora(cfg, ctx, tokenizer)
-    return tokenizer, build_inputs(cfg, ctx, tokenizer).loader
+    tokenizer, inputs = single_process_inputs(cfg)
+    return tokenizer, inputs.loader
 
 
 def position_at_step(loader, step: int) -> None:

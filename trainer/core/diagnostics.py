@@ -141,8 +141,8 @@ class PlateauWatch:
         accuracy_flat = accuracy is not None and baseline is not None and accuracy <= baseline + self.accuracy_margin
         if self._count("accuracy", accuracy_flat):
             if not rtd_model:
-                what, remedy = "MLM", ("check optim.lr and its warmup (small models with absolute positions, RoBERTa's, "
-                                       "stay here for millions of tokens where DeBERTa's relative attention does "
+                what, remedy = "MLM", ("check optim.lr and its warmup (small models with learned absolute positions "
+                                       "stay here for millions of tokens where relative-position attention does "
                                        "not: docs/pretraining_pays.md)")
             elif loss is not None and prior is not None and not rtd_flat:
                 # The discriminator learns from the context around easy, near-unigram replacements; that

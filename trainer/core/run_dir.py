@@ -97,7 +97,7 @@ class RunDirectory:
                 lines.append(f"last generator MLM loss {mlm:.4f}, RTD loss {rtd_loss:.4f}")
         if valid is not None:
             lines.append(f"valid loss:    {valid:.4f}")
-        lines += _baseline_lines(records)
+        lines += baseline_lines(records)
         return {"text": "\n".join(lines), "first_loss": first, "last_loss": last, "valid_loss": valid}
 
 
@@ -220,7 +220,7 @@ BASELINE_KEYS = ("context_free_accuracy", "unigram_accuracy", "hidden_unigram_ac
                  "mlm_hidden_accuracy")
 
 
-def _baseline_lines(records: list) -> list:
+def baseline_lines(records: list) -> list:
     """The last validation (else training) diagnostics beside their baselines (trainer/core/diagnostics.py)."""
     where = "valid_" if any("valid_loss" in r for r in records) else ""
     last = lambda key: first_and_last(records, where + key)[1]

@@ -3,6 +3,7 @@ beside the shared ones (trainer/core/config.py), loaded from YAML plus `key.sub=
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from models.registry import MODELS, get_spec
@@ -374,3 +375,17 @@ class PretrainConfig(RunConfig):
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PretrainConfig:
     """YAML file (optional) + overrides -> a validated PretrainConfig."""
     return _load_config(path, overrides, PretrainConfig)
+
+
+def load_run_config(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str],
+                    run_flag: str = "--run-dir") -> PretrainConfig:
+    """The config as training loads it: the recipe `config`, else the run's own config.yaml (for the tools
+    that read a run: tools/show_batch.py, tools/evaluate_checkpoint.py; `run_flag` names their option)."""
+    if config is None:
+        if run_dir is None:
+            raise UserError(f"give --config RECIPE (or {run_flag} RUN to use its config.yaml)")
+        config = str(Path(run_dir) / "config.yaml")
+        if not Path(config).is_file():
+            raise UserError(f"{config} does not exist: {run_flag} takes a run directory ({{run.dir}}/{{run.name}}); "
+                            f"or give --config")
+    return load_config(config, overrides)

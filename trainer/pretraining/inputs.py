@@ -6,6 +6,7 @@ The tokenizer travels with the data: preprocessing recorded it in PREFIX.json, a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 from models.registry import get_family, get_spec
 from data.errors import UserError
@@ -153,3 +154,19 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
                             batch_warmup_start=cfg.train.batch_warmup_start)
     return PretrainInputs(tokenizer=tokenizer, train=train, valid=held_out["valid"], loader=loader,
                           test=held_out["test"], cache=cache)
+
+
+def single_process_inputs(cfg: PretrainConfig) -> Tuple[Tokenizer, PretrainInputs]:
+    """(tokenizer, inputs) through the functions training uses, for one data-parallel rank on the CPU and
+    no process group (trainer/pretraining/train.py's `prepare` without the model and the engine): the
+    samples of a step and the held-out set do not depend on the data-parallel size. For the tools that
+    read what a run trains or evaluates on (tools/show_batch.py, tools/evaluate_checkpoint.py)."""
+    import torch
+
+    cfg.data.num_workers = 0  # the same batches, read in this process
+    ctx = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
+                          device=torch.device("cpu"))
+    cfg.check_batch(ctx.dp_size)
+    tokenizer = resolve_tokenizer(cfg)
+    check_corpora(cfg, ctx, tokenizer)
+    return tokenizer, build_inputs(cfg, ctx, tokenizer)
