@@ -78,7 +78,8 @@ class Accumulator:
     def add_targets(self, batches: List[Dict[str, torch.Tensor]], vocab_size: Optional[int],
                     mask_id: Optional[int] = None) -> None:
         """Counts the target ids of host batches, for the unigram accuracy (nothing if vocab_size is None),
-        and with `mask_id` those at [MASK] inputs and the copyable ones, for the context-free accuracy."""
+        and with `mask_id` those at [MASK] inputs, those the input hides and the copyable ones, for the
+        context-free and hidden-position baselines (trainer/core/diagnostics.py `context_free_counts`)."""
         if vocab_size:
             batches = list(batches)  # read twice below
             counts = target_counts(batches, vocab_size)
@@ -138,10 +139,10 @@ class Accumulator:
 
 def derived_metrics(sums: Dict[str, Union[float, np.ndarray]]) -> Dict[str, float]:
     """Metrics from summed counts (trainer/core/diagnostics.py says what each baseline means):
-    generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy and
-    context_free_accuracy; RTD accuracy,
-    precision, recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc;
-    nsp_accuracy with the NSP head."""
+    generator_accuracy (RTD) or mlm_accuracy (MLM models) beside unigram_accuracy and context_free_accuracy,
+    generator_hidden_accuracy or mlm_hidden_accuracy beside hidden_unigram_accuracy; RTD accuracy, precision,
+    recall, replaced_ratio (replaced / predicted positions), rtd_prior_loss, rtd_auc; nsp_accuracy with the
+    NSP head."""
     ratio = lambda a, b: sums[a] / sums[b] if sums.get(b) else None
     rtd = "rtd_correct" in sums
     out = {}
@@ -191,9 +192,9 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], ctx: Parall
 
     Returns an Accumulator of device tensors (no host sync), the global token and sample counts, and
     the gradient norm when `clip` is given (the trainer clips: 0 measures only). With `vocab_size` the
-    Accumulator also counts the target ids (host labels), for `unigram_accuracy`, and with `mask_id`
-    for `context_free_accuracy`. `forward(engine,
-    batch)` returns the loss sums (default: the model's own, `engine(**batch)`).
+    Accumulator also counts the target ids (host labels), for `unigram_accuracy`, and with `mask_id` for
+    `context_free_accuracy` and `hidden_unigram_accuracy`. `forward(engine, batch)` returns the loss sums
+    (default: the model's own, `engine(**batch)`).
     """
     counts = _counts(micro_batches, ctx)
     acc = Accumulator()
