@@ -9,9 +9,11 @@ with label 0 when B is A's continuation in its document and 1 when B comes from 
 document (Hugging Face / BERT convention). The room for A and B is seq_length - 2 - pair_separators.
 
 Sentences are found from the tokens when the index is built, not at preprocessing: `sentence_ends`
-(data/tokenizer.py `Tokenizer.sentence_end_ids`) marks the ids whose text ends a sentence, and a
-sentence ends after such a token unless the next token is one too (so `."` or `?!` end once); a
-document's end always ends a sentence. This is a heuristic on tokens: "Mr." or "3." end a sentence too.
+(data/tokenizer.py `Tokenizer.sentence_marks`) marks the ids whose text ends a sentence (1, or True in
+a boolean table) and those whose text is only closing marks (2: ” 」 ） ...). A sentence ends after an
+end token and the closing tokens that follow it in its document, unless the next token ends a sentence
+too (so `."`, `?!` or 。 followed by a separate ” end once); a document's end always ends a sentence.
+This is a heuristic on tokens: "Mr." or "3." end a sentence too.
 
 - segment_pair: each document is cut into chunks of whole consecutive sentences, filled greedily up
   to the room (a sentence longer than the room is cut into pieces of the room, each then counting
@@ -57,8 +59,19 @@ def pair_room(seq_length: int, pair_separators: int) -> int:
 
 
 def table_digest(sentence_ends: np.ndarray) -> str:
-    """Short hash of a sentence-end table (part of the sample-index cache key)."""
-    return hashlib.sha256(np.packbits(np.asarray(sentence_ends, dtype=bool)).tobytes()).hexdigest()[:16]
+    """Short hash of a sentence-mark table (part of the sample-index cache key)."""
+    return hashlib.sha256(np.asarray(sentence_ends, dtype=np.int8).tobytes()).hexdigest()[:16]
+
+
+def _with_closers(ends: np.ndarray, closers: np.ndarray, carry: bool, document_starts: np.ndarray) -> np.ndarray:
+    """`ends` (bool, one chunk of the stream) also True at each closing token that follows an end token
+    through closing tokens only, within its document; `carry`: the token before the chunk was such an end."""
+    out = ends.copy()
+    starts = set(document_starts.tolist())
+    for i in np.flatnonzero(closers & ~ends).tolist():  # in order: a run of closers inherits from its first
+        if i not in starts:
+            out[i] = out[i - 1] if i > 0 else carry
+    return out
 
 
 def _split_layout(dataset, first_doc: int, last_doc: int):
@@ -74,16 +87,22 @@ def sentences(dataset, first_doc: int, last_doc: int, sentence_ends: np.ndarray)
     stream (their items end to end, no separators); documents are numbered from 0 within the split."""
     first_item, _, _, doc_begin, doc_end = _split_layout(dataset, first_doc, last_doc)
     total = int(doc_end[-1]) if len(doc_end) else 0
-    table = np.asarray(sentence_ends, dtype=bool)
+    marks = np.asarray(sentence_ends).astype(np.int8)
+    table, closing = marks == 1, marks == 2
     base = int(dataset.index.sequence_pointers[first_item]) if total else 0
     dtype = dataset.index.dtype
     itemsize = np.dtype(dtype).itemsize
     ends = [np.zeros(0, dtype=np.int64)]
+    carry = False  # the chunk before ended on an end token (or its closers)
     for start in range(0, total, _READ_CHUNK):
         count = min(_READ_CHUNK + 1, total - start)  # one token of look-ahead
-        tokens = dataset.bin_reader.read(dtype=dtype, count=count, offset=base + start * itemsize)
-        flag = table[tokens.astype(np.int64)]
+        tokens = dataset.bin_reader.read(dtype=dtype, count=count, offset=base + start * itemsize).astype(np.int64)
+        flag = table[tokens]
+        if closing.any():
+            starts = doc_end[(doc_end >= start) & (doc_end < start + count)] - start
+            flag = _with_closers(flag, closing[tokens], carry, starts)
         take = min(_READ_CHUNK, total - start)
+        carry = bool(flag[take - 1])
         after = np.zeros(take, dtype=bool)  # the next token ends a sentence too
         after[:count - 1] = flag[1:count]
         ends.append(start + 1 + np.flatnonzero(flag[:take] & ~after))

@@ -48,6 +48,12 @@ SENTENCE_END_MARKS = ".!?\u3002\uff61\uff01\uff1f\u203c\u2047\u2048\u2049\ufe12\
 ELLIPSES = "\u2026\u22ef"
 CLOSING_MARKS = ("\"'\u201d\u2019)]}\u00bb\u203a\u300d\u300f\uff09\u300b\u3011\u3009\u3015\u3017\u3019\u301b"
                  "\uff02\uff07\uff3d\uff5d\uff63")  # ” ’ ) ] } » › 」 』 ） 》 】 〉 〕 〗 〙 〛 ＂ ＇ ］ ｝ ｣
+# A token of closing marks alone (then spaces): it belongs to the sentence an end token before it closes.
+# Not the straight quotes " ' ＂ ＇, which open sentences as often as they close them, nor a token with a
+# space before its mark (byte-level BPE's ' "' or ' )' starts something new).
+UNAMBIGUOUS_CLOSING_MARKS = "".join(c for c in CLOSING_MARKS if c not in "\"'\uff02\uff07")
+_CLOSERS_ONLY = re.compile(f"[{re.escape(UNAMBIGUOUS_CLOSING_MARKS)}]+\\s*$")
+SENTENCE_END, SENTENCE_CLOSER = 1, 2  # the codes of Tokenizer.sentence_marks
 # a mark, then closing marks and spaces, at the end of a token's text; or a line break
 _SENTENCE_END = re.compile(f"(?:[{re.escape(SENTENCE_END_MARKS)}]|[{ELLIPSES}](?=[{re.escape(CLOSING_MARKS)}]))"
                            f"[{re.escape(CLOSING_MARKS)}\\s]*$|[\n\r]")
@@ -134,9 +140,18 @@ class Tokenizer:
         a multi-byte mark does not decode to it and is missed: on a Chinese byte-level BPE the marks
         are frequent enough to be whole tokens (tests/test_tokenizer_zh.py counts none missed).
         """
-        ends = np.array([bool(_SENTENCE_END.search(self.decode([i]))) for i in range(self.vocab_size)], dtype=bool)
-        ends[self.special_ids] = False
-        return ends
+        return self.sentence_marks() == SENTENCE_END
+
+    def sentence_marks(self) -> np.ndarray:
+        """int8 array over the ids: SENTENCE_END (1) for the tokens `sentence_end_ids` flags, SENTENCE_CLOSER
+        (2) for those whose text is only closing marks (and spaces: ” 」 ） ...), 0 else and for specials.
+        data/pairs.py ends a sentence after an end token and the closers that follow it, so a closing quote
+        the tokenizer keeps apart from its 。 or . stays with its sentence (。 ” -> one sentence end)."""
+        texts = [self.decode([i]) for i in range(self.vocab_size)]
+        marks = np.array([SENTENCE_END if _SENTENCE_END.search(text) else
+                          SENTENCE_CLOSER if _CLOSERS_ONLY.match(text) else 0 for text in texts], dtype=np.int8)
+        marks[self.special_ids] = 0
+        return marks
 
     @property
     def bos_id(self) -> int:

@@ -69,6 +69,27 @@ def test_sentence_boundaries_come_from_the_table(tmp_path):
     assert spans["document"].tolist() == [0, 0, 0, 2, 3]
 
 
+CLOSE = 12  # a closing mark in a token of its own (” 」 ）): Tokenizer.sentence_marks code 2
+MARKS = TABLE.astype(np.int8)
+MARKS[CLOSE] = 2
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 1, 2, 3])
+def test_closing_tokens_after_an_end_stay_with_their_sentence(tmp_path, monkeypatch, chunk):
+    """。 then a separate ” end one sentence after the ”; a closing token elsewhere is an ordinary token, and
+    one that starts a document never joins the document before; read in chunks of any size."""
+    monkeypatch.setattr("data.pairs._READ_CHUNK", chunk)
+    docs = [[30, DOT, CLOSE, CLOSE, 31, 32, CLOSE, DOT, 33, DOT, CLOSE], [CLOSE, 34, DOT], [35, CLOSE, 36]]
+    spans = sentences(write_indexed(tmp_path / "s", docs), 0, len(docs), MARKS)
+    stream = [t for d in docs for t in d]
+    got = [stream[b:b + n] for b, n in zip(spans["begin"].tolist(), spans["length"].tolist())]
+    assert got == [[30, DOT, CLOSE, CLOSE], [31, 32, CLOSE, DOT], [33, DOT, CLOSE], [CLOSE, 34, DOT], [35, CLOSE, 36]]
+    assert spans["document"].tolist() == [0, 0, 0, 1, 2]
+    # a boolean table (no closer code) keeps the old behaviour: the closer starts the next sentence
+    old = sentences(write_indexed(tmp_path / "b", docs[:1]), 0, 1, TABLE)
+    assert old["length"].tolist() == [2, 6, 2, 1]
+
+
 def test_segment_pairs_fit_keep_order_and_take_random_b_from_another_document(corpus):
     docs, dataset = corpus
     seq, seps = 24, 2

@@ -96,7 +96,7 @@ def build_inputs(cfg: PretrainConfig, ctx: ParallelContext, tokenizer: Tokenizer
     identities, static = [], []
     pairs = {}  # the pair formats (data/pairs.py): framed as fine-tuning frames pairs (trainer/finetuning/train.py)
     if cfg.data.packing in PAIR_PACKINGS:
-        pairs = {"sentence_ends": tokenizer.sentence_end_ids(), "seed": cfg.train.seed,
+        pairs = {"sentence_ends": tokenizer.sentence_marks(), "seed": cfg.train.seed,
                  "pair_separators": get_family(get_spec(cfg.model.name).family).pair_separators}
     for _, prefix in corpora:
         dataset = open_indexed(prefix, check=False)  # check_corpora has checked it
