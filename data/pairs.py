@@ -46,6 +46,7 @@ import numpy as np
 
 from data.seeding import derive_rng
 from data.errors import UserError
+from data.tokenizer import SENTENCE_CLOSER, SENTENCE_END
 
 Arrays = Dict[str, np.ndarray]
 PAIR_KINDS = ("segment_pair", "sentence_pair")
@@ -65,13 +66,15 @@ def table_digest(sentence_ends: np.ndarray) -> str:
 
 def _with_closers(ends: np.ndarray, closers: np.ndarray, carry: bool, document_starts: np.ndarray) -> np.ndarray:
     """`ends` (bool, one chunk of the stream) also True at each closing token that follows an end token
-    through closing tokens only, within its document; `carry`: the token before the chunk was such an end."""
-    out = ends.copy()
-    starts = set(document_starts.tolist())
-    for i in np.flatnonzero(closers & ~ends).tolist():  # in order: a run of closers inherits from its first
-        if i not in starts:
-            out[i] = out[i - 1] if i > 0 else carry
-    return out
+    through closing tokens only, within its document; `carry`: the token before the chunk was such an end.
+    Vectorised: a closer takes the flag of the last token before it that is not a closer (or that starts
+    a document, which a closer of the document before cannot reach)."""
+    position = np.arange(len(ends))
+    barrier = ~closers
+    barrier[document_starts] = True
+    last = np.maximum.accumulate(np.where(barrier, position, -1))
+    inherited = np.where(last >= 0, ends[np.maximum(last, 0)], carry)
+    return np.where(barrier, ends, inherited)
 
 
 def _split_layout(dataset, first_doc: int, last_doc: int):
@@ -88,7 +91,7 @@ def sentences(dataset, first_doc: int, last_doc: int, sentence_ends: np.ndarray)
     first_item, _, _, doc_begin, doc_end = _split_layout(dataset, first_doc, last_doc)
     total = int(doc_end[-1]) if len(doc_end) else 0
     marks = np.asarray(sentence_ends).astype(np.int8)
-    table, closing = marks == 1, marks == 2
+    table, closing = marks == SENTENCE_END, marks == SENTENCE_CLOSER
     base = int(dataset.index.sequence_pointers[first_item]) if total else 0
     dtype = dataset.index.dtype
     itemsize = np.dtype(dtype).itemsize
