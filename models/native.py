@@ -40,10 +40,11 @@ class NativeModel:
     """The run's resolved pretraining config when read from a training checkpoint (its model card's
     recipe); not saved in the native file."""
 
-    def build(self, layers=None) -> torch.nn.Module:
-        """The registry model with these weights (TP=1 unless `layers` says otherwise)."""
+    def build(self, layers=None, sampling_seed: int = 0) -> torch.nn.Module:
+        """The registry model with these weights (TP=1 unless `layers` says otherwise; RTD: its generator's
+        samples keyed by `sampling_seed`, a run's train.seed)."""
         from models.registry import build_model
-        model = build_model(self.config, layers)
+        model = build_model(self.config, layers, sampling_seed=sampling_seed)
         model.load_state_dict(self.state_dict)
         return model
 

@@ -34,10 +34,8 @@ CHECKPOINT_FLAG = "--checkpoint"
 def evaluate_checkpoint(checkpoint: str, step: Optional[int] = None, config: Optional[str] = None,
                         overrides: Sequence[str] = (), log=print) -> Dict:
     """{"step", "checkpoint", valid_ metrics} of the checkpoint on its run's held-out samples."""
-    import torch
-
     from data.loader import validation_batches
-    from models.registry import batch_keys, build_model
+    from models.registry import batch_keys
     from trainer.convert.export import locate, read_checkpoint
     from trainer.core.parallel import ParallelContext
     from trainer.core.step import evaluate
@@ -61,11 +59,9 @@ def evaluate_checkpoint(checkpoint: str, step: Optional[int] = None, config: Opt
     keys = set(batch_keys(cfg.model.name))
     batches = ({k: v for k, v in batch.items() if k in keys}
                for batch in validation_batches(inputs.valid, cfg.eval.samples, cfg.train.micro_batch_size, 0, 1))
-    ctx = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
-                          device=torch.device("cpu"))
-    model = build_model(native.config, sampling_seed=cfg.train.seed)  # RTD: the run's generator samples
-    model.load_state_dict(native.state_dict)
-    record = evaluate(model, batches, ctx, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id)
+    model = native.build(sampling_seed=cfg.train.seed)  # RTD: the run's generator samples
+    record = evaluate(model, batches, ParallelContext.single_cpu(), vocab_size=tokenizer.vocab_size,
+                      mask_id=tokenizer.mask_id)
     return {"step": native.meta["step"], "checkpoint": str(tag_dir), **record}
 
 

@@ -50,6 +50,12 @@ class ParallelContext:
     dp_rank: int
     device: torch.device
 
+    @classmethod
+    def single_cpu(cls) -> "ParallelContext":
+        """One process on the CPU, no process group (the tools that read what a run trains on)."""
+        return cls(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
+                   device=torch.device("cpu"))
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

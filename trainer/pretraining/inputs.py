@@ -161,11 +161,8 @@ def single_process_inputs(cfg: PretrainConfig) -> Tuple[Tokenizer, PretrainInput
     no process group (trainer/pretraining/train.py's `prepare` without the model and the engine): the
     samples of a step and the held-out set do not depend on the data-parallel size. For the tools that
     read what a run trains or evaluates on (tools/show_batch.py, tools/evaluate_checkpoint.py)."""
-    import torch
-
     cfg.data.num_workers = 0  # the same batches, read in this process
-    ctx = ParallelContext(rank=0, world_size=1, local_rank=0, tp_size=1, tp_rank=0, dp_size=1, dp_rank=0,
-                          device=torch.device("cpu"))
+    ctx = ParallelContext.single_cpu()
     cfg.check_batch(ctx.dp_size)
     tokenizer = resolve_tokenizer(cfg)
     check_corpora(cfg, ctx, tokenizer)
